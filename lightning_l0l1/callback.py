@@ -1,0 +1,219 @@
+"""The Lightning callback: argument checks, hooks, strategy detection, checkpoint state.
+
+All tensor work is in :class:`~lightning_l0l1.clipper.GradientClipper`; this module
+only finds the gradients Lightning is about to step and hands them over.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional, Union
+
+import pytorch_lightning as pl
+from pytorch_lightning.callbacks import Callback
+from pytorch_lightning.utilities import rank_zero_warn
+from torch import Tensor
+from torch.optim import Optimizer
+from typing_extensions import override
+
+from lightning_l0l1.clipper import GradientClipper, Mode, NonFinite
+
+__all__ = ["L0L1Clipping"]
+
+
+class L0L1Clipping(Callback):
+    r"""Scale the global gradient on every optimizer step: hard clipping, adaptive, or the (L0,L1) step.
+
+    With :math:`g` the gradient of all parameters the optimizer steps (global over
+    every process), each rule multiplies it by a factor :math:`0 \le s \le 1`:
+
+    .. math::
+
+        \text{clip}: s = \min\left(1, \frac{\gamma}{\lVert g\rVert}\right) \quad
+        \text{adaptive}: s = \frac{\gamma}{\lVert g\rVert + \gamma} \quad
+        \text{l0l1}: s = \min\left(1, \frac{1}{\eta (L_0 + L_1 \lVert g\rVert)}\right)
+
+    where :math:`\gamma` is ``max_norm`` and :math:`\eta` the learning rate of each
+    param group. The ``l0l1`` step makes the effective learning rate
+    :math:`\min(\eta, 1/(L_0 + L_1\lVert g\rVert))`, the step that minimises the
+    descent-lemma bound of an :math:`(L_0,L_1)`-smooth loss.
+
+    The callback works in ``on_before_optimizer_step``: once per optimizer step, after
+    gradient accumulation, after the DDP all-reduce and AMP unscaling, before
+    Lightning's own ``gradient_clip_val`` clipping. The norm is global under DDP,
+    FSDP1 (one all-reduce over the shard group) and FSDP2 / ``ModelParallelStrategy``
+    (DTensor grads: one all-reduce), accumulated in float32 for half-precision grads.
+    Nothing in the step reads a tensor on the host, except the single boolean the
+    ``skip``/``zero``/``raise`` non-finite policies need (none with ``propagate``,
+    none under an fp16 GradScaler, which skips overflow steps itself).
+
+    Args:
+        mode: ``"clip"``, ``"adaptive"`` or ``"l0l1"``.
+        max_norm: the threshold :math:`\gamma` of ``clip`` and ``adaptive`` (> 0).
+        l0: :math:`L_0 \ge 0` for ``l0l1``.
+        l1: :math:`L_1 \ge 0` for ``l0l1`` (not both 0).
+        norm_type: p of the p-norm (``float("inf")`` or ``"inf"`` for the max-norm).
+        nonfinite: a NaN/Inf global norm: ``"skip"`` (default) drops the step (grads
+            set to ``None``, counted, warned once); ``"zero"`` zeroes the gradients;
+            ``"raise"`` raises :class:`~lightning_l0l1.NonFiniteGradientError` with the
+            step; ``"propagate"`` checks nothing, costs nothing, like torch.
+        foreach: use torch's ``_foreach`` kernels (``None``: where supported).
+
+    Raises:
+        ValueError: at construction, for any invalid argument (named, with its value).
+        RuntimeError: at ``setup`` under DeepSpeed, which clips inside its own engine.
+
+    Example:
+        >>> from lightning_l0l1 import L0L1Clipping
+        >>> trainer = pl.Trainer(callbacks=[L0L1Clipping(mode="clip", max_norm=1.0)])  # doctest: +SKIP
+
+    References:
+        Zhang, He, Sra, Jadbabaie, ICLR 2020. https://arxiv.org/abs/1905.11881
+    """
+
+    def __init__(
+        self,
+        mode: Mode = "clip",
+        max_norm: Optional[float] = 1.0,
+        l0: Optional[float] = None,
+        l1: Optional[float] = None,
+        norm_type: Union[float, str] = 2.0,
+        nonfinite: NonFinite = "skip",
+        foreach: Optional[bool] = None,
+    ) -> None:
+        super().__init__()
+        self._clipper = GradientClipper(
+            mode=mode, max_norm=max_norm, l0=l0, l1=l1, norm_type=norm_type, nonfinite=nonfinite, foreach=foreach
+        )
+        self.mode = self._clipper.mode
+        self.max_norm = self._clipper.max_norm
+        self.l0 = self._clipper.l0
+        self.l1 = self._clipper.l1
+        self.norm_type = self._clipper.norm_type
+        self.nonfinite = self._clipper.nonfinite
+        self._warned_nonfinite = False
+        self._fsdp1: Optional[tuple[Any]] = None  # (process_group,) once detected; () when not FSDP1
+        self._fsdp1_checked = False
+
+    @property
+    @override
+    def state_key(self) -> str:
+        return self._generate_state_key(
+            mode=self.mode, max_norm=self.max_norm, l0=self.l0, l1=self.l1, norm_type=self.norm_type
+        )
+
+    # ------------------------------------------------------------------ hooks
+    @override
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        strategy = trainer.strategy
+        if "deepspeed" in type(strategy).__name__.lower():
+            raise RuntimeError(
+                "`L0L1Clipping` cannot run under DeepSpeed: its engine reduces, partitions and steps the "
+                "gradients itself, so they are never visible whole to a callback. Use DeepSpeed's own "
+                "`gradient_clipping` setting (e.g. `DeepSpeedStrategy(config={'gradient_clipping': 1.0, ...})`) "
+                "and remove `L0L1Clipping` from the callbacks."
+            )
+        if trainer.gradient_clip_val:
+            rank_zero_warn(
+                f"`L0L1Clipping` and `Trainer(gradient_clip_val={trainer.gradient_clip_val})` are both set: "
+                "the gradients will be clipped twice (first by L0L1Clipping, then by Lightning). "
+                "Remove `gradient_clip_val` from the Trainer to clip once."
+            )
+        self._fsdp1_checked = False
+
+    @override
+    def on_before_optimizer_step(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Optimizer
+    ) -> None:
+        key = _optimizer_index(trainer, optimizer)
+        scaler = getattr(trainer.precision_plugin, "scaler", None)
+        if scaler is not None:
+            _unscale_if_fused(scaler, optimizer)
+        process_group, is_shard = self._sharding(trainer)
+        outcome = self._clipper.step(
+            optimizer,
+            key,
+            process_group=process_group,
+            is_shard=is_shard,
+            nonfinite_handled=scaler is not None,
+            step_label=trainer.global_step,
+        )
+        if outcome is not None and outcome.finite is False and not self._warned_nonfinite:
+            self._warned_nonfinite = True
+            rank_zero_warn(
+                f"`L0L1Clipping`: the global gradient norm is not finite at step {trainer.global_step}; "
+                f"the step's gradients were {outcome.action} (`nonfinite={self.nonfinite!r}`). "
+                "Further non-finite steps are counted in `l0l1/nonfinite_steps` without a warning."
+            )
+
+    # ------------------------------------------------------------------ results and state
+    def latest(self) -> dict[str, float]:
+        """Statistics of the last optimizer step (reads the device: never call it per step).
+
+        Keys: ``l0l1/grad_norm`` (before scaling), ``l0l1/grad_norm_scaled``,
+        ``l0l1/scale``, ``l0l1/max_norm`` (the norm threshold in use: ``max_norm``,
+        or :math:`(1/\\eta - L_0)/L_1` for ``l0l1``), ``l0l1/lr_effective`` (lr x scale of the
+        first param group, ``_pg{j}`` for the others), ``l0l1/steps``,
+        ``l0l1/nonfinite_steps``, ``l0l1/clip_rate``. With several optimizers every key
+        ends in ``_opt{i}``. A non-finite step leaves the values of the last finite one.
+        """
+        return self._clipper.latest()
+
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        return {"clipper": self._clipper.state_dict(), "warned_nonfinite": self._warned_nonfinite}
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._clipper.load_state_dict(state_dict.get("clipper", {}))
+        self._warned_nonfinite = bool(state_dict.get("warned_nonfinite", False))
+
+    # ------------------------------------------------------------------ helpers
+    def _sharding(self, trainer: pl.Trainer) -> tuple[Any, Any]:
+        """FSDP1: the shard process group and a predicate for sharded params (detected once)."""
+        if not self._fsdp1_checked:
+            self._fsdp1_checked = True
+            self._fsdp1 = _find_fsdp1_group(trainer.strategy.model if trainer.strategy else None)
+        if self._fsdp1 is None:
+            return None, None
+        return self._fsdp1[0], _is_fsdp_flattened
+
+
+def _optimizer_index(trainer: pl.Trainer, optimizer: Optimizer) -> int:
+    for i, opt in enumerate(trainer.optimizers):
+        if opt is optimizer or getattr(opt, "_optimizer", None) is optimizer:
+            return i
+    return 0
+
+
+def _unscale_if_fused(scaler: Any, optimizer: Optimizer) -> None:
+    """Fused optimizers unscale inside ``step()``, so Lightning leaves their grads scaled.
+
+    Unscale them here instead: the scaler then records the optimizer as unscaled, passes
+    ``grad_scale=None`` and its ``found_inf`` to the fused kernel, which skips an overflow
+    step in-kernel. The norm the callback computes is of the true, unscaled gradients.
+    """
+    if not getattr(optimizer, "_step_supports_amp_scaling", False):
+        return
+    from torch.amp.grad_scaler import OptState
+
+    states = getattr(scaler, "_per_optimizer_states", None)
+    stage = states[id(optimizer)]["stage"] if states is not None else OptState.READY
+    if stage is OptState.READY:
+        scaler.unscale_(optimizer)
+
+
+def _find_fsdp1_group(model: Any) -> Optional[tuple[Any]]:
+    if model is None:
+        return None
+    try:
+        from torch.distributed.fsdp import FullyShardedDataParallel
+    except ImportError:  # pragma: no cover
+        return None
+    for m in model.modules():
+        if isinstance(m, FullyShardedDataParallel):
+            return (m.process_group,)
+    return None
+
+
+def _is_fsdp_flattened(param: Tensor) -> bool:
+    return bool(getattr(param, "_fsdp_flattened", False))

@@ -1,0 +1,284 @@
+"""Global gradient norms that are right on every strategy, and in-place scaling.
+
+Pure tensor code: this module imports only :mod:`torch`.
+
+The quantity everything is built from is the vector of *per-group* norms: one
+entry per optimizer parameter group, each the p-norm of all gradients of that
+group, already reduced over every process that holds a shard of them. The global
+norm is the p-norm of that vector, so a rule that needs one scale per group
+(``l0l1``) and a rule that needs one scale for everything (``clip``) share the
+same, single, communication.
+
+Three kinds of gradients are handled, possibly side by side:
+
+* replicated tensors (single device, DDP after its all-reduce): no communication;
+* local shards of tensors sharded over a process group (FSDP1 flat parameters):
+  the p-th powers of the local norms are summed over that group with **one**
+  ``all_reduce`` (``max`` for the infinity norm);
+* :class:`~torch.distributed.tensor.DTensor` (FSDP2 ``fully_shard``, tensor
+  parallel): the per-tensor norms are DTensors with a pending ``_NormPartial``
+  placement, stacked per mesh and materialised with **one** ``full_tensor()``
+  per device mesh, which is the single all-reduce that torch's own
+  ``get_total_norm`` would issue.
+
+Norms of half-precision gradients are accumulated in float32 (a float16 per-tensor
+norm overflows to ``inf`` above 65504); float64 gradients keep float64.
+
+No function here reads a tensor on the host: there is no ``.item()``, no
+``if`` on a tensor value and no device-to-host copy.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from collections.abc import Iterable, Sequence
+from typing import Any, Union
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "GradGroup",
+    "group_norms",
+    "scale_grads_",
+    "total_norm",
+    "validate_norm_type",
+]
+
+TensorOrTensors = Union[Tensor, Iterable[Tensor]]
+
+
+def _dtensor_cls() -> Any:
+    if not torch.distributed.is_available():  # pragma: no cover - builds without distributed
+        return None
+    from torch.distributed.tensor import DTensor
+
+    return DTensor
+
+
+def is_dtensor(t: Tensor) -> bool:
+    """Whether ``t`` is a :class:`~torch.distributed.tensor.DTensor` (no import cost if not)."""
+    cls = _dtensor_cls()
+    return cls is not None and isinstance(t, cls)
+
+
+def validate_norm_type(norm_type: Any) -> float:
+    """Return ``norm_type`` as a float, or raise ``ValueError`` naming it.
+
+    Accepted: any finite ``p > 0`` and ``inf`` (``float("inf")`` or the string ``"inf"``).
+    """
+    try:
+        p = float(norm_type)
+    except (TypeError, ValueError):
+        raise ValueError(
+            f"`norm_type` must be a positive number or 'inf', got {norm_type!r}."
+        ) from None
+    if isinstance(norm_type, bool) or math.isnan(p) or p <= 0:
+        raise ValueError(f"`norm_type` must be a positive number or 'inf', got {norm_type!r}.")
+    return p
+
+
+class GradGroup:
+    """The gradients of one parameter group, split by how they are distributed.
+
+    Args:
+        replicated: gradients every rank holds whole (single process, DDP).
+        sharded: local shards of tensors sharded over ``process_group`` (FSDP1).
+        dtensors: :class:`~torch.distributed.tensor.DTensor` gradients (FSDP2, TP).
+    """
+
+    __slots__ = ("dtensors", "replicated", "sharded")
+
+    def __init__(
+        self,
+        replicated: Sequence[Tensor] = (),
+        sharded: Sequence[Tensor] = (),
+        dtensors: Sequence[Tensor] = (),
+    ) -> None:
+        self.replicated = list(replicated)
+        self.sharded = list(sharded)
+        self.dtensors = list(dtensors)
+
+    @classmethod
+    def from_tensors(cls, grads: Iterable[Tensor], shards: bool = False) -> GradGroup:
+        """Sort ``grads`` into DTensors and plain tensors (plain ones are shards if ``shards``)."""
+        group = cls()
+        for g in grads:
+            if is_dtensor(g):
+                group.dtensors.append(g)
+            elif shards:
+                group.sharded.append(g)
+            else:
+                group.replicated.append(g)
+        return group
+
+    def local_tensors(self) -> list[Tensor]:
+        """Every gradient of the group as a plain local tensor (DTensors by their local shard)."""
+        return self.replicated + self.sharded + [g.to_local() for g in self.dtensors]
+
+    def __len__(self) -> int:
+        return len(self.replicated) + len(self.sharded) + len(self.dtensors)
+
+    def first(self) -> Tensor:
+        for part in (self.replicated, self.sharded):
+            if part:
+                return part[0]
+        return self.dtensors[0].to_local()
+
+
+def _use_foreach(foreach: bool | None, device: torch.device) -> bool:
+    if foreach is None:
+        return device.type in ("cuda", "cpu", "xpu")
+    return foreach
+
+
+def _acc_dtype(tensors: Iterable[Tensor]) -> torch.dtype:
+    return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
+
+
+def _per_tensor_norms(
+    tensors: Sequence[Tensor], p: float, acc: torch.dtype, foreach: bool | None
+) -> list[Tensor]:
+    """Per-tensor p-norms accumulated in ``acc`` (grouped by device and dtype for ``foreach``)."""
+    buckets: dict[tuple[torch.device, torch.dtype], list[tuple[int, Tensor]]] = defaultdict(list)
+    for i, t in enumerate(tensors):
+        buckets[(t.device, t.dtype)].append((i, t))
+    out: list[Tensor | None] = [None] * len(tensors)
+    for (device, dtype), items in buckets.items():
+        ts = [t for _, t in items]
+        # Upcast low-precision inputs only; float64 keeps float64.
+        norm_dtype = acc if dtype.itemsize < acc.itemsize else None
+        if _use_foreach(foreach, device):
+            norms = torch._foreach_norm(ts, p, dtype=norm_dtype)
+        else:
+            norms = [torch.linalg.vector_norm(t, p, dtype=norm_dtype) for t in ts]
+        for (i, _), n in zip(items, norms):
+            out[i] = n
+    return out  # type: ignore[return-value]
+
+
+def _reduce(norms: Sequence[Tensor], p: float, device: torch.device, acc: torch.dtype) -> Tensor:
+    """p-norm of a list of 0-d norms, on ``device`` in ``acc`` (0 for an empty list)."""
+    if not norms:
+        return torch.zeros((), device=device, dtype=acc)
+    stacked = torch.stack([n.to(device=device, dtype=acc) for n in norms])
+    return torch.linalg.vector_norm(stacked, p)
+
+
+def _local_group_norms(
+    parts: Sequence[Sequence[Tensor]], p: float, device: torch.device, acc: torch.dtype, foreach: bool | None
+) -> Tensor:
+    flat = [t for part in parts for t in part]
+    norms = _per_tensor_norms(flat, p, acc, foreach) if flat else []
+    out, k = [], 0
+    for part in parts:
+        out.append(_reduce(norms[k : k + len(part)], p, device, acc))
+        k += len(part)
+    return torch.stack(out)
+
+
+def _dtensor_group_norms(
+    parts: Sequence[Sequence[Tensor]], p: float, device: torch.device, acc: torch.dtype
+) -> Tensor:
+    """Per-group norms of DTensor grads: one ``full_tensor()`` (one all-reduce) per device mesh."""
+    n_groups = len(parts)
+    result = [torch.zeros((), device=device, dtype=acc) for _ in range(n_groups)]
+    by_mesh: dict[Any, dict[int, list[Tensor]]] = defaultdict(lambda: defaultdict(list))
+    for gi, part in enumerate(parts):
+        for t in part:
+            by_mesh[t.device_mesh][gi].append(t)
+    per_mesh: list[list[Tensor]] = [[] for _ in range(n_groups)]
+    for groups in by_mesh.values():
+        order = sorted(groups)
+        partial = []
+        for gi in order:
+            ts = groups[gi]
+            norm_dtype = acc if ts[0].dtype.itemsize < acc.itemsize else None
+            norms = [torch.linalg.vector_norm(t, p, dtype=norm_dtype) for t in ts]
+            partial.append(torch.linalg.vector_norm(torch.stack([n.to(acc) for n in norms]), p))
+        full = torch.stack(partial).full_tensor().to(device=device, dtype=acc)
+        for j, gi in enumerate(order):
+            per_mesh[gi].append(full[j])
+    for gi in range(n_groups):
+        if per_mesh[gi]:
+            result[gi] = _reduce(per_mesh[gi], p, device, acc)
+    return torch.stack(result)
+
+
+def group_norms(
+    groups: Sequence[GradGroup],
+    norm_type: float = 2.0,
+    *,
+    process_group: Any = None,
+    sharded: bool = False,
+    foreach: bool | None = None,
+) -> Tensor:
+    """Global p-norm of each group's gradients, identical on every rank.
+
+    Args:
+        groups: one :class:`GradGroup` per parameter group.
+        norm_type: the ``p`` of the p-norm (``inf`` for the max-norm).
+        process_group: the group the ``sharded`` gradients are sharded over
+            (``None``: the default group).
+        sharded: always run the all-reduce over ``process_group``, even when this
+            rank holds no sharded gradient (every rank of the group must call it, so
+            the choice must not depend on what one rank happens to hold). It also
+            runs whenever a group has ``sharded`` gradients.
+        foreach: use the ``torch._foreach_norm`` fast path (``None``: where supported).
+
+    Returns:
+        A 1-d tensor of ``len(groups)`` norms (float32, float64 if any gradient is
+        float64) on the device of the first gradient. Empty groups have norm 0.
+    """
+    p = float(norm_type)
+    all_tensors = [t for g in groups for t in (*g.replicated, *g.sharded, *g.dtensors)]
+    if not all_tensors and not sharded:
+        return torch.zeros(len(groups))
+    first = next((g.first() for g in groups if len(g)), None)
+    # A rank holding no gradient still joins the collective (on the CPU: gloo).
+    device = first.device if first is not None else torch.device("cpu")
+    acc = _acc_dtype(all_tensors)
+    parts: list[Tensor] = []
+    if any(g.replicated for g in groups):
+        parts.append(_local_group_norms([g.replicated for g in groups], p, device, acc, foreach))
+    if sharded or any(g.sharded for g in groups):
+        local = _local_group_norms([g.sharded for g in groups], p, device, acc, foreach)
+        import torch.distributed as dist
+
+        if math.isinf(p):
+            dist.all_reduce(local, op=dist.ReduceOp.MAX, group=process_group)
+        else:
+            local = local.pow(p)
+            dist.all_reduce(local, op=dist.ReduceOp.SUM, group=process_group)
+            local = local.pow(1.0 / p)
+        parts.append(local)
+    if any(g.dtensors for g in groups):
+        parts.append(_dtensor_group_norms([g.dtensors for g in groups], p, device, acc))
+    if len(parts) == 1:
+        return parts[0]
+    return torch.linalg.vector_norm(torch.stack(parts), p, dim=0)
+
+
+def total_norm(norms: Tensor, norm_type: float = 2.0) -> Tensor:
+    """The global norm (0-d) from the per-group norms of :func:`group_norms`."""
+    return torch.linalg.vector_norm(norms, float(norm_type))
+
+
+def scale_grads_(grads: Sequence[Tensor], scale: Tensor, foreach: bool | None = None) -> None:
+    """Multiply ``grads`` in place by the 0-d tensor ``scale`` (no host sync).
+
+    DTensors are scaled through their local shard, which scales the global tensor.
+    Gradients are grouped by device and dtype for ``torch._foreach_mul_``.
+    """
+    buckets: dict[tuple[torch.device, torch.dtype], list[Tensor]] = defaultdict(list)
+    for g in grads:
+        t = g.to_local() if is_dtensor(g) else g
+        buckets[(t.device, t.dtype)].append(t)
+    for (device, _), ts in buckets.items():
+        s = scale.to(device, non_blocking=True)
+        if _use_foreach(foreach, device):
+            torch._foreach_mul_(ts, s)
+        else:
+            for t in ts:
+                t.mul_(s)

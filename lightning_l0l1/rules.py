@@ -1,0 +1,104 @@
+r"""Scale factors of the three fixed rules: pure functions of a 0-d norm tensor.
+
+Every rule returns the factor ``s`` the gradients are multiplied by, with
+``0 <= s <= 1`` (``s`` is never above 1: no rule amplifies a gradient). All of
+them are branch-free tensor expressions, so none reads a value on the host.
+
+With :math:`g` the global gradient and :math:`\gamma` the threshold:
+
+.. math::
+
+    s_\text{clip} = \min\left(1, \frac{\gamma}{\lVert g\rVert + \epsilon}\right), \qquad
+    s_\text{adaptive} = \frac{\gamma}{\lVert g\rVert + \gamma}, \qquad
+    s_\text{l0l1} = \min\left(1, \frac{1}{\eta\,(L_0 + L_1\lVert g\rVert)}\right)
+
+The last one makes the effective step :math:`\eta s = \min(\eta, 1/(L_0 + L_1\lVert g\rVert))`,
+the step that minimises the descent-lemma bound of an :math:`(L_0, L_1)`-smooth
+function. With :math:`\eta = 1/L_0` it is exactly ``adaptive`` with
+:math:`\gamma = L_0/L_1`.
+
+References:
+    Zhang, He, Sra, Jadbabaie, "Why gradient clipping accelerates training: a
+    theoretical justification for adaptivity", ICLR 2020. https://arxiv.org/abs/1905.11881
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Union
+
+import torch
+from torch import Tensor
+
+__all__ = ["CLIP_EPS", "adaptive_scale", "clip_scale", "l0l1_scale", "l0l1_threshold"]
+
+#: The constant ``torch.nn.utils.clip_grad_norm_`` adds to the norm; kept equal so
+#: ``clip`` gives the same gradients as torch to float tolerance.
+CLIP_EPS = 1e-6
+
+Number = Union[float, Tensor]
+
+
+def clip_scale(norm: Tensor, max_norm: Number, eps: float = CLIP_EPS) -> Tensor:
+    r"""Hard clipping: :math:`s = \min(1, \gamma / (\lVert g\rVert + \epsilon))`.
+
+    Args:
+        norm: the global gradient norm, a 0-d tensor.
+        max_norm: the threshold :math:`\gamma > 0`.
+        eps: added to the norm, as torch does, so a zero norm gives ``s = 1``.
+
+    Returns:
+        A 0-d tensor like ``norm``; 0 for an infinite norm, NaN for a NaN norm.
+
+    Example:
+        >>> clip_scale(torch.tensor(4.0), 2.0)
+        tensor(0.5000)
+    """
+    return torch.clamp(max_norm / (norm + eps), max=1.0)
+
+
+def adaptive_scale(norm: Tensor, max_norm: Number) -> Tensor:
+    r"""Smooth ("adaptive") clipping: :math:`s = \gamma / (\lVert g\rVert + \gamma)`.
+
+    The scaled norm :math:`\gamma\lVert g\rVert / (\lVert g\rVert + \gamma)` is always
+    below :math:`\gamma`, and within a factor 2 of hard clipping's.
+
+    Example:
+        >>> adaptive_scale(torch.tensor(3.0), 1.0)
+        tensor(0.2500)
+    """
+    return max_norm / (norm + max_norm)
+
+
+def l0l1_scale(norm: Tensor, lr: Number, l0: Number, l1: Number) -> Tensor:
+    r"""The :math:`(L_0, L_1)` step: :math:`s = \min(1, 1 / (\eta (L_0 + L_1\lVert g\rVert)))`.
+
+    Args:
+        norm: the global gradient norm, a 0-d tensor.
+        lr: the learning rate :math:`\eta` of the parameter group (float or tensor).
+        l0, l1: the smoothness constants, ``>= 0`` and not both 0.
+
+    Returns:
+        ``s`` such that the effective step :math:`\eta s = \min(\eta, 1/(L_0 + L_1\lVert g\rVert))`.
+        A zero learning rate or zero denominator gives ``s = 1``.
+
+    Example:
+        >>> l0l1_scale(torch.tensor(3.0), lr=1.0, l0=1.0, l1=1.0)
+        tensor(0.2500)
+    """
+    return torch.clamp(torch.reciprocal((l0 + l1 * norm) * lr), max=1.0)
+
+
+def l0l1_threshold(lr: float, l0: float, l1: float) -> float:
+    r"""The gradient norm above which :func:`l0l1_scale` is below 1: :math:`(1/\eta - L_0)/L_1`.
+
+    Clamped at 0 (every step is scaled when :math:`\eta L_0 > 1`); ``inf`` when
+    :math:`L_1 = 0` and :math:`\eta L_0 \le 1` (no step is scaled), or when ``lr`` is 0.
+    Host arithmetic on Python floats: no tensor is read.
+    """
+    if lr <= 0:
+        return math.inf
+    slack = 1.0 / lr - l0
+    if slack <= 0:
+        return 0.0
+    return slack / l1 if l1 > 0 else math.inf
