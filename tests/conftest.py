@@ -1,0 +1,19 @@
+"""Shared fixtures: tiny models, data and trainers (CPU, no logger unless asked)."""
+
+from __future__ import annotations
+
+import os
+import warnings
+
+import pytest
+import torch
+
+os.environ.setdefault("WANDB_MODE", "offline")
+os.environ.setdefault("WANDB_SILENT", "true")
+warnings.filterwarnings("ignore", message=".*does not have many workers.*")
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+    yield

@@ -1,0 +1,88 @@
+"""Torch-only pieces shared by the distributed scripts and the test that checks them.
+
+The data, the model and the plain single-process reference loop live here so that
+the worker scripts and the reference in the test process build exactly the same
+things. Nothing here imports ``lightning_l0l1`` or ``pytorch_lightning``.
+"""
+
+from __future__ import annotations
+
+import socket
+from typing import Any
+
+import torch
+from torch import nn
+
+N, D_IN, D_HID, D_OUT = 32, 4, 8, 3
+LR = 0.1
+MAX_NORM = 0.25  # small enough that every step of the reference loop is clipped
+WORLD = 2
+MICRO_BATCH = 2  # per rank
+ACCUMULATE = 2
+STEPS = 4  # optimizer steps: exactly one epoch of N samples
+GLOBAL_BATCH = WORLD * MICRO_BATCH * ACCUMULATE
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def make_data() -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(1234)
+    x = torch.randn(N, D_IN, generator=g)
+    y = 3.0 * torch.randn(N, D_OUT, generator=g) + 2.0
+    return x, y
+
+
+def make_net(seed: int = 7) -> nn.Module:
+    """Uneven shapes on purpose: the last layer's rows (3) do not split evenly over 2 ranks."""
+    g = torch.Generator().manual_seed(seed)
+    net = nn.Sequential(nn.Linear(D_IN, D_HID), nn.Tanh(), nn.Linear(D_HID, D_OUT))
+    with torch.no_grad():
+        for p in net.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.5)
+    return net
+
+
+def loss_fn(net: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    return nn.functional.mse_loss(net(x), y)
+
+
+def rank_indices(rank: int, world: int = WORLD) -> list[int]:
+    """What ``DistributedSampler(shuffle=False)`` hands rank ``rank`` (N divisible by world)."""
+    return list(range(rank, N, world))
+
+
+def global_batches() -> list[list[int]]:
+    """The sample indices of each optimizer step, assembled from the per-rank micro-batches.
+
+    Built from the sampler's interleaving (rank r gets r, r+W, ...) rather than assumed
+    contiguous, so the reference sees the same samples as the distributed run.
+    """
+    per_rank = [rank_indices(r) for r in range(WORLD)]
+    steps = []
+    for k in range(STEPS):
+        idx: list[int] = []
+        for a in range(ACCUMULATE):
+            b = k * ACCUMULATE + a
+            for r in range(WORLD):
+                idx += per_rank[r][b * MICRO_BATCH : (b + 1) * MICRO_BATCH]
+        steps.append(sorted(idx))
+    return steps
+
+
+def reference_training(max_norm: float = MAX_NORM) -> dict[str, Any]:
+    """Single process, plain torch: full global batch, mean loss, clip_grad_norm_, SGD."""
+    x, y = make_data()
+    net = make_net()
+    opt = torch.optim.SGD(net.parameters(), lr=LR)
+    norms, post = [], []
+    for idx in global_batches():
+        opt.zero_grad(set_to_none=True)
+        loss_fn(net, x[idx], y[idx]).backward()
+        norms.append(float(torch.nn.utils.clip_grad_norm_(net.parameters(), max_norm)))
+        post.append(float(torch.nn.utils.get_total_norm([p.grad for p in net.parameters()])))
+        opt.step()
+    return {"norms": norms, "post": post, "params": [p.detach().clone() for p in net.parameters()]}

@@ -1,0 +1,137 @@
+"""Train the tiny model of ``dist_common`` under a multi-process Lightning strategy.
+
+Usage (Lightning's launcher re-runs this same command line for the other rank)::
+
+    python lightning_train.py OUT_DIR {ddp|fsdp2}
+
+Also importable: :func:`run` is what the in-process ``ddp_fork`` test calls.
+
+Every rank writes ``OUT_DIR/rank{r}.pt`` with, per optimizer step, the norm the
+callback reported, plain-torch norms of the whole (gathered) gradient before and
+after the callback, the naive norm of the local shards only, and at the end the
+whole parameters. The test compares all of it with a single-process reference.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+from pytorch_lightning.callbacks import Callback
+from torch.utils.data import DataLoader, TensorDataset
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import dist_common as C  # noqa: E402
+
+from lightning_l0l1 import L0L1Clipping  # noqa: E402
+
+
+def _full(t: torch.Tensor) -> torch.Tensor:
+    """The whole tensor (a collective for a DTensor: every rank calls it in the same order)."""
+    return t.full_tensor() if hasattr(t, "full_tensor") else t
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    return t.to_local() if hasattr(t, "to_local") else t
+
+
+def _norm(ts: list[torch.Tensor]) -> float:
+    return float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(t.float()) for t in ts])))
+
+
+class Module(pl.LightningModule):
+    def __init__(self, fsdp2: bool) -> None:
+        super().__init__()
+        self.fsdp2 = fsdp2
+        self.net = C.make_net()
+
+    def configure_model(self) -> None:
+        if not self.fsdp2:
+            return
+        from torch.distributed.fsdp import fully_shard
+
+        mesh = self.device_mesh["data_parallel"]
+        fully_shard(self.net[0], mesh=mesh)
+        fully_shard(self.net[2], mesh=mesh)
+        fully_shard(self.net, mesh=mesh)
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        x, y = batch
+        return C.loss_fn(self.net, x, y)
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.net.parameters(), lr=C.LR)
+
+
+class Before(Callback):
+    """Placed before L0L1Clipping: the whole gradient's norm by plain torch, and the naive local one."""
+
+    def __init__(self, rec: dict[str, list]) -> None:
+        self.rec = rec
+
+    def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Any) -> None:
+        grads = [p.grad for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
+        self.rec["true_pre"].append(_norm([_full(g) for g in grads]))
+        self.rec["naive_pre"].append(_norm([_local(g) for g in grads]))
+        self.rec["dtensor_grads"].append(all(hasattr(g, "full_tensor") for g in grads))
+
+
+class After(Callback):
+    """Placed after L0L1Clipping: what the callback reported, and the whole clipped gradient's norm."""
+
+    def __init__(self, clip: L0L1Clipping, rec: dict[str, list]) -> None:
+        self.clip, self.rec = clip, rec
+
+    def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Any) -> None:
+        stats = self.clip.latest()
+        self.rec["cb_norm"].append(stats["l0l1/grad_norm"])
+        self.rec["cb_scaled"].append(stats["l0l1/grad_norm_scaled"])
+        self.rec["cb_scale"].append(stats["l0l1/scale"])
+        grads = [p.grad for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
+        self.rec["true_post"].append(_norm([_full(g) for g in grads]))
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        params = [_full(p.detach()).clone() for p in pl_module.net.parameters()]
+        out = dict(self.rec, params=params, rank=trainer.global_rank, world=trainer.world_size)
+        out["latest"] = self.clip.latest()
+        out["global_step"] = trainer.global_step
+        torch.save(out, os.path.join(self.rec["out_dir"], f"rank{trainer.global_rank}.pt"))
+
+
+def run(out_dir: str, strategy: str) -> pl.Trainer:
+    fsdp2 = strategy == "fsdp2"
+    if fsdp2:
+        from pytorch_lightning.strategies import ModelParallelStrategy
+
+        strat: Any = ModelParallelStrategy(data_parallel_size=C.WORLD, tensor_parallel_size=1)
+    else:
+        strat = strategy
+    rec: dict[str, Any] = {k: [] for k in ("true_pre", "naive_pre", "dtensor_grads", "cb_norm", "cb_scaled",
+                                           "cb_scale", "true_post")}
+    rec["out_dir"] = out_dir
+    clip = L0L1Clipping(mode="clip", max_norm=C.MAX_NORM)
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        devices=C.WORLD,
+        strategy=strat,
+        max_steps=C.STEPS,
+        accumulate_grad_batches=C.ACCUMULATE,
+        callbacks=[Before(rec), clip, After(clip, rec)],
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+    )
+    x, y = C.make_data()
+    loader = DataLoader(TensorDataset(x, y), batch_size=C.MICRO_BATCH, shuffle=False)
+    trainer.fit(Module(fsdp2), loader)
+    return trainer
+
+
+if __name__ == "__main__":
+    torch.set_num_threads(1)
+    run(sys.argv[1], sys.argv[2])
