@@ -50,36 +50,31 @@ def loss_fn(net: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return nn.functional.mse_loss(net(x), y)
 
 
-def rank_indices(rank: int, world: int = WORLD) -> list[int]:
-    """What ``DistributedSampler(shuffle=False)`` hands rank ``rank`` (N divisible by world)."""
-    return list(range(rank, N, world))
+def global_batches(seen: list[list[list[int]]]) -> list[list[int]]:
+    """The sample indices of each optimizer step, from what each rank actually trained on.
 
-
-def global_batches() -> list[list[int]]:
-    """The sample indices of each optimizer step, assembled from the per-rank micro-batches.
-
-    Built from the sampler's interleaving (rank r gets r, r+W, ...) rather than assumed
-    contiguous, so the reference sees the same samples as the distributed run.
+    ``seen[r]`` is rank ``r``'s list of micro-batches (lists of sample indices) in order;
+    optimizer step ``k`` consumed micro-batches ``k*ACCUMULATE ... (k+1)*ACCUMULATE - 1``
+    of every rank. (Lightning's training sampler is a ``DistributedSampler`` that shuffles
+    even for a ``shuffle=False`` loader, so the composition is read, not assumed.)
     """
-    per_rank = [rank_indices(r) for r in range(WORLD)]
     steps = []
     for k in range(STEPS):
         idx: list[int] = []
-        for a in range(ACCUMULATE):
-            b = k * ACCUMULATE + a
-            for r in range(WORLD):
-                idx += per_rank[r][b * MICRO_BATCH : (b + 1) * MICRO_BATCH]
+        for rank_batches in seen:
+            for b in rank_batches[k * ACCUMULATE : (k + 1) * ACCUMULATE]:
+                idx += b
         steps.append(sorted(idx))
     return steps
 
 
-def reference_training(max_norm: float = MAX_NORM) -> dict[str, Any]:
-    """Single process, plain torch: full global batch, mean loss, clip_grad_norm_, SGD."""
+def reference_training(batches: list[list[int]], max_norm: float = MAX_NORM) -> dict[str, Any]:
+    """Single process, plain torch: each global batch whole, mean loss, clip_grad_norm_, SGD."""
     x, y = make_data()
     net = make_net()
     opt = torch.optim.SGD(net.parameters(), lr=LR)
     norms, post = [], []
-    for idx in global_batches():
+    for idx in batches:
         opt.zero_grad(set_to_none=True)
         loss_fn(net, x[idx], y[idx]).backward()
         norms.append(float(torch.nn.utils.clip_grad_norm_(net.parameters(), max_norm)))

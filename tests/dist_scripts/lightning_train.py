@@ -47,6 +47,7 @@ class Module(pl.LightningModule):
         super().__init__()
         self.fsdp2 = fsdp2
         self.net = C.make_net()
+        self.seen: list[list[int]] = []  # the sample indices of every micro-batch, in order
 
     def configure_model(self) -> None:
         if not self.fsdp2:
@@ -59,7 +60,8 @@ class Module(pl.LightningModule):
         fully_shard(self.net, mesh=mesh)
 
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
-        x, y = batch
+        x, y, idx = batch
+        self.seen.append(idx.tolist())
         return C.loss_fn(self.net, x, y)
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
@@ -98,6 +100,7 @@ class After(Callback):
         out = dict(self.rec, params=params, rank=trainer.global_rank, world=trainer.world_size)
         out["latest"] = self.clip.latest()
         out["global_step"] = trainer.global_step
+        out["seen"] = pl_module.seen
         torch.save(out, os.path.join(self.rec["out_dir"], f"rank{trainer.global_rank}.pt"))
 
 
@@ -127,7 +130,7 @@ def run(out_dir: str, strategy: str) -> pl.Trainer:
         num_sanity_val_steps=0,
     )
     x, y = C.make_data()
-    loader = DataLoader(TensorDataset(x, y), batch_size=C.MICRO_BATCH, shuffle=False)
+    loader = DataLoader(TensorDataset(x, y, torch.arange(C.N)), batch_size=C.MICRO_BATCH, shuffle=False)
     trainer.fit(Module(fsdp2), loader)
     return trainer
 
