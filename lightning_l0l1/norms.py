@@ -133,6 +133,23 @@ def _use_foreach(foreach: bool | None, device: torch.device) -> bool:
     return foreach
 
 
+def _norm_dtype(device: torch.device, dtype: torch.dtype, acc: torch.dtype) -> torch.dtype | None:
+    """The ``dtype=`` to ask of the per-tensor norm, or ``None`` for the gradient's own.
+
+    float16 is upcast everywhere: its per-tensor norm overflows above 65504. bfloat16 has
+    float32's range; on the CPU its norm kernels already accumulate in float32 and only the
+    per-tensor result is rounded to bfloat16 (relative error <= 2**-9), while asking for
+    ``dtype=float32`` there makes torch copy every gradient to float32 first (3x slower, and a
+    gradient-sized transient buffer). On CUDA ``_foreach_norm(dtype=float32)`` is native.
+    float64 keeps float64.
+    """
+    if dtype.itemsize >= acc.itemsize or not dtype.is_floating_point:
+        return None
+    if dtype == torch.bfloat16 and device.type == "cpu":
+        return None
+    return acc
+
+
 def _acc_dtype(tensors: Iterable[Tensor]) -> torch.dtype:
     return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
 
@@ -147,8 +164,7 @@ def _per_tensor_norms(
     out: list[Tensor | None] = [None] * len(tensors)
     for (device, dtype), items in buckets.items():
         ts = [t for _, t in items]
-        # Upcast low-precision inputs only; float64 keeps float64.
-        norm_dtype = acc if dtype.itemsize < acc.itemsize else None
+        norm_dtype = _norm_dtype(device, dtype, acc)
         if _use_foreach(foreach, device):
             norms = torch._foreach_norm(ts, p, dtype=norm_dtype)
         else:
@@ -194,7 +210,7 @@ def _dtensor_group_norms(
         partial = []
         for gi in order:
             ts = groups[gi]
-            norm_dtype = acc if ts[0].dtype.itemsize < acc.itemsize else None
+            norm_dtype = _norm_dtype(ts[0].to_local().device, ts[0].dtype, acc)
             norms = [torch.linalg.vector_norm(t, p, dtype=norm_dtype) for t in ts]
             partial.append(torch.linalg.vector_norm(torch.stack([n.to(acc) for n in norms]), p))
         full = torch.stack(partial).full_tensor().to(device=device, dtype=acc)

@@ -1,0 +1,100 @@
+"""Shared helpers for the benchmark scripts: synthetic gradients, timing, sync and allocation counting."""
+
+from __future__ import annotations
+
+import platform
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from types import SimpleNamespace
+from typing import Any
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+
+def machine() -> str:
+    cpu = platform.processor() or platform.machine()
+    dev = torch.cuda.get_device_name() if torch.cuda.is_available() else "no GPU"
+    return f"{cpu}, {torch.get_num_threads()} torch threads, {dev}, torch {torch.__version__}"
+
+
+def make_params(n_params: float, dtype: torch.dtype, device: str, seed: int = 0) -> list[torch.nn.Parameter]:
+    """Transformer-like parameter shapes (4 matrices, 2 vectors per block) adding up to ~n_params."""
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    d = 256 if n_params < 5e6 else (768 if n_params < 5e7 else 1024)
+    per_block = 12 * d * d + 13 * d
+    blocks = max(1, round(n_params / per_block))
+    shapes: list[tuple[int, ...]] = []
+    for _ in range(blocks):
+        shapes += [(3 * d, d), (d, d), (4 * d, d), (d, 4 * d), (3 * d,), (d,), (4 * d,), (d,), (d,), (d,), (d,)]
+    params = []
+    for s in shapes:
+        p = torch.nn.Parameter(torch.empty(s, dtype=dtype, device=device))
+        p.grad = torch.randn(s, generator=g).to(dtype=dtype, device=device)
+        params.append(p)
+    return params
+
+
+def sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def interleaved(
+    cases: dict[str, Callable[[], Any]], reset: Callable[[], None], reps: int, device: str, warmup: int = 2
+) -> dict[str, float]:
+    """Median seconds of each case; cases alternate within every repetition."""
+    times: dict[str, list[float]] = {k: [] for k in cases}
+    for r in range(warmup + reps):
+        for name, fn in cases.items():
+            reset()
+            sync(device)
+            t0 = time.perf_counter()
+            fn()
+            sync(device)
+            if r >= warmup:
+                times[name].append(time.perf_counter() - t0)
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+class OpCounter(TorchDispatchMode):
+    """Counts host reads (``aten._local_scalar_dense``) and bytes of fresh (non-view, non-inplace) outputs."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.syncs = 0
+        self.alloc_bytes = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if func is torch.ops.aten._local_scalar_dense.default:
+            self.syncs += 1
+        name = func.__name__
+        is_inplace = name.split(".")[0].endswith("_") and not name.startswith("_local")
+        if not is_inplace and not func.is_view:
+            for t in out if isinstance(out, (list, tuple)) else [out]:
+                if isinstance(t, torch.Tensor):
+                    self.alloc_bytes += t.numel() * t.element_size()
+        return out
+
+
+def fake_trainer(optimizer: torch.optim.Optimizer) -> Any:
+    """The few trainer attributes the callback's hook reads."""
+    return SimpleNamespace(
+        optimizers=[optimizer],
+        precision_plugin=SimpleNamespace(scaler=None),
+        strategy=SimpleNamespace(model=None),
+        global_step=0,
+    )
+
+
+def table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    def fmt(v: Any) -> str:
+        if isinstance(v, float):
+            return f"{v:.3g}" if abs(v) < 1000 else f"{v:,.0f}"
+        return str(v)
+
+    lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
+    lines += ["| " + " | ".join(fmt(v) for v in row) + " |" for row in rows]
+    return "\n".join(lines)

@@ -1,0 +1,130 @@
+"""Per-step cost of the callback's gradient work against torch and Lightning, and the memory-traffic floor.
+
+For each model size and gradient dtype, on the CPU (and on the GPU when there is one), the
+configurations below run interleaved on the same gradients; the table gives the median time,
+the ratio to ``torch.nn.utils.clip_grad_norm_`` (foreach), the achieved fraction of the
+memory-traffic floor (3 x gradient bytes / bandwidth, bandwidth measured in the same run by a
+plain copy of the same size), the host syncs per step and the bytes the step allocates.
+
+    python benchmarks/bench_step.py            # full: ~1M, 25M, 100M parameters
+    python benchmarks/bench_step.py --quick    # seconds; what the test suite runs
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import OpCounter, fake_trainer, interleaved, machine, make_params, sync, table  # noqa: E402
+
+
+def configs(params, max_norm: float = 1.0):
+    from pytorch_lightning.plugins.precision import Precision
+    from pytorch_lightning.utilities.grads import grad_norm as pl_grad_norm
+
+    from lightning_l0l1 import L0L1Clipping
+
+    opt = torch.optim.SGD(params, lr=0.1)
+    trainer = fake_trainer(opt)
+    module = torch.nn.Module()
+    module.params = torch.nn.ParameterList(params)
+    precision = Precision()
+    cases = {
+        "no clipping": lambda: None,
+        "torch clip_grad_norm_": lambda: torch.nn.utils.clip_grad_norm_(params, max_norm, foreach=True),
+        "Lightning gradient_clip_val": lambda: precision.clip_gradients(opt, max_norm),
+        "Lightning grad_norm (logging utility)": lambda: pl_grad_norm(module, 2.0),
+    }
+    for label, kw in [
+        ("L0L1 clip", dict(mode="clip", max_norm=max_norm, nonfinite="propagate")),
+        ("L0L1 adaptive", dict(mode="adaptive", max_norm=max_norm, nonfinite="propagate")),
+        ("L0L1 l0l1", dict(mode="l0l1", l0=1.0, l1=1.0, nonfinite="propagate")),
+        ("L0L1 clip, nonfinite=skip", dict(mode="clip", max_norm=max_norm, nonfinite="skip")),
+    ]:
+        cb = L0L1Clipping(**kw)
+        cases[label] = lambda cb=cb: cb.on_before_optimizer_step(trainer, None, opt)
+    return cases
+
+
+def run(sizes, dtypes, devices, reps: int) -> str:
+    out = [f"Machine: {machine()}\n"]
+    for device in devices:
+        for dtype in dtypes:
+            for n in sizes:
+                params = make_params(n, dtype, device)
+                saved = [p.grad.clone() for p in params]
+                grad_bytes = sum(g.numel() * g.element_size() for g in saved)
+                flat_src = torch.empty(grad_bytes, dtype=torch.uint8, device=device)
+                flat_dst = torch.empty_like(flat_src)
+
+                def reset(params=params, saved=saved):
+                    for p, g in zip(params, saved):
+                        if p.grad is None:
+                            p.grad = g.clone()
+                        else:
+                            p.grad.copy_(g)
+
+                cases = configs(params)
+                cases["plain copy (bandwidth probe)"] = lambda: flat_dst.copy_(flat_src)
+                times = interleaved(cases, reset, reps, device)
+                bandwidth = 2 * grad_bytes / times.pop("plain copy (bandwidth probe)")
+                floor = 3 * grad_bytes / bandwidth
+                ref = times["torch clip_grad_norm_"]
+                rows = []
+                for name, t in times.items():
+                    reset()
+                    counter = OpCounter()
+                    with counter:
+                        cases[name]()
+                    sync(device)
+                    rows.append(
+                        [
+                            name,
+                            t * 1e3,
+                            t / ref,
+                            floor / t if name != "no clipping" else float("nan"),
+                            counter.syncs,
+                            counter.alloc_bytes / grad_bytes,
+                        ]
+                    )
+                n_real = sum(p.numel() for p in params)
+                out.append(
+                    f"\n### {device}, {str(dtype).replace('torch.', '')} gradients, {n_real / 1e6:.1f}M parameters "
+                    f"({len(params)} tensors), bandwidth {bandwidth / 1e9:.1f} GB/s, floor {floor * 1e3:.3f} ms\n"
+                )
+                out.append(
+                    table(
+                        ["configuration", "ms (median)", "x clip_grad_norm_", "floor / time", "host syncs",
+                         "allocated / grad bytes"],
+                        rows,
+                    )
+                )
+                del params, saved, flat_src, flat_dst
+    return "\n".join(out) + "\n"
+
+
+def main(argv=None) -> str:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="tiny sizes and few repetitions (smoke test)")
+    ap.add_argument("--reps", type=int, default=None)
+    ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "bench_step.md")
+    args = ap.parse_args(argv)
+    devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+    if args.quick:
+        sizes, reps = [2e5], args.reps or 3
+    else:
+        sizes, reps = [1e6, 25e6, 100e6], args.reps or 15
+    report = run(sizes, [torch.float32, torch.bfloat16], devices, reps)
+    print(report)
+    if not args.quick:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(report)
+    return report
+
+
+if __name__ == "__main__":
+    main()
