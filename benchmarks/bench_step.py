@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import OpCounter, fake_trainer, interleaved, machine, make_params, sync, table  # noqa: E402
+from _common import OpCounter, fake_trainer, interleaved, machine, make_params, sync, table
 
 
 def configs(params, max_norm: float = 1.0):
@@ -69,7 +69,7 @@ def run(sizes, dtypes, devices, reps: int) -> str:
                             p.grad.copy_(g)
 
                 cases = configs(params)
-                cases["plain copy (bandwidth probe)"] = lambda: flat_dst.copy_(flat_src)
+                cases["plain copy (bandwidth probe)"] = lambda s=flat_src, d=flat_dst: d.copy_(s)
                 times = interleaved(cases, reset, reps, device)
                 bandwidth = 2 * grad_bytes / times.pop("plain copy (bandwidth probe)")
                 floor = 3 * grad_bytes / bandwidth
@@ -103,7 +103,6 @@ def run(sizes, dtypes, devices, reps: int) -> str:
                         rows,
                     )
                 )
-                del params, saved, flat_src, flat_dst
     return "\n".join(out) + "\n"
 
 

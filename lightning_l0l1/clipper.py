@@ -11,6 +11,7 @@ Imports only :mod:`torch`.
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal, Optional, Union, get_args
@@ -38,7 +39,7 @@ class NonFiniteGradientError(RuntimeError):
 
 
 def _positive(name: str, value: Any, allow_zero: bool = False) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise ValueError(f"`{name}` must be a number, got {value!r}.")
     v = float(value)
     if math.isnan(v) or math.isinf(v) or v < 0 or (v == 0 and not allow_zero):
@@ -177,7 +178,9 @@ class GradientClipper:
             self.l0 = _positive("l0", l0, allow_zero=True)
             self.l1 = _positive("l1", l1, allow_zero=True)
             if self.l0 == 0 and self.l1 == 0:
-                raise ValueError("`l0` and `l1` cannot both be 0 (the step would never be limited), got 0 and 0.")
+                raise ValueError(
+                    f"`l0` and `l1` cannot both be 0 (the step would never be limited), got l0={l0!r}, l1={l1!r}."
+                )
             self.max_norm: Optional[float] = None if max_norm is None else _positive("max_norm", max_norm)
         else:
             if max_norm is None:
@@ -367,4 +370,3 @@ class GradientClipper:
 
 def _all(group: GradGroup) -> list[Tensor]:
     return group.replicated + group.sharded + group.dtensors
-

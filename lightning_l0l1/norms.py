@@ -138,7 +138,7 @@ def _norm_dtype(device: torch.device, dtype: torch.dtype, acc: torch.dtype) -> t
 
     float16 is upcast everywhere: its per-tensor norm overflows above 65504. bfloat16 has
     float32's range; on the CPU its norm kernels already accumulate in float32 and only the
-    per-tensor result is rounded to bfloat16 (relative error <= 2**-9), while asking for
+    per-tensor result is rounded to bfloat16 (relative error <= 2**-8), while asking for
     ``dtype=float32`` there makes torch copy every gradient to float32 first (3x slower, and a
     gradient-sized transient buffer). On CUDA ``_foreach_norm(dtype=float32)`` is native.
     float64 keeps float64.

@@ -86,7 +86,11 @@ def l0l1_scale(norm: Tensor, lr: Number, l0: Number, l1: Number) -> Tensor:
         >>> l0l1_scale(torch.tensor(3.0), lr=1.0, l0=1.0, l1=1.0)
         tensor(0.2500)
     """
-    return torch.clamp(torch.reciprocal((l0 + l1 * norm) * lr), max=1.0)
+    if isinstance(lr, (int, float)) and lr == 0:
+        return torch.ones_like(norm)
+    # With L1 = 0 the norm drops out (and an infinite norm must not give 0 * inf = NaN).
+    slope = l1 * norm if not (isinstance(l1, (int, float)) and l1 == 0) else torch.zeros_like(norm)
+    return torch.clamp(torch.reciprocal((l0 + slope) * lr), max=1.0)
 
 
 def l0l1_threshold(lr: float, l0: float, l1: float) -> float:
@@ -99,6 +103,6 @@ def l0l1_threshold(lr: float, l0: float, l1: float) -> float:
     if lr <= 0:
         return math.inf
     slack = 1.0 / lr - l0
-    if slack <= 0:
+    if slack < 0:
         return 0.0
     return slack / l1 if l1 > 0 else math.inf

@@ -65,7 +65,9 @@ class Regressor(pl.LightningModule):
         return None if self.return_none else loss
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
-        return make_optimizer(self.net, self.lr, self.momentum, self.wd, self.two_groups, self.optimizer_name, self.fused)
+        return make_optimizer(
+            self.net, self.lr, self.momentum, self.wd, self.two_groups, self.optimizer_name, self.fused
+        )
 
 
 def make_optimizer(

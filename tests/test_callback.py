@@ -8,7 +8,7 @@ import warnings
 import pytest
 import pytorch_lightning as pl
 import torch
-from _models import Regressor, make_data, make_net, params_of, reference_loop, trainer, loader
+from _models import Regressor, loader, make_data, make_net, params_of, reference_loop, trainer
 from pytorch_lightning.callbacks import ModelCheckpoint
 from pytorch_lightning.plugins.precision import MixedPrecision
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -58,7 +58,7 @@ class NormProbe(pl.Callback):
 
     def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
         grads = [p.grad for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
-        self.norms.append(float(torch.nn.utils.get_total_norm(grads, dtype=None) if False else torch.nn.utils.get_total_norm(grads)))
+        self.norms.append(float(torch.nn.utils.get_total_norm(grads)))
         scaler = getattr(trainer.precision_plugin, "scaler", None)
         self.scales.append(scaler.get_scale() if scaler is not None else 1.0)
 
@@ -403,9 +403,8 @@ def test_resume_from_checkpoint_continues_exactly(tmp_path):
     ckpt = ModelCheckpoint(dirpath=tmp_path, save_last=True)
     first = Regressor(make_net(), nan_at=(5,))
     cb_a = L0L1Clipping(**kw)
-    trainer(callbacks=[cb_a, L0L1Clipping(mode="adaptive", max_norm=50.0), ckpt], max_epochs=2, enable_checkpointing=True).fit(
-        first, loader(ds)
-    )
+    cbs = [cb_a, L0L1Clipping(mode="adaptive", max_norm=50.0), ckpt]
+    trainer(callbacks=cbs, max_epochs=2, enable_checkpointing=True).fit(first, loader(ds))
     saved = torch.load(tmp_path / "last.ckpt", weights_only=False)["callbacks"]
     assert cb_a.state_key in saved and L0L1Clipping(mode="adaptive", max_norm=50.0).state_key in saved
 

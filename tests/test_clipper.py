@@ -1,0 +1,514 @@
+"""lightning_l0l1.clipper.GradientClipper on plain torch optimizers (no Lightning), against closed forms."""
+
+from __future__ import annotations
+
+import copy
+import math
+from typing import Any
+
+import pytest
+import torch
+from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from lightning_l0l1.clipper import GradientClipper, NonFiniteGradientError
+
+MODES = ["clip", "adaptive", "l0l1"]
+POLICIES = ["skip", "zero", "raise", "propagate"]
+NORM_TYPES = [1.0, 2.0, 3.0, math.inf]
+DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
+FOREACH = [True, False, None]
+SHAPES = [(6, 4), (4,), (3, 3), (3,), (5,)]
+LRS = (0.1, 0.3)
+GAMMA, L0, L1 = 0.7, 1.0, 2.0
+STAT_NAMES = ["grad_norm", "grad_norm_scaled", "scale", "max_norm", "lr_effective"]
+
+
+class HostSyncCounter(TorchDispatchMode):
+    """Counts ``aten._local_scalar_dense`` (``.item()``, ``bool(t)``, ``float(t)``) while active."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func is torch.ops.aten._local_scalar_dense.default:
+            self.count += 1
+        return func(*args, **(kwargs or {}))
+
+
+def make_opt(
+    dtype: torch.dtype = torch.float32, momentum: float = 0.0, weight_decay: float = 0.0, lrs: tuple = LRS
+) -> tuple[list[nn.Parameter], torch.optim.SGD]:
+    """Two param groups with different lr; the last parameter is frozen (its grad stays None)."""
+    params = [nn.Parameter(torch.randn(s, dtype=torch.float64).to(dtype)) for s in SHAPES]
+    groups = [{"params": params[:2]}, {"params": params[2:], "lr": lrs[1]}]
+    return params, torch.optim.SGD(groups, lr=lrs[0], momentum=momentum, weight_decay=weight_decay)
+
+
+def set_grads(params: list[nn.Parameter], scale: float = 5.0, bad: float | None = None) -> list[torch.Tensor]:
+    """Random grads for all but the last parameter; returns float64 copies of them."""
+    for p in params[:-1]:
+        p.grad = (torch.randn(p.shape, dtype=torch.float64) * scale).to(p.dtype)
+    if bad is not None:
+        params[2].grad.view(-1)[1] = bad
+    return [p.grad.double().clone() for p in params[:-1]]
+
+
+def ref_norm(tensors: list[torch.Tensor], p: float) -> float:
+    flat = torch.cat([t.detach().double().reshape(-1) for t in tensors])
+    if math.isinf(p):
+        return flat.abs().max().item()
+    return flat.abs().pow(p).sum().pow(1.0 / p).item()
+
+
+def ref_scales(mode: str, n: float, lrs: tuple = LRS, gamma: float = GAMMA, l0: float = L0, l1: float = L1):
+    """Closed-form scale of each param group (float64, NaN for a NaN norm)."""
+    if math.isnan(n):
+        return [math.nan] * len(lrs)
+    if mode == "clip":
+        return [min(1.0, gamma / (n + 1e-6))] * len(lrs)
+    if mode == "adaptive":
+        return [gamma / (n + gamma)] * len(lrs)
+    return [min(1.0, 1.0 / (lr * (l0 + l1 * n))) for lr in lrs]
+
+
+def make_clipper(mode: str, **kw: Any) -> GradientClipper:
+    if mode == "l0l1":
+        return GradientClipper("l0l1", l0=kw.pop("l0", L0), l1=kw.pop("l1", L1), **kw)
+    return GradientClipper(mode, max_norm=kw.pop("max_norm", GAMMA), **kw)
+
+
+def group_of(i: int) -> int:
+    return 0 if i < 2 else 1
+
+
+def norm_rtol(dtype: torch.dtype) -> float:
+    """Tolerance of a norm of ``dtype`` grads vs float64 (CPU bfloat16 per-tensor norms are rounded to bfloat16)."""
+    if dtype == torch.float64:
+        return 1e-12
+    return 2**-8 + 1e-5 if dtype == torch.bfloat16 else 1e-5
+
+
+# ---------------------------------------------------------------- the three rules
+@pytest.mark.parametrize("foreach", FOREACH)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("norm_type", NORM_TYPES)
+@pytest.mark.parametrize("mode", MODES)
+def test_step_scales_each_group_by_closed_form(mode, norm_type, dtype, foreach):
+    params, opt = make_opt(dtype)
+    before = set_grads(params)
+    n = ref_norm(before, norm_type)
+    scales = ref_scales(mode, n)
+    if mode == "l0l1":
+        assert scales[0] < 1 and scales[1] < scales[0]  # each group has its own factor
+    else:
+        assert scales[0] < 1
+
+    clipper = make_clipper(mode, norm_type=norm_type, foreach=foreach)
+    out = clipper.step(opt)
+
+    assert out is not None and out.finite is True and out.action == "scaled"
+    assert out.norm.item() == pytest.approx(n, rel=norm_rtol(dtype))
+    for i, (p, b) in enumerate(zip(params, before)):
+        assert p.grad.dtype == dtype
+        torch.testing.assert_close(p.grad, (b * scales[group_of(i)]).to(dtype))
+    assert params[-1].grad is None
+
+    stats = clipper.latest()
+    scaled = [b * scales[group_of(i)] for i, b in enumerate(before)]
+    rel = norm_rtol(dtype)
+    assert stats["l0l1/grad_norm"] == pytest.approx(n, rel=rel)
+    assert stats["l0l1/grad_norm_scaled"] == pytest.approx(ref_norm(scaled, norm_type), rel=rel)
+    assert stats["l0l1/scale"] == pytest.approx(scales[0], rel=rel)
+    assert stats["l0l1/lr_effective"] == pytest.approx(scales[0] * LRS[0], rel=rel)
+    assert stats["l0l1/lr_effective_pg1"] == pytest.approx(scales[1] * LRS[1], rel=rel)
+    threshold = (1 / LRS[0] - L0) / L1 if mode == "l0l1" else GAMMA
+    assert stats["l0l1/max_norm"] == pytest.approx(threshold, rel=rel)
+    assert stats["l0l1/steps"] == 1.0
+    assert stats["l0l1/nonfinite_steps"] == 0.0
+    assert stats["l0l1/clip_rate"] == (1.0 if n > threshold else 0.0)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_small_gradients(mode):
+    """Below the threshold ``clip`` and ``l0l1`` leave the gradients alone; ``adaptive`` still scales."""
+    params, opt = make_opt()
+    before = set_grads(params, scale=1e-3)
+    n = ref_norm(before, 2.0)
+    clipper = make_clipper(mode)
+    clipper.step(opt)
+    for i, (p, b) in enumerate(zip(params, before)):
+        s = ref_scales(mode, n)[group_of(i)]
+        torch.testing.assert_close(p.grad, (b * s).float())
+        if mode != "adaptive":
+            assert s == 1.0 and torch.equal(p.grad, b.float())
+    assert clipper.latest()["l0l1/clip_rate"] == 0.0
+
+
+@pytest.mark.parametrize("norm_type", NORM_TYPES)
+def test_clip_matches_torch_on_a_model(norm_type):
+    net = nn.Sequential(nn.Linear(5, 8), nn.Tanh(), nn.Linear(8, 3))
+    net[2].bias.requires_grad_(False)
+    ref = copy.deepcopy(net)
+    x = torch.randn(7, 5)
+    for m in (net, ref):
+        (m(x).pow(2).sum() * 50).backward()
+    opt = torch.optim.SGD(net.parameters(), lr=0.1)
+    out = GradientClipper("clip", max_norm=0.5, norm_type=norm_type).step(opt)
+    total = torch.nn.utils.clip_grad_norm_(ref.parameters(), 0.5, norm_type)
+    torch.testing.assert_close(out.norm, total, rtol=1e-5, atol=0)
+    for a, b in zip(net.parameters(), ref.parameters()):
+        if b.grad is None:
+            assert a.grad is None
+        else:
+            torch.testing.assert_close(a.grad, b.grad, rtol=1e-5, atol=1e-12)
+
+
+@pytest.mark.parametrize(("l0", "l1"), [(1.0, 1.0), (4.0, 0.5), (20.0, 3.0)])
+def test_l0l1_with_lr_one_over_l0_is_adaptive(l0, l1):
+    pa, opt_a = make_opt(lrs=(1 / l0, 1 / l0))
+    pb, opt_b = make_opt(lrs=(1 / l0, 1 / l0))
+    before = set_grads(pa)
+    for p, b in zip(pb, before):
+        p.grad = b.float().clone()
+    GradientClipper("l0l1", l0=l0, l1=l1).step(opt_a)
+    GradientClipper("adaptive", max_norm=l0 / l1).step(opt_b)
+    s = (l0 / l1) / (ref_norm(before, 2.0) + l0 / l1)
+    assert s < 0.9
+    for a, b, g in zip(pa[:-1], pb[:-1], before):
+        torch.testing.assert_close(a.grad, b.grad, rtol=1e-6, atol=0)
+        torch.testing.assert_close(a.grad, (g * s).float())
+
+
+def test_clip_rate_counts_steps_above_threshold():
+    params, opt = make_opt()
+    clipper = GradientClipper("clip", max_norm=1.0)
+    above = 0
+    for k, scale in enumerate([10.0, 1e-3, 10.0, 1e-2, 1e-3]):
+        n = ref_norm(set_grads(params, scale=scale), 2.0)
+        above += n > 1.0
+        clipper.step(opt)
+        assert clipper.latest()["l0l1/clip_rate"] == pytest.approx(above / (k + 1))
+    assert above == 2
+
+
+@pytest.mark.parametrize(
+    ("lr", "l0", "l1"), [(0.5, 2.0, 0.0), (0.5, 2.0, 1.0), (0.1, 1.0, 2.0), (0.1, 1.0, 0.0), (1.0, 3.0, 0.0)]
+)
+def test_l0l1_clip_rate_counts_exactly_the_scaled_steps(lr, l0, l1):
+    """A step counts as clipped iff its first param group was scaled (s < 1), including lr * l0 == 1."""
+    params, opt = make_opt(lrs=(lr, lr))
+    clipper = GradientClipper("l0l1", l0=l0, l1=l1)
+    scaled = 0
+    for k, scale in enumerate([1e-4, 10.0, 0.1]):
+        before = set_grads(params, scale=scale)
+        s = ref_scales("l0l1", ref_norm(before, 2.0), lrs=(lr,), l0=l0, l1=l1)[0]
+        scaled += s < 1
+        clipper.step(opt)
+        stats = clipper.latest()
+        assert stats["l0l1/scale"] == pytest.approx(s, rel=1e-6)
+        assert stats["l0l1/clip_rate"] == pytest.approx(scaled / (k + 1))
+
+
+def test_no_gradient_returns_none():
+    params, opt = make_opt()
+    clipper = make_clipper("l0l1")
+    assert clipper.step(opt) is None
+    assert clipper.latest() == {}
+    assert all(p.grad is None for p in params)
+
+
+# ---------------------------------------------------------------- constructor errors
+INVALID = [
+    (dict(mode="foo"), "mode", "foo"),
+    (dict(mode=None), "mode", None),
+    (dict(nonfinite="ignore"), "nonfinite", "ignore"),
+    (dict(nonfinite=None), "nonfinite", None),
+    (dict(norm_type=0), "norm_type", 0),
+    (dict(norm_type=-1), "norm_type", -1),
+    (dict(norm_type="two"), "norm_type", "two"),
+    (dict(norm_type=float("nan")), "norm_type", float("nan")),
+    (dict(norm_type=True), "norm_type", True),
+    (dict(foreach="yes"), "foreach", "yes"),
+    (dict(max_norm=0), "max_norm", 0),
+    (dict(max_norm=-1.0), "max_norm", -1.0),
+    (dict(max_norm=float("nan")), "max_norm", float("nan")),
+    (dict(max_norm=float("inf")), "max_norm", float("inf")),
+    (dict(max_norm="1"), "max_norm", "1"),
+    (dict(max_norm=True), "max_norm", True),
+    (dict(max_norm=None), "max_norm", None),
+    (dict(mode="adaptive", max_norm=0.0), "max_norm", 0.0),
+    (dict(mode="adaptive", max_norm=None), "max_norm", None),
+    (dict(mode="clip", l0=-1.0), "l0", -1.0),
+    (dict(mode="l0l1"), "l0", None),
+    (dict(mode="l0l1", l0=1.0), "l1", None),
+    (dict(mode="l0l1", l1=1.0), "l0", None),
+    (dict(mode="l0l1", l0=-1.0, l1=1.0), "l0", -1.0),
+    (dict(mode="l0l1", l0=1.0, l1=-0.5), "l1", -0.5),
+    (dict(mode="l0l1", l0=float("nan"), l1=1.0), "l0", float("nan")),
+    (dict(mode="l0l1", l0=1.0, l1=float("inf")), "l1", float("inf")),
+    (dict(mode="l0l1", l0="1", l1=1.0), "l0", "1"),
+    (dict(mode="l0l1", l0=0, l1=0), "l0", 0),
+    (dict(mode="l0l1", l0=0.0, l1=0.0), "l1", 0.0),
+    (dict(mode="l0l1", l0=1.0, l1=1.0, max_norm=-2.0), "max_norm", -2.0),
+]
+
+
+@pytest.mark.parametrize(("kwargs", "name", "value"), INVALID)
+def test_invalid_constructor_argument(kwargs, name, value):
+    with pytest.raises(ValueError) as info:
+        GradientClipper(**kwargs)
+    msg = str(info.value)
+    assert f"`{name}`" in msg
+    assert repr(value) in msg
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        dict(mode="l0l1", l0=0.0, l1=1.0),
+        dict(mode="l0l1", l0=1.0, l1=0.0),
+        dict(mode="l0l1", l0=1, l1=2, max_norm=None),
+        dict(mode="clip", max_norm=3, norm_type="inf"),
+        dict(mode="adaptive", max_norm=1e-3, norm_type=1, nonfinite="propagate", foreach=False),
+    ],
+)
+def test_valid_constructor_arguments(kwargs):
+    clipper = GradientClipper(**kwargs)
+    assert clipper.mode == kwargs["mode"]
+    for key in ("l0", "l1", "max_norm"):
+        if kwargs.get(key) is not None:
+            assert getattr(clipper, key) == float(kwargs[key])
+    assert isinstance(clipper.norm_type, float)
+
+
+# ---------------------------------------------------------------- non-finite gradients
+@pytest.mark.parametrize("bad", [math.nan, math.inf])
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("policy", POLICIES)
+def test_nonfinite_step_keeps_state_and_is_counted(policy, mode, bad):
+    params, opt = make_opt()
+    clipper = make_clipper(mode, nonfinite=policy)
+    set_grads(params)
+    clipper.step(opt)
+    before = clipper.latest()
+    assert all(math.isfinite(v) for v in before.values())
+
+    set_grads(params, bad=bad)
+    if policy == "raise":
+        with pytest.raises(NonFiniteGradientError):
+            clipper.step(opt, step_label=7)
+    else:
+        out = clipper.step(opt)
+        assert math.isnan(out.norm.item()) == math.isnan(bad)
+        assert out.finite is (None if policy == "propagate" else False)
+
+    after = clipper.latest()
+    assert after["l0l1/steps"] == before["l0l1/steps"] + 1
+    assert after["l0l1/nonfinite_steps"] == before["l0l1/nonfinite_steps"] + 1 == 1
+    for key in before:
+        if key not in ("l0l1/steps", "l0l1/nonfinite_steps"):
+            assert after[key] == before[key], key
+    assert clipper.state_dict()["optimizers"][0]["last"] == pytest.approx(
+        [before[f"l0l1/{k}"] for k in STAT_NAMES[:4]] + [before["l0l1/lr_effective"], before["l0l1/lr_effective_pg1"]]
+    )
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_skip_leaves_parameters_and_momentum_untouched(mode):
+    params, opt = make_opt(momentum=0.9, weight_decay=0.01)
+    clipper = make_clipper(mode, nonfinite="skip")
+    set_grads(params)
+    clipper.step(opt)
+    opt.step()  # a finite step: momentum buffers exist, weight decay is active
+    buffers = {id(p): opt.state[p]["momentum_buffer"].clone() for p in params[:-1]}
+    weights = [p.detach().clone() for p in params]
+
+    set_grads(params, bad=math.nan)
+    out = clipper.step(opt, step_label=3)
+    assert out.finite is False and out.action == "skipped"
+    assert all(p.grad is None for g in opt.param_groups for p in g["params"])
+    opt.step()
+    for p, w in zip(params, weights):
+        assert torch.equal(p.detach(), w)
+    for p in params[:-1]:
+        assert torch.equal(opt.state[p]["momentum_buffer"], buffers[id(p)])
+
+
+@pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf])
+def test_zero_leaves_zero_gradients(bad):
+    params, opt = make_opt()
+    clipper = make_clipper("l0l1", nonfinite="zero")
+    set_grads(params, bad=bad)
+    out = clipper.step(opt)
+    assert out.finite is False and out.action == "zeroed"
+    for p in params[:-1]:
+        assert p.grad is not None and torch.equal(p.grad, torch.zeros_like(p))
+    assert params[-1].grad is None
+
+
+@pytest.mark.parametrize("label", [1234, "epoch=3/step=99"])
+def test_raise_names_the_step(label):
+    params, opt = make_opt()
+    clipper = make_clipper("clip", nonfinite="raise")
+    set_grads(params, bad=math.inf)
+    with pytest.raises(NonFiniteGradientError) as info:
+        clipper.step(opt, step_label=label)
+    assert str(label) in str(info.value)
+    assert "inf" in str(info.value)
+    assert isinstance(info.value, RuntimeError)
+    set_grads(params, bad=math.nan)
+    with pytest.raises(NonFiniteGradientError, match="nan"):
+        clipper.step(opt)
+
+
+@pytest.mark.parametrize("bad", [math.nan, math.inf])
+@pytest.mark.parametrize("mode", MODES)
+def test_propagate_only_scales(mode, bad):
+    params, opt = make_opt()
+    clipper = make_clipper(mode, nonfinite="propagate")
+    before = set_grads(params, bad=bad)
+    n = ref_norm(before, 2.0)
+    scales = ref_scales(mode, n)
+    out = clipper.step(opt)
+    assert out.finite is None and out.action == "scaled"
+    for i, (p, b) in enumerate(zip(params, before)):
+        assert p.grad is not None
+        expected = (b * scales[group_of(i)]).float()  # inf * 0 -> nan, like torch
+        torch.testing.assert_close(p.grad, expected, equal_nan=True)
+    if math.isinf(bad):
+        assert torch.equal(params[0].grad, torch.zeros_like(params[0]))  # scale 0: finite grads become 0
+
+
+@pytest.mark.parametrize("policy", ["skip", "zero", "raise"])
+def test_finite_step_reports_finite(policy):
+    params, opt = make_opt()
+    clipper = make_clipper("adaptive", nonfinite=policy)
+    set_grads(params)
+    assert clipper.step(opt).finite is True
+    set_grads(params, bad=math.nan)
+    out = clipper.step(opt, nonfinite_handled=True)  # a GradScaler decides: nothing read, nothing touched
+    assert out.finite is None and out.action == "scaled"
+    assert all(p.grad is not None for p in params[:-1])
+
+
+# ---------------------------------------------------------------- state
+PLAIN = (dict, list, tuple, int, float, str, bool, type(None))
+
+
+def assert_plain(obj: Any, path: str = "state") -> None:
+    assert isinstance(obj, PLAIN), f"{path} is {type(obj).__name__}"
+    if isinstance(obj, dict):
+        for k, v in obj.items():
+            assert isinstance(k, (int, str)), f"{path} key {k!r}"
+            assert_plain(v, f"{path}[{k!r}]")
+    elif isinstance(obj, (list, tuple)):
+        for i, v in enumerate(obj):
+            assert_plain(v, f"{path}[{i}]")
+
+
+def run_two_optimizers(clipper: GradientClipper, opts, params, scales, bad_at: int | None = None) -> None:
+    for k, scale in enumerate(scales):
+        for key, (ps, opt) in enumerate(zip(params, opts)):
+            set_grads(ps, scale=scale, bad=math.nan if (k == bad_at and key == 1) else None)
+            clipper.step(opt, key=key)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_state_dict_round_trip(mode, tmp_path):
+    made = [make_opt() for _ in range(2)]
+    params, opts = [m[0] for m in made], [m[1] for m in made]
+    clipper = make_clipper(mode)
+    run_two_optimizers(clipper, opts, params, [10.0, 1e-3, 5.0], bad_at=1)
+    sd = clipper.state_dict()
+    assert_plain(sd)
+
+    path = tmp_path / "clipper.pt"
+    torch.save(sd, path)
+    loaded = torch.load(path, weights_only=True)
+    fresh = make_clipper(mode)
+    fresh.load_state_dict(loaded)
+    assert fresh.latest() == clipper.latest()
+    assert fresh.state_dict() == sd
+    assert clipper.latest()["l0l1/nonfinite_steps_opt1"] == 1.0
+    assert clipper.latest()["l0l1/steps_opt0"] == 3.0
+
+    # both continue identically from there
+    torch.manual_seed(1)
+    run_two_optimizers(clipper, opts, params, [7.0])
+    torch.manual_seed(1)
+    run_two_optimizers(fresh, opts, params, [7.0])
+    a, b = clipper.latest(), fresh.latest()
+    assert a.keys() == b.keys()
+    for key in a:
+        assert a[key] == pytest.approx(b[key], rel=1e-6), key
+    assert b["l0l1/steps_opt0"] == 4.0 and b["l0l1/nonfinite_steps_opt1"] == 1.0
+    assert_plain(fresh.state_dict())
+
+
+def test_load_state_dict_replaces_existing_state():
+    params, opt = make_opt()
+    clipper = make_clipper("clip")
+    set_grads(params)
+    clipper.step(opt, key=3)
+    clipper.load_state_dict({"version": 1, "optimizers": {}})
+    assert clipper.latest() == {}
+    clipper.load_state_dict({})
+    assert clipper.state_dict()["optimizers"] == {}
+
+
+def test_latest_keys_one_optimizer():
+    params, opt = make_opt()
+    clipper = make_clipper("l0l1")
+    assert clipper.latest() == {}
+    set_grads(params)
+    clipper.step(opt)
+    names = [*STAT_NAMES, "lr_effective_pg1", "steps", "nonfinite_steps", "clip_rate"]
+    assert set(clipper.latest()) == {f"l0l1/{n}" for n in names}
+    assert set(clipper.latest(prefix="grad/")) == {f"grad/{n}" for n in names}
+    assert all(type(v) is float for v in clipper.latest().values())
+
+
+def test_latest_keys_two_optimizers():
+    made = [make_opt() for _ in range(2)]
+    net = nn.Linear(3, 1)
+    single = torch.optim.SGD(net.parameters(), lr=0.2)
+    net(torch.ones(2, 3)).sum().mul(10).backward()
+    n = ref_norm([p.grad for p in net.parameters()], 2.0)
+    clipper = make_clipper("clip")
+    set_grads(made[0][0])
+    clipper.step(made[0][1], key=0)
+    clipper.step(single, key=1)
+    keys = set(clipper.latest())
+    two_groups = [*STAT_NAMES, "lr_effective_pg1", "steps", "nonfinite_steps", "clip_rate"]
+    one_group = [*STAT_NAMES, "steps", "nonfinite_steps", "clip_rate"]
+    assert keys == {f"l0l1/{n}_opt0" for n in two_groups} | {f"l0l1/{n}_opt1" for n in one_group}
+    assert clipper.latest()["l0l1/lr_effective_opt1"] == pytest.approx(0.2 * min(1.0, GAMMA / (n + 1e-6)))
+
+
+# ---------------------------------------------------------------- host syncs
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize(("policy", "expected"), [("propagate", 0), ("skip", 20), ("zero", 20), ("raise", 20)])
+def test_host_syncs_per_step(mode, policy, expected):
+    params, opt = make_opt()
+    clipper = make_clipper(mode, nonfinite=policy)
+    set_grads(params)
+    counter = HostSyncCounter()
+    with counter:
+        for step in range(20):
+            clipper.step(opt, step_label=step)
+    assert counter.count == expected
+    assert clipper.latest()["l0l1/steps"] == 20.0
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_no_host_sync_when_a_grad_scaler_decides(mode):
+    params, opt = make_opt()
+    clipper = make_clipper(mode, nonfinite="skip")
+    set_grads(params)
+    counter = HostSyncCounter()
+    with counter:
+        for _ in range(20):
+            clipper.step(opt, nonfinite_handled=True)
+    assert counter.count == 0
