@@ -206,11 +206,12 @@ def _find_fsdp1_group(model: Any) -> Optional[tuple[Any]]:
     if model is None:
         return None
     try:
-        from torch.distributed.fsdp import FullyShardedDataParallel
+        from torch.distributed.fsdp import FullyShardedDataParallel, ShardingStrategy
     except ImportError:  # pragma: no cover
         return None
     for m in model.modules():
-        if isinstance(m, FullyShardedDataParallel):
+        # NO_SHARD units hold whole, already all-reduced gradients: nothing to sum over the group.
+        if isinstance(m, FullyShardedDataParallel) and m.sharding_strategy != ShardingStrategy.NO_SHARD:
             return (m.process_group,)
     return None
 

@@ -202,7 +202,7 @@ class GradientClipper:
         nonfinite_handled: bool = False,
         step_label: Any = None,
     ) -> Optional[StepOutcome]:
-        """Scale the gradients of ``optimizer`` in place; ``None`` if it has no gradient.
+        """Scale the gradients of ``optimizer`` in place; ``None`` if it has no gradient (and no ``is_shard``).
 
         Args:
             optimizer: its ``param_groups`` give the gradients (each group its own lr).
@@ -214,7 +214,8 @@ class GradientClipper:
             step_label: shown in error messages (the global step).
         """
         params_per_group = [[p for p in g["params"] if p.grad is not None] for g in optimizer.param_groups]
-        if not any(params_per_group):
+        # FSDP1: a rank whose shard holds none of these gradients still joins the all-reduce.
+        if not any(params_per_group) and is_shard is None:
             return None
         groups = []
         for params in params_per_group:
@@ -240,6 +241,7 @@ class GradientClipper:
             process_group=process_group,
             sharded=is_shard is not None,
             foreach=self.foreach,
+            device=next((p.device for g in optimizer.param_groups for p in g["params"]), None),
         )
         norm = total_norm(norms, self.norm_type)
         finite = torch.isfinite(norm)

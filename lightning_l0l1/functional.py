@@ -41,9 +41,11 @@ __all__ = [
 Parameters = Union[Tensor, Iterable[Tensor]]
 
 
-def _grad_group(parameters: Parameters, process_group: Any) -> GradGroup:
+def _grad_group(parameters: Parameters, process_group: Any) -> tuple[GradGroup, Any]:
+    """The gradients, and the parameters' device (for a rank that holds no gradient)."""
     params = [parameters] if isinstance(parameters, Tensor) else list(parameters)
-    return GradGroup.from_tensors((p.grad for p in params if p.grad is not None), shards=process_group is not None)
+    group = GradGroup.from_tensors((p.grad for p in params if p.grad is not None), shards=process_group is not None)
+    return group, (params[0].device if params else None)
 
 
 @torch.no_grad()
@@ -81,8 +83,10 @@ def grad_norm(
         tensor(5.)
     """
     p = validate_norm_type(norm_type)
-    group = _grad_group(parameters, process_group)
-    norms = group_norms([group], p, process_group=process_group, sharded=process_group is not None, foreach=foreach)
+    group, device = _grad_group(parameters, process_group)
+    norms = group_norms(
+        [group], p, process_group=process_group, sharded=process_group is not None, foreach=foreach, device=device
+    )
     return total_norm(norms, p)
 
 
@@ -129,10 +133,12 @@ def clip_gradients_(
     # Reuse the clipper's argument checks so both APIs word their errors alike.
     max_norm = GradientClipper(mode=mode, max_norm=max_norm, norm_type=norm_type).max_norm  # type: ignore[assignment]
     p = validate_norm_type(norm_type)
-    group = _grad_group(parameters, process_group)
-    if not len(group):
+    group, device = _grad_group(parameters, process_group)
+    if not len(group) and process_group is None:  # with a group, every rank must join the all-reduce
         return torch.zeros(())
-    norms = group_norms([group], p, process_group=process_group, sharded=process_group is not None, foreach=foreach)
+    norms = group_norms(
+        [group], p, process_group=process_group, sharded=process_group is not None, foreach=foreach, device=device
+    )
     norm = total_norm(norms, p)
     scale = clip_scale(norm, max_norm) if mode == "clip" else adaptive_scale(norm, max_norm)
     scale_grads_(group.replicated + group.sharded + group.dtensors, scale, foreach)

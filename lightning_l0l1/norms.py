@@ -229,6 +229,7 @@ def group_norms(
     process_group: Any = None,
     sharded: bool = False,
     foreach: bool | None = None,
+    device: torch.device | None = None,
 ) -> Tensor:
     """Global p-norm of each group's gradients, identical on every rank.
 
@@ -242,6 +243,8 @@ def group_norms(
             the choice must not depend on what one rank happens to hold). It also
             runs whenever a group has ``sharded`` gradients.
         foreach: use the ``torch._foreach_norm`` fast path (``None``: where supported).
+        device: where a rank holding no gradient computes (and all-reduces) its zeros;
+            pass the parameters' device (``None``: the CPU).
 
     Returns:
         A 1-d tensor of ``len(groups)`` norms (float32, float64 if any gradient is
@@ -252,8 +255,8 @@ def group_norms(
     if not all_tensors and not sharded:
         return torch.zeros(len(groups))
     first = next((g.first() for g in groups if len(g)), None)
-    # A rank holding no gradient still joins the collective (on the CPU: gloo).
-    device = first.device if first is not None else torch.device("cpu")
+    # A rank holding no gradient still joins the collective, on the parameters' device.
+    device = first.device if first is not None else torch.device(device or "cpu")
     acc = _acc_dtype(all_tensors)
     parts: list[Tensor] = []
     if any(g.replicated for g in groups):

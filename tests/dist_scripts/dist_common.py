@@ -23,10 +23,16 @@ STEPS = 4  # optimizer steps: exactly one epoch of N samples
 GLOBAL_BATCH = WORLD * MICRO_BATCH * ACCUMULATE
 
 
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def free_ports(n: int) -> list[int]:
+    """``n`` distinct free TCP ports (all bound at once, so none is handed out twice)."""
+    socks = [socket.socket(socket.AF_INET, socket.SOCK_STREAM) for _ in range(n)]
+    try:
+        for s in socks:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
 
 
 def make_data() -> tuple[torch.Tensor, torch.Tensor]:

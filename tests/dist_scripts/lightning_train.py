@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import os
 import sys
+from datetime import timedelta
 from typing import Any
 
 import pytorch_lightning as pl
@@ -24,9 +25,9 @@ from pytorch_lightning.callbacks import Callback
 from torch.utils.data import DataLoader, TensorDataset
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import dist_common as C  # noqa: E402
+import dist_common as C
 
-from lightning_l0l1 import L0L1Clipping  # noqa: E402
+from lightning_l0l1 import L0L1Clipping
 
 
 def _full(t: torch.Tensor) -> torch.Tensor:
@@ -105,15 +106,22 @@ class After(Callback):
 
 
 def run(out_dir: str, strategy: str) -> pl.Trainer:
+    """Fit under ``strategy``: ``"ddp"`` (subprocess script launcher), ``"ddp_fork"`` or ``"fsdp2"``."""
+    from pytorch_lightning.strategies import DDPStrategy, ModelParallelStrategy
+
+    timeout = timedelta(seconds=120)  # a rank that dies must not leave the other waiting for 30 min
     fsdp2 = strategy == "fsdp2"
     if fsdp2:
-        from pytorch_lightning.strategies import ModelParallelStrategy
-
-        strat: Any = ModelParallelStrategy(data_parallel_size=C.WORLD, tensor_parallel_size=1)
+        strat: Any = ModelParallelStrategy(data_parallel_size=C.WORLD, tensor_parallel_size=1, timeout=timeout)
+    elif strategy == "ddp":
+        strat = DDPStrategy(timeout=timeout)
+    elif strategy == "ddp_fork":
+        strat = DDPStrategy(start_method="fork", timeout=timeout)
     else:
-        strat = strategy
-    rec: dict[str, Any] = {k: [] for k in ("true_pre", "naive_pre", "dtensor_grads", "cb_norm", "cb_scaled",
-                                           "cb_scale", "true_post")}
+        raise ValueError(f"unknown strategy {strategy!r}")
+    rec: dict[str, Any] = {
+        k: [] for k in ("true_pre", "naive_pre", "dtensor_grads", "cb_norm", "cb_scaled", "cb_scale", "true_post")
+    }
     rec["out_dir"] = out_dir
     clip = L0L1Clipping(mode="clip", max_norm=C.MAX_NORM)
     trainer = pl.Trainer(
