@@ -197,29 +197,28 @@ def _local_group_norms(
 def _dtensor_group_norms(
     parts: Sequence[Sequence[Tensor]], p: float, device: torch.device, acc: torch.dtype
 ) -> Tensor:
-    """Per-group norms of DTensor grads: one ``full_tensor()`` (one all-reduce) per device mesh."""
+    """Per-group norms of DTensor grads with one all-reduce per device mesh.
+
+    The per-tensor norms of every group are stacked into one vector per mesh, still pending
+    their ``_NormPartial`` reduction, and materialised by a single ``full_tensor()``; the
+    per-group norms are then formed locally. (Reducing each group's stack with ``vector_norm``
+    first would redistribute, that is all-reduce, once per group.)
+    """
     n_groups = len(parts)
-    result = [torch.zeros((), device=device, dtype=acc) for _ in range(n_groups)]
-    by_mesh: dict[Any, dict[int, list[Tensor]]] = defaultdict(lambda: defaultdict(list))
+    by_mesh: dict[Any, list[tuple[int, Tensor]]] = defaultdict(list)
     for gi, part in enumerate(parts):
         for t in part:
-            by_mesh[t.device_mesh][gi].append(t)
-    per_mesh: list[list[Tensor]] = [[] for _ in range(n_groups)]
-    for groups in by_mesh.values():
-        order = sorted(groups)
-        partial = []
-        for gi in order:
-            ts = groups[gi]
-            norm_dtype = _norm_dtype(ts[0].to_local().device, ts[0].dtype, acc)
-            norms = [torch.linalg.vector_norm(t, p, dtype=norm_dtype) for t in ts]
-            partial.append(torch.linalg.vector_norm(torch.stack([n.to(acc) for n in norms]), p))
-        full = torch.stack(partial).full_tensor().to(device=device, dtype=acc)
-        for j, gi in enumerate(order):
-            per_mesh[gi].append(full[j])
-    for gi in range(n_groups):
-        if per_mesh[gi]:
-            result[gi] = _reduce(per_mesh[gi], p, device, acc)
-    return torch.stack(result)
+            by_mesh[t.device_mesh].append((gi, t))
+    per_group: list[list[Tensor]] = [[] for _ in range(n_groups)]
+    for items in by_mesh.values():
+        norms = []
+        for _, t in items:
+            norm_dtype = _norm_dtype(t.to_local().device, t.dtype, acc)
+            norms.append(torch.linalg.vector_norm(t, p, dtype=norm_dtype).to(acc))
+        full = torch.stack(norms).full_tensor().to(device=device, dtype=acc)
+        for j, (gi, _) in enumerate(items):
+            per_group[gi].append(full[j])
+    return torch.stack([_reduce(ns, p, device, acc) for ns in per_group])
 
 
 def group_norms(

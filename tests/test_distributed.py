@@ -221,7 +221,10 @@ def _check_lightning_run(outs: list[dict[str, Any]], *, sharded: bool) -> None:
 
 # ---------------------------------------------------------------------------------------- DDP
 def test_ddp_subprocess_norm_and_params_match_single_process_reference(jobs: dict[str, _Job]) -> None:
-    _check_lightning_run(jobs["ddp"].outputs(), sharded=False)
+    outs = jobs["ddp"].outputs()
+    _check_lightning_run(outs, sharded=False)
+    for out in outs:  # DDP grads are already all-reduced: the callback communicates nothing
+        assert out["all_reduces"] == [0] * len(out["cb_norm"])
 
 
 def test_ddp_fork_in_process_matches_reference(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -247,7 +250,10 @@ def test_ddp_fork_in_process_matches_reference(tmp_path: Path, monkeypatch: pyte
 
 # ---------------------------------------------------------------------------------------- FSDP2
 def test_fsdp2_model_parallel_norm_is_global_and_clips_whole_gradient(jobs: dict[str, _Job]) -> None:
-    _check_lightning_run(jobs["fsdp2"].outputs(), sharded=True)
+    outs = jobs["fsdp2"].outputs()
+    _check_lightning_run(outs, sharded=True)
+    for out in outs:  # exactly one all-reduce per optimizer step, with two param groups
+        assert out["all_reduces"] == [1] * len(out["cb_norm"])
 
 
 # ---------------------------------------------------------------------------------------- FSDP1

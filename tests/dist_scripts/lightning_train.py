@@ -66,7 +66,49 @@ class Module(pl.LightningModule):
         return C.loss_fn(self.net, x, y)
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
-        return torch.optim.SGD(self.net.parameters(), lr=C.LR)
+        params = list(self.net.parameters())
+        # Two param groups (same lr as the reference): the norm must still take one all-reduce.
+        return torch.optim.SGD([{"params": params[:2]}, {"params": params[2:]}], lr=C.LR)
+
+
+def count_all_reduces(clip: L0L1Clipping, rec: dict[str, list]) -> None:
+    """Wrap the callback's hook: record how many all-reduces each of its steps issues.
+
+    Counted at the Python entry points every all-reduce goes through, nested ones included
+    (a DTensor redistribution calls ``funcol.all_reduce`` from inside its own dispatch, where a
+    ``TorchDispatchMode`` would not see it).
+    """
+    import torch.distributed as dist
+    import torch.distributed._functional_collectives as funcol
+    import torch.distributed.distributed_c10d as c10d
+
+    inner = clip.on_before_optimizer_step
+    targets = [(funcol, "all_reduce"), (funcol, "all_reduce_inplace"), (c10d, "all_reduce"), (dist, "all_reduce")]
+
+    def counted(*args: Any, **kwargs: Any) -> None:
+        n = 0
+        saved = [(mod, name, getattr(mod, name)) for mod, name in targets if hasattr(mod, name)]
+
+        def wrap(fn: Any) -> Any:
+            def call(*a: Any, **k: Any) -> Any:
+                nonlocal n
+                n += 1
+                return fn(*a, **k)
+
+            return call
+
+        seen: dict[int, Any] = {}
+        for mod, name, fn in saved:
+            seen.setdefault(id(fn), wrap(fn))  # dist.all_reduce is c10d.all_reduce: count it once
+            setattr(mod, name, seen[id(fn)])
+        try:
+            inner(*args, **kwargs)
+        finally:
+            for mod, name, fn in saved:
+                setattr(mod, name, fn)
+        rec["all_reduces"].append(n)
+
+    clip.on_before_optimizer_step = counted  # type: ignore[method-assign]
 
 
 class Before(Callback):
@@ -120,10 +162,14 @@ def run(out_dir: str, strategy: str) -> pl.Trainer:
     else:
         raise ValueError(f"unknown strategy {strategy!r}")
     rec: dict[str, Any] = {
-        k: [] for k in ("true_pre", "naive_pre", "dtensor_grads", "cb_norm", "cb_scaled", "cb_scale", "true_post")
+        k: []
+        for k in (
+            "true_pre", "naive_pre", "dtensor_grads", "cb_norm", "cb_scaled", "cb_scale", "true_post", "all_reduces"
+        )
     }
     rec["out_dir"] = out_dir
     clip = L0L1Clipping(mode="clip", max_norm=C.MAX_NORM)
+    count_all_reduces(clip, rec)
     trainer = pl.Trainer(
         accelerator="cpu",
         devices=C.WORLD,
