@@ -20,18 +20,22 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
+from lightning_l0l1.estimator import EnvelopeState, Snapshot, envelope_init, envelope_update, secant_pair
 from lightning_l0l1.norms import GradGroup, group_norms, is_dtensor, scale_grads_, total_norm, validate_norm_type
 from lightning_l0l1.rules import adaptive_scale, clip_scale, l0l1_scale, l0l1_threshold
 
 __all__ = ["GradientClipper", "Mode", "NonFinite", "NonFiniteGradientError", "StepOutcome"]
 
-Mode = Literal["clip", "adaptive", "l0l1"]
+Mode = Literal["auto", "clip", "adaptive", "l0l1"]
 NonFinite = Literal["skip", "zero", "raise", "propagate"]
 
 _MODES: tuple[str, ...] = get_args(Mode)
 _NONFINITE: tuple[str, ...] = get_args(NonFinite)
 # The fixed positions of the per-step statistics vector; then one lr_effective per param group.
 _STATS = ("grad_norm", "grad_norm_scaled", "scale", "max_norm")
+# auto: the first update moves the parameters by `initial_step` x max(||theta||, 1); the bound on the
+# (SGD-equivalent) step length then doubles every step, so it stops mattering after a few dozen steps.
+_TRUST_GROWTH = 2.0
 
 
 class NonFiniteGradientError(RuntimeError):
@@ -80,8 +84,13 @@ class _OptState:
     nonfinite: Optional[Tensor] = None  # 0-d int64
     clipped: Optional[Tensor] = None  # 0-d int64
     pending: dict[str, Any] = field(default_factory=dict)  # loaded from a checkpoint, not yet on a device
+    env: Optional[EnvelopeState] = None  # the (L0, L1) estimate
+    snap: Optional[Snapshot] = None  # previous gradients and parameters, for the secant
+    snap_step: int = -2  # the step index the snapshot was taken at
+    delta: Optional[Tensor] = None  # auto: the first step's length
+    sharded: bool = False  # gradients are shards (FSDP1/FSDP2): the snapshot is not checkpointed
 
-    def ensure(self, like: Tensor, n_groups: int) -> None:
+    def ensure(self, like: Tensor, n_groups: int, offload: bool = False) -> None:
         if self.nonfinite is None or self.nonfinite.device != like.device:
             nonfinite = int(self.pending.get("nonfinite_steps", 0))
             clipped = int(self.pending.get("clipped_steps", 0))
@@ -96,6 +105,15 @@ class _OptState:
                 values = [0.0] * size
             self.last = torch.tensor(values, dtype=like.dtype, device=like.device)
             self.n_groups = n_groups
+        env = self.pending.get("env")
+        if env is not None:
+            self.env = EnvelopeState.from_state_dict(env, like.device)
+        if self.pending.get("delta") is not None:
+            self.delta = torch.tensor(self.pending["delta"], dtype=like.dtype, device=like.device)
+        if self.pending.get("snapshot"):
+            self.snap = Snapshot(offload=offload)
+            self.snap.load(self.pending["snapshot"], like.device)
+            self.snap_step = int(self.pending["snap_step"])
         self.pending = {}
 
 
@@ -127,7 +145,8 @@ class GradientClipper:
     r"""Global-norm gradient scaling with the ``clip``, ``adaptive`` or ``l0l1`` rule.
 
     Args:
-        mode: ``"clip"``: :math:`s=\min(1,\gamma/\lVert g\rVert)`; ``"adaptive"``:
+        mode: ``"auto"``: the ``l0l1`` rule with :math:`(L_0, L_1)` estimated online (see
+            :mod:`lightning_l0l1.estimator`); ``"clip"``: :math:`s=\min(1,\gamma/\lVert g\rVert)`; ``"adaptive"``:
             :math:`s=\gamma/(\lVert g\rVert+\gamma)`; ``"l0l1"``: per parameter group,
             :math:`s=\min(1, 1/(\eta(L_0+L_1\lVert g\rVert)))`.
         max_norm: :math:`\gamma` for ``clip`` and ``adaptive``.
@@ -139,6 +158,16 @@ class GradientClipper:
             :class:`NonFiniteGradientError`; ``"propagate"`` checks nothing, like torch.
             The first three read one boolean on the host per step; ``propagate`` reads none.
         foreach: use the ``torch._foreach_*`` kernels (``None``: where supported).
+        estimate: run the smoothness estimator (``None``: only in ``auto``). It keeps one snapshot
+            of the gradients and parameters (two gradient-sized buffers) and adds, per step, one pass
+            over them; in the fixed modes it only reports ``smoothness``, ``L0`` and ``L1``.
+        estimate_every: form a secant pair every K steps only (the snapshot is refreshed on the
+            step before); the estimator's time cost is divided by about K.
+        snapshot_device: ``"cpu"`` keeps the snapshot in (pinned) host memory: no device memory,
+            at the price of host-device copies.
+        initial_step: ``auto``: the first update moves the parameters by at most
+            ``initial_step * max(||theta||, 1)`` (no estimate exists yet); that bound doubles every
+            step after, so the estimate takes over within a few steps.
 
     Raises:
         ValueError: for any invalid argument, naming it and the value received.
@@ -162,6 +191,10 @@ class GradientClipper:
         norm_type: Union[float, str] = 2.0,
         nonfinite: NonFinite = "skip",
         foreach: Optional[bool] = None,
+        estimate: Optional[bool] = None,
+        estimate_every: int = 1,
+        snapshot_device: Optional[Literal["cpu"]] = None,
+        initial_step: float = 1e-3,
     ) -> None:
         self.mode: Mode = _choice("mode", mode, _MODES)  # type: ignore[assignment]
         self.nonfinite: NonFinite = _choice("nonfinite", nonfinite, _NONFINITE)  # type: ignore[assignment]
@@ -169,11 +202,25 @@ class GradientClipper:
         if foreach is not None and not isinstance(foreach, bool):
             raise ValueError(f"`foreach` must be True, False or None, got {foreach!r}.")
         self.foreach = foreach
+        if estimate is not None and not isinstance(estimate, bool):
+            raise ValueError(f"`estimate` must be True, False or None, got {estimate!r}.")
+        if mode == "auto" and estimate is False:
+            raise ValueError("`mode='auto'` needs the estimator: got `estimate=False`. Use `estimate=None` or True.")
+        self.estimate = mode == "auto" if estimate is None else estimate
+        if isinstance(estimate_every, bool) or not isinstance(estimate_every, int) or estimate_every < 1:
+            raise ValueError(f"`estimate_every` must be an integer >= 1, got {estimate_every!r}.")
+        self.estimate_every = estimate_every
+        if snapshot_device not in (None, "cpu"):
+            raise ValueError(
+                f"`snapshot_device` must be None (the gradients' device) or 'cpu', got {snapshot_device!r}."
+            )
+        self.snapshot_device = snapshot_device
+        self.initial_step = _positive("initial_step", initial_step)
         if mode == "l0l1":
             if l0 is None or l1 is None:
                 raise ValueError(
                     f"`mode='l0l1'` needs both `l0` and `l1`, got l0={l0!r}, l1={l1!r}. "
-                    "Give the smoothness constants of your loss."
+                    "Give the smoothness constants of your loss, or use `mode='auto'` to estimate them."
                 )
             self.l0 = _positive("l0", l0, allow_zero=True)
             self.l1 = _positive("l1", l1, allow_zero=True)
@@ -183,9 +230,9 @@ class GradientClipper:
                 )
             self.max_norm: Optional[float] = None if max_norm is None else _positive("max_norm", max_norm)
         else:
-            if max_norm is None:
+            if max_norm is None and mode != "auto":
                 raise ValueError(f"`max_norm` is required for `mode={mode!r}`, got None.")
-            self.max_norm = _positive("max_norm", max_norm)
+            self.max_norm = None if max_norm is None else _positive("max_norm", max_norm)
             self.l0 = None if l0 is None else _positive("l0", l0, allow_zero=True)
             self.l1 = None if l1 is None else _positive("l1", l1, allow_zero=True)
         self._states: dict[int, _OptState] = {}
@@ -248,8 +295,14 @@ class GradientClipper:
         read_host = self.nonfinite != "propagate" and not nonfinite_handled
         flag = _HostFlag(finite) if read_host else None
 
+        state = self._states.setdefault(key, _OptState())
+        state.ensure(norm, len(groups), offload=self.snapshot_device == "cpu")
+        state.sharded = any(g.sharded or g.dtensors for g in groups) or is_shard is not None
+        if self.estimate:
+            self._estimate(state, groups, params_per_group, norm, process_group, is_shard)
+
         lrs = [g["lr"] for g in optimizer.param_groups]
-        scales, threshold = self._scales(norm, lrs)
+        scales, threshold = self._scales(norm, lrs, state)
         if len(scales) == 1:
             scale_grads_([t for grp in groups for t in _all(grp)], scales[0], self.foreach)
             scaled_norm = norm * scales[0]
@@ -260,10 +313,8 @@ class GradientClipper:
             scaled_norm = total_norm(norms * torch.stack(scales).to(norms.dtype), self.norm_type)
             per_group = scales
 
-        state = self._states.setdefault(key, _OptState())
-        state.ensure(norm, len(groups))
         state.steps += 1
-        thr = norm.new_full((), threshold)
+        thr = threshold if isinstance(threshold, Tensor) else norm.new_full((), threshold)
         lr_eff = [s * lr for s, lr in zip(per_group, lrs)]
         new = torch.stack([norm, scaled_norm, per_group[0], thr, *lr_eff]).to(state.last.dtype)  # type: ignore[union-attr]
         state.last = torch.where(finite, new, state.last)  # type: ignore[arg-type]
@@ -277,14 +328,84 @@ class GradientClipper:
                 self._apply_nonfinite(optimizer, groups, step_label, outcome)
         return outcome
 
-    def _scales(self, norm: Tensor, lrs: Sequence[Any]) -> tuple[list[Tensor], float]:
-        """The scale(s) for this step and the norm threshold in use (host float)."""
+    def _scales(self, norm: Tensor, lrs: Sequence[Any], state: _OptState) -> tuple[list[Tensor], Any]:
+        """The scale(s) for this step and the norm threshold in use (host float or 0-d tensor)."""
         if self.mode == "clip":
             return [clip_scale(norm, self.max_norm)], float(self.max_norm)  # type: ignore[arg-type]
         if self.mode == "adaptive":
             return [adaptive_scale(norm, self.max_norm)], float(self.max_norm)  # type: ignore[arg-type]
-        scales = [l0l1_scale(norm, lr, self.l0, self.l1) for lr in lrs]  # type: ignore[arg-type]
-        return scales, l0l1_threshold(float(lrs[0]), self.l0, self.l1)  # type: ignore[arg-type]
+        if self.mode == "l0l1":
+            scales = [l0l1_scale(norm, lr, self.l0, self.l1) for lr in lrs]  # type: ignore[arg-type]
+            return scales, l0l1_threshold(float(lrs[0]), self.l0, self.l1)  # type: ignore[arg-type]
+        # auto: the l0l1 rule with the estimated constants, and a step-length bound that starts at
+        # `delta` and doubles every step (so it only matters before the estimate has data).
+        env = state.env
+        l0, l1 = env.l0.to(norm.dtype), env.l1.to(norm.dtype)  # type: ignore[union-attr]
+        growth = _TRUST_GROWTH ** min(state.steps, 1000)
+        radius = state.delta * growth  # type: ignore[operator]
+        scales = []
+        for lr in lrs:
+            rule = l0l1_scale(norm, lr, l0, l1)
+            # the SGD-equivalent step length is lr * s * ||g||; keep it <= radius
+            cap = torch.clamp(radius / (norm * lr + 1e-30), max=1.0)
+            scales.append(torch.minimum(rule, cap))
+        inv_lr = 1.0 / float(lrs[0]) if float(lrs[0]) > 0 else math.inf
+        thr = torch.where(l1 > 0, ((inv_lr - l0) / torch.where(l1 > 0, l1, 1.0)).clamp_min(0), math.inf)
+        return scales, thr
+
+    def _estimate(
+        self,
+        state: _OptState,
+        groups: Sequence[GradGroup],
+        params_per_group: Sequence[Sequence[Tensor]],
+        norm: Tensor,
+        process_group: Any,
+        is_shard: Optional[Callable[[Tensor], bool]],
+    ) -> None:
+        """Secant pair from the snapshot to now, envelope update, and the next snapshot.
+
+        Runs before the gradients are scaled: the secant is between raw gradients.
+        """
+        if state.env is None:
+            state.env = envelope_init(norm.device)
+        if state.snap is None:
+            state.snap = Snapshot(offload=self.snapshot_device == "cpu")
+        # Local tensors in one fixed order: replicated, sharded, DTensor (by their local shards).
+        kinds = []
+        grads: list[Tensor] = []
+        params: list[Tensor] = []
+        for grp, ps in zip(groups, params_per_group):
+            by_grad = {id(p.grad): p for p in ps}
+            for kind, part in (("r", grp.replicated), ("s", grp.sharded), ("d", grp.dtensors)):
+                for g in part:
+                    p = by_grad[id(g)]
+                    kinds.append((kind, g))
+                    grads.append(g.to_local() if kind == "d" else g)
+                    params.append((p.to_local() if kind == "d" else p).detach())
+        if self.mode == "auto" and state.delta is None:
+            pgroup = _regroup(kinds, params, None)
+            pnorm = total_norm(
+                group_norms([pgroup], self.norm_type, process_group=process_group, sharded=is_shard is not None),
+                self.norm_type,
+            )
+            state.delta = self.initial_step * torch.clamp(pnorm, min=1.0).to(norm.dtype)
+        t = state.steps
+        snap = state.snap
+        layout = tuple(tuple(g.shape) for g in grads)
+        if state.snap_step == t - 1 and snap.valid and snap.layout == layout:
+            dg, dp = snap.differences(grads, params, self.norm_type)
+            offloaded = snap.offload
+            diff_groups = [_regroup(kinds, dg, None if not offloaded else "norms"),
+                           _regroup(kinds, dp, None if not offloaded else "norms")]
+            d = group_norms(
+                diff_groups, self.norm_type, process_group=process_group, sharded=is_shard is not None,
+                foreach=self.foreach,
+            )
+            pair_norm, smooth = secant_pair(d[0], d[1], snap.norm, norm)  # type: ignore[arg-type]
+            state.env = envelope_update(state.env, pair_norm, smooth)
+        if (t + 1) % self.estimate_every == 0:
+            snap.take(grads, params, norm)
+            state.snap_step = t
 
     def _apply_nonfinite(
         self, optimizer: Optimizer, groups: Sequence[GradGroup], step_label: Any, outcome: StepOutcome
@@ -327,6 +448,14 @@ class GradientClipper:
                 out[f"{prefix}{name}{sfx}"] = float(v)
             for j, v in enumerate(values[len(_STATS) :]):
                 out[f"{prefix}lr_effective{'' if j == 0 else f'_pg{j}'}{sfx}"] = float(v)
+            env = snap.get("env")
+            if env is not None:
+                l0, l1 = float(env["l0"]), float(env["l1"])
+                out[f"{prefix}smoothness{sfx}"] = float(env["last"])
+                out[f"{prefix}L0{sfx}"] = l0
+                out[f"{prefix}L1{sfx}"] = l1
+                out[f"{prefix}lr_suggested{sfx}"] = 1.0 / l0 if l0 > 0 else math.inf
+                out[f"{prefix}smoothness_pairs{sfx}"] = float(env["pairs"])
             out[f"{prefix}steps{sfx}"] = float(snap["steps"])
             out[f"{prefix}nonfinite_steps{sfx}"] = float(snap["nonfinite_steps"])
             finite_steps = snap["steps"] - snap["nonfinite_steps"]
@@ -334,27 +463,49 @@ class GradientClipper:
         return out
 
     @staticmethod
-    def _snapshot(st: _OptState) -> dict[str, Any]:
+    def _snapshot(st: _OptState, with_buffers: bool = False) -> dict[str, Any]:
         if st.nonfinite is None:  # nothing on a device yet: what was loaded, or nothing
-            return {
+            out = {
                 "steps": int(st.pending.get("steps", st.steps)),
                 "nonfinite_steps": int(st.pending.get("nonfinite_steps", 0)),
                 "clipped_steps": int(st.pending.get("clipped_steps", 0)),
                 "last": list(st.pending.get("last") or []),
             }
-        # One device-to-host transfer for everything.
+            for k in ("env", "delta", "snapshot", "snap_step"):
+                if st.pending.get(k) is not None:
+                    out[k] = st.pending[k]
+            return out
+        # One device-to-host transfer for the counters.
         counts = torch.stack([st.nonfinite, st.clipped]).tolist()  # type: ignore[list-item]
-        return {
+        out = {
             "steps": st.steps,
             "nonfinite_steps": int(counts[0]),
             "clipped_steps": int(counts[1]),
             "last": st.last.tolist(),  # type: ignore[union-attr]
         }
+        if st.env is not None:
+            out["env"] = {k: v.tolist() for k, v in st.env.state_dict().items()}
+        if st.delta is not None:
+            out["delta"] = float(st.delta)
+        if with_buffers and st.snap is not None and st.snap.valid:
+            out["snapshot"] = st.snap.state_dict()
+            out["snap_step"] = st.snap_step
+        return out
 
     # ------------------------------------------------------------------ checkpointing
     def state_dict(self) -> dict[str, Any]:
-        """Plain Python state (counters and last statistics) for every optimizer."""
-        return {"version": 1, "optimizers": {k: self._snapshot(st) for k, st in self._states.items()}}
+        """All state, for every optimizer: counters, last statistics and the (L0, L1) envelope as
+        plain Python values; with the estimator on, also the snapshot (two gradient-sized lists of
+        CPU tensors) so that a resumed run forms the same next secant pair as an uninterrupted one.
+        Under sharded strategies only rank zero's state is saved by Lightning, so there the snapshot
+        is left out: the first step after resuming then forms no pair.
+        """
+        return {
+            "version": 1,
+            "optimizers": {
+                k: self._snapshot(st, with_buffers=not st.sharded) for k, st in self._states.items()
+            },
+        }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Restore :meth:`state_dict`; tensors are rebuilt on the gradients' device at the next step."""
@@ -366,8 +517,40 @@ class GradientClipper:
                 "clipped_steps": int(snap.get("clipped_steps", 0)),
                 "last": list(snap.get("last") or []) or None,
                 "steps": st.steps,
+                "env": snap.get("env"),
+                "delta": snap.get("delta"),
+                "snapshot": snap.get("snapshot"),
+                "snap_step": snap.get("snap_step"),
             }
             self._states[int(k)] = st
+
+
+def _regroup(kinds: Sequence[tuple[str, Tensor]], tensors: Sequence[Tensor], how: Optional[str]) -> GradGroup:
+    """A :class:`GradGroup` of ``tensors`` distributed like the gradients in ``kinds``.
+
+    Local tensors of DTensor gradients are wrapped back into DTensors with the same mesh and
+    placements, so the norm reduces them the same way. With ``how="norms"`` the tensors are
+    1-element local norms (the offloaded snapshot): DTensor ones are then treated as shards of a
+    1-d mesh, the only layout the offloaded snapshot supports.
+    """
+    group = GradGroup()
+    for (kind, g), t in zip(kinds, tensors):
+        if kind == "r":
+            group.replicated.append(t)
+        elif kind == "s":
+            group.sharded.append(t)
+        elif how == "norms":
+            raise NotImplementedError(
+                "`snapshot_device='cpu'` does not support DTensor (FSDP2 / tensor-parallel) gradients yet; "
+                "keep the snapshot on the device (`snapshot_device=None`)."
+            )
+        else:
+            from torch.distributed.tensor import DTensor
+
+            group.dtensors.append(
+                DTensor.from_local(t, g.device_mesh, g.placements, run_check=False, shape=g.shape, stride=g.stride())
+            )
+    return group
 
 
 def _all(group: GradGroup) -> list[Tensor]:

@@ -1,0 +1,266 @@
+r"""Online estimation of the (L0, L1) smoothness constants along the training trajectory.
+
+Pure tensor code: this module imports only :mod:`torch`, keeps all its state in tensors on the
+gradients' device, and never reads a value on the host.
+
+**The measurement.** Between two optimizer steps the secant smoothness
+
+.. math::
+
+    \hat L_t = \frac{\lVert g_{t+1} - g_t\rVert}{\lVert \theta_{t+1} - \theta_t\rVert}
+
+is the Hessian averaged over the segment :math:`[\theta_t, \theta_{t+1}]`. It is paired with a
+gradient norm representative of the *segment*, the logarithmic mean of the two endpoint norms
+:math:`\mathrm{LM}(a, b) = (a - b)/(\ln a - \ln b)`: where the curvature grows exponentially
+along the segment (the :math:`L_1`-dominated regime, :math:`\nabla^2 f \approx L_1\lVert\nabla f\rVert`)
+the secant is exactly :math:`L_1\,\mathrm{LM}`, whereas pairing with either endpoint biases
+:math:`L_1` when steps are long.
+
+**The fit.** The definition is an upper bound, :math:`\lVert\nabla^2 f\rVert \le L_0 + L_1\lVert g\rVert`,
+so the fit is an *envelope*, not a regression: pairs are kept in log-spaced norm bins (the
+largest smoothness seen in each bin, with its norm), and :math:`(L_0, L_1) \ge 0` is the line
+that lies above every kept pair and is lowest at the pivot norm :math:`m` (the geometric mean of
+the smallest and largest norm seen):
+
+.. math::
+
+    \min_{L_0, L_1 \ge 0} L_0 + L_1 m \quad \text{s.t.}\quad L_0 + L_1 n_i \ge \hat L_i \;\; \forall i .
+
+For a fixed slope :math:`a` the best intercept is :math:`\max(0, \max_i \hat L_i - a n_i)`, a convex
+piecewise-linear function of :math:`a`; a fixed number of bisection steps on its subgradient finds
+the optimum without any data-dependent branch. Ties go to the larger slope (the smaller
+:math:`L_0`), which bounds the step *length* :math:`\eta_\text{eff}\lVert g\rVert \le 1/L_1`.
+
+**What it can and cannot know.** :math:`L_0` is only identifiable from pairs at small gradient
+norms (where :math:`L_1\lVert g\rVert \ll L_0`). Until the trajectory has visited them, the envelope
+puts the smallest intercept consistent with the data, often 0: the step is then
+:math:`\min(\eta, 1/(L_1\lVert g\rVert))`, whose length is at most :math:`1/\hat L_1`, and the learning
+rate caps it. Pairs with a non-finite value, a zero step or a zero gradient norm are ignored.
+
+**Minibatch noise.** With stochastic gradients, :math:`g_{t+1} - g_t` also contains the difference of
+two independent noise draws, which does not shrink with the step: the secant is biased upwards,
+and more so for short steps. The envelope then over-estimates the constants, which makes the
+rule more conservative, never less.
+
+References:
+    Zhang, He, Sra, Jadbabaie, ICLR 2020. https://arxiv.org/abs/1905.11881
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, fields
+from typing import Any
+
+import torch
+from torch import Tensor
+
+__all__ = ["EnvelopeState", "envelope_fit", "envelope_init", "envelope_update", "log_mean"]
+
+
+@dataclass
+class EnvelopeState:
+    """Binned upper envelope of (gradient norm, smoothness) pairs and its fitted line.
+
+    Attributes:
+        norms: ``[B]`` the norm of the largest-smoothness pair of each bin (0: empty bin).
+        smooth: ``[B]`` the largest smoothness seen in each bin (0: empty bin).
+        l0, l1: the fitted constants (0-d).
+        pairs: number of valid pairs seen (0-d int64).
+        last: the last valid secant smoothness (0-d).
+    """
+
+    norms: Tensor
+    smooth: Tensor
+    l0: Tensor
+    l1: Tensor
+    pairs: Tensor
+    last: Tensor
+
+    def to(self, device: torch.device) -> EnvelopeState:
+        return EnvelopeState(**{f.name: getattr(self, f.name).to(device) for f in fields(self)})
+
+    def state_dict(self) -> dict[str, Any]:
+        return {f.name: getattr(self, f.name).detach().cpu().clone() for f in fields(self)}
+
+    @classmethod
+    def from_state_dict(cls, sd: dict[str, Any], device: torch.device) -> EnvelopeState:
+        return cls(**{f.name: torch.as_tensor(sd[f.name]).to(device) for f in fields(cls)})
+
+
+# Bins: 3 per decade from 1e-8 to 1e8 (norms outside fall in the end bins).
+LOG10_MIN, LOG10_MAX, BINS_PER_DECADE = -8.0, 8.0, 3
+N_BINS = int((LOG10_MAX - LOG10_MIN) * BINS_PER_DECADE)
+
+
+def envelope_init(device: torch.device | str = "cpu", dtype: torch.dtype = torch.float64) -> EnvelopeState:
+    """An empty envelope (float64: the fit spans many decades of norms)."""
+    z = torch.zeros((), device=device, dtype=dtype)
+    return EnvelopeState(
+        norms=torch.zeros(N_BINS, device=device, dtype=dtype),
+        smooth=torch.zeros(N_BINS, device=device, dtype=dtype),
+        l0=z.clone(),
+        l1=z.clone(),
+        pairs=torch.zeros((), device=device, dtype=torch.int64),
+        last=z.clone(),
+    )
+
+
+def log_mean(a: Tensor, b: Tensor) -> Tensor:
+    r"""Logarithmic mean :math:`(a - b)/(\ln a - \ln b)`, :math:`a` when :math:`a = b` (branch-free)."""
+    a, b = torch.maximum(a, b), torch.minimum(a, b)
+    diff = torch.log(a) - torch.log(b)
+    close = diff < 1e-6
+    safe = torch.where(close, torch.ones_like(diff), diff)
+    return torch.where(close, (a + b) / 2, (a - b) / safe)
+
+
+def envelope_update(state: EnvelopeState, norm: Tensor, smooth: Tensor) -> EnvelopeState:
+    """Add one (norm, smoothness) pair; an invalid pair (non-finite, norm <= 0, smooth < 0) changes nothing.
+
+    Returns a new state (the input's tensors are not modified).
+    """
+    dtype = state.smooth.dtype
+    norm, smooth = norm.to(dtype), smooth.to(dtype)
+    valid = torch.isfinite(norm) & torch.isfinite(smooth) & (norm > 0) & (smooth >= 0)
+    safe_norm = torch.where(valid, norm, torch.ones_like(norm))
+    idx = ((torch.log10(safe_norm) - LOG10_MIN) * BINS_PER_DECADE).floor().clamp(0, N_BINS - 1).long().view(1)
+    cur = state.smooth.gather(0, idx)
+    take = valid & (smooth > cur) | valid & (state.norms.gather(0, idx) == 0)
+    smooth_arr = state.smooth.scatter(0, idx, torch.where(take, smooth.view(1), cur))
+    norms_arr = state.norms.scatter(0, idx, torch.where(take, safe_norm.view(1), state.norms.gather(0, idx)))
+    l0, l1 = envelope_fit(norms_arr, smooth_arr)
+    return EnvelopeState(
+        norms=norms_arr,
+        smooth=smooth_arr,
+        l0=l0,
+        l1=l1,
+        pairs=state.pairs + valid.long(),
+        last=torch.where(valid, smooth, state.last),
+    )
+
+
+def envelope_fit(norms: Tensor, smooth: Tensor) -> tuple[Tensor, Tensor]:
+    """The line :math:`L_0 + L_1 n` above all non-empty bins, lowest at the pivot norm (see module doc).
+
+    The optimum of this two-variable linear program is at a breakpoint of the intercept function:
+    a slope through two kept pairs, a slope through one pair and the origin, or 0. All of them are
+    evaluated at once (``B^2 + B + 1`` candidates against ``B`` pairs, a fixed-size batched
+    computation), so the fit is exact and branch-free. Ties go to the larger slope.
+
+    Returns ``(l0, l1)``, both 0 when every bin is empty.
+    """
+    has = norms > 0
+    big = torch.finfo(norms.dtype).max
+    zero = torch.zeros((), dtype=norms.dtype, device=norms.device)
+    log_n = torch.log(norms.clamp_min(1e-300))
+    lo = torch.where(has, log_n, torch.full_like(log_n, big)).min()
+    hi = torch.where(has, log_n, torch.full_like(log_n, -big)).max()
+    pivot = torch.exp((lo + hi) / 2)
+    # Candidate slopes: pairwise, through the origin, and 0; invalid ones become 0 (always a candidate).
+    dn = norms[:, None] - norms[None, :]
+    pair_ok = has[:, None] & has[None, :] & (dn > 0)
+    pair = torch.where(pair_ok, (smooth[:, None] - smooth[None, :]) / torch.where(pair_ok, dn, 1.0), zero)
+    ratio = torch.where(has, smooth / norms.clamp_min(1e-300), zero)
+    cands = torch.cat([pair.flatten(), ratio, zero.view(1)]).clamp_min(0)
+    gap = torch.where(has[None, :], smooth[None, :] - cands[:, None] * norms[None, :], -big)
+    intercept = gap.amax(dim=1).clamp_min(0)
+    objective = intercept + cands * pivot
+    best = objective.min()
+    tie = objective <= best + best.abs() * 1e-12
+    k = torch.argmax(torch.where(tie, cands, torch.full_like(cands, -1.0)))
+    any_pair = has.any()
+    return torch.where(any_pair, intercept[k], zero), torch.where(any_pair, cands[k], zero)
+
+
+def secant_pair(dg: Tensor, dtheta: Tensor, norm_prev: Tensor, norm_cur: Tensor) -> tuple[Tensor, Tensor]:
+    """The (representative norm, smoothness) of one step: ``(LM(|g_t|, |g_t+1|), |dg| / |dtheta|)``.
+
+    A zero step gives a non-finite smoothness, which :func:`envelope_update` ignores.
+    """
+    smooth = dg / dtheta
+    smooth = torch.where(dtheta > 0, smooth, torch.full_like(smooth, math.nan))
+    return log_mean(norm_prev, norm_cur), smooth
+
+
+class Snapshot:
+    """The gradients and parameters of the previous estimation step, for the secant.
+
+    One buffer per gradient and per parameter (two gradient-sized buffers in all), on the
+    tensors' device or, with ``device="cpu"``, in (pinned, on CUDA) host memory: the difference
+    is then formed one tensor at a time on the device, so the device holds at most one
+    tensor-sized temporary, and copies are issued without blocking.
+    """
+
+    def __init__(self, offload: bool = False) -> None:
+        self.offload = offload
+        self.grads: list[Tensor] = []
+        self.params: list[Tensor] = []
+        self.layout: tuple[tuple[int, ...], ...] = ()
+        self.norm: Tensor | None = None  # ||g|| at the snapshot
+
+    @property
+    def valid(self) -> bool:
+        return bool(self.layout)
+
+    def clear(self) -> None:
+        self.grads, self.params, self.layout, self.norm = [], [], (), None
+
+    def differences(
+        self, grads: list[Tensor], params: list[Tensor], norm_type: float
+    ) -> tuple[list[Tensor], list[Tensor]]:
+        """Tensors whose p-norm is ``||g_prev - g||`` and ``||p_prev - p||``.
+
+        On the device the differences are formed in the buffers themselves (no allocation).
+        Offloaded, each difference is formed on the device, reduced to its norm and freed before
+        the next one, and the 1-element norms are returned (their p-norm is the same).
+        """
+        if not self.offload:
+            torch._foreach_sub_(self.grads, grads)
+            torch._foreach_sub_(self.params, params)
+            return self.grads, self.params
+
+        def norms(bufs: list[Tensor], cur: list[Tensor]) -> list[Tensor]:
+            out = []
+            for b, t in zip(bufs, cur):
+                d = b.to(t.device, non_blocking=True).sub_(t)
+                acc = torch.float32 if d.dtype in (torch.float16, torch.bfloat16) else None
+                out.append(torch.linalg.vector_norm(d, norm_type, dtype=acc).view(1))
+            return out
+
+        return norms(self.grads, grads), norms(self.params, params)
+
+    def take(self, grads: list[Tensor], params: list[Tensor], norm: Tensor) -> None:
+        layout = tuple(tuple(t.shape) for t in grads)
+        if layout != self.layout:
+            pin = self.offload and torch.cuda.is_available()
+            dev = (lambda t: torch.device("cpu")) if self.offload else (lambda t: t.device)
+            self.grads = [torch.empty(g.shape, dtype=g.dtype, device=dev(g), pin_memory=pin) for g in grads]
+            self.params = [torch.empty(p.shape, dtype=p.dtype, device=dev(p), pin_memory=pin) for p in params]
+            self.layout = layout
+        if self.offload:
+            for b, t in zip(self.grads + self.params, grads + params):
+                b.copy_(t, non_blocking=True)
+        else:
+            torch._foreach_copy_(self.grads, grads)
+            torch._foreach_copy_(self.params, params)
+        self.norm = norm.detach().clone()
+
+    def state_dict(self) -> dict[str, Any]:
+        if not self.valid:
+            return {}
+        return {
+            "grads": [t.detach().cpu().clone() for t in self.grads],
+            "params": [t.detach().cpu().clone() for t in self.params],
+            "norm": self.norm.detach().cpu().clone(),  # type: ignore[union-attr]
+        }
+
+    def load(self, sd: dict[str, Any], device: torch.device) -> None:
+        if not sd:
+            self.clear()
+            return
+        target = torch.device("cpu") if self.offload else device
+        self.grads = [t.to(target) for t in sd["grads"]]
+        self.params = [t.to(target) for t in sd["params"]]
+        self.layout = tuple(tuple(t.shape) for t in self.grads)
+        self.norm = sd["norm"].to(device)
