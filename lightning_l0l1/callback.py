@@ -6,7 +6,7 @@ only finds the gradients Lightning is about to step and hands them over.
 
 from __future__ import annotations
 
-from typing import Any, Optional, Union
+from typing import Any, Literal, Optional, Union
 
 import pytorch_lightning as pl
 from pytorch_lightning.callbacks import Callback
@@ -47,8 +47,10 @@ class L0L1Clipping(Callback):
     none under an fp16 GradScaler, which skips overflow steps itself).
 
     Args:
-        mode: ``"clip"``, ``"adaptive"`` or ``"l0l1"``.
-        max_norm: the threshold :math:`\gamma` of ``clip`` and ``adaptive`` (> 0).
+        mode: ``"auto"`` (default: the ``l0l1`` step with :math:`L_0, L_1` estimated online, no
+            threshold to tune), ``"clip"``, ``"adaptive"`` or ``"l0l1"``.
+        max_norm: the threshold :math:`\gamma` of ``clip`` and ``adaptive`` (> 0); unused by
+            ``auto`` and ``l0l1``.
         l0: :math:`L_0 \ge 0` for ``l0l1``.
         l1: :math:`L_1 \ge 0` for ``l0l1`` (not both 0).
         norm_type: p of the p-norm (``float("inf")`` or ``"inf"`` for the max-norm).
@@ -57,6 +59,14 @@ class L0L1Clipping(Callback):
             ``"raise"`` raises :class:`~lightning_l0l1.NonFiniteGradientError` with the
             step; ``"propagate"`` checks nothing, costs nothing, like torch.
         foreach: use torch's ``_foreach`` kernels (``None``: where supported).
+        estimate: run the smoothness estimator (``None``: on in ``auto`` only); in the fixed modes
+            it only adds ``l0l1/smoothness``, ``l0l1/L0``, ``l0l1/L1``, ``l0l1/lr_suggested``.
+            Costs two gradient-sized buffers and, per step, one extra pass over gradients and
+            parameters.
+        estimate_every: form a secant pair every K steps only (cost divided by about K).
+        snapshot_device: ``"cpu"`` keeps the estimator's snapshot in host memory.
+        initial_step: ``auto``: the first update moves the parameters by at most
+            ``initial_step * max(||theta||, 1)``; the bound doubles every step.
 
     Raises:
         ValueError: at construction, for any invalid argument (named, with its value).
@@ -72,18 +82,36 @@ class L0L1Clipping(Callback):
 
     def __init__(
         self,
-        mode: Mode = "clip",
+        mode: Mode = "auto",
         max_norm: Optional[float] = 1.0,
         l0: Optional[float] = None,
         l1: Optional[float] = None,
         norm_type: Union[float, str] = 2.0,
         nonfinite: NonFinite = "skip",
         foreach: Optional[bool] = None,
+        estimate: Optional[bool] = None,
+        estimate_every: int = 1,
+        snapshot_device: Optional[Literal["cpu"]] = None,
+        initial_step: float = 1e-3,
     ) -> None:
         super().__init__()
         self._clipper = GradientClipper(
-            mode=mode, max_norm=max_norm, l0=l0, l1=l1, norm_type=norm_type, nonfinite=nonfinite, foreach=foreach
+            mode=mode,
+            max_norm=max_norm,
+            l0=l0,
+            l1=l1,
+            norm_type=norm_type,
+            nonfinite=nonfinite,
+            foreach=foreach,
+            estimate=estimate,
+            estimate_every=estimate_every,
+            snapshot_device=snapshot_device,
+            initial_step=initial_step,
         )
+        self.estimate = self._clipper.estimate
+        self.estimate_every = estimate_every
+        self.snapshot_device = snapshot_device
+        self.initial_step = self._clipper.initial_step
         self.mode = self._clipper.mode
         self.max_norm = self._clipper.max_norm
         self.l0 = self._clipper.l0
@@ -98,7 +126,8 @@ class L0L1Clipping(Callback):
     @override
     def state_key(self) -> str:
         return self._generate_state_key(
-            mode=self.mode, max_norm=self.max_norm, l0=self.l0, l1=self.l1, norm_type=self.norm_type
+            mode=self.mode, max_norm=self.max_norm, l0=self.l0, l1=self.l1, norm_type=self.norm_type,
+            estimate=self.estimate,
         )
 
     # ------------------------------------------------------------------ hooks
