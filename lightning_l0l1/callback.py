@@ -47,8 +47,10 @@ class L0L1Clipping(Callback):
     none under an fp16 GradScaler, which skips overflow steps itself).
 
     Args:
-        mode: ``"auto"`` (default: the ``l0l1`` step with :math:`L_0, L_1` estimated online, no
-            threshold to tune), ``"clip"``, ``"adaptive"`` or ``"l0l1"``.
+        mode: ``"clip"`` (default), ``"adaptive"``, ``"l0l1"``, or ``"auto"``: the ``l0l1`` step
+            with :math:`L_0, L_1` estimated online. ``auto`` is experimental: it is validated on
+            full-batch (deterministic) objectives; on minibatch gradients the secant's noise bias
+            can shrink the step without bound (see the README), so it is not the default yet.
         max_norm: the threshold :math:`\gamma` of ``clip`` and ``adaptive`` (> 0); unused by
             ``auto`` and ``l0l1``.
         l0: :math:`L_0 \ge 0` for ``l0l1``.
@@ -82,7 +84,7 @@ class L0L1Clipping(Callback):
 
     def __init__(
         self,
-        mode: Mode = "auto",
+        mode: Mode = "clip",
         max_norm: Optional[float] = 1.0,
         l0: Optional[float] = None,
         l1: Optional[float] = None,

@@ -384,9 +384,8 @@ def test_invalid_arguments_name_the_argument_and_value(kwargs, match):
 
 def test_defaults_and_state_key():
     cb = L0L1Clipping()
-    assert (cb.mode, cb.nonfinite, cb.norm_type, cb.estimate) == ("auto", "skip", 2.0, True)
-    cb = L0L1Clipping(mode="clip")
-    assert (cb.mode, cb.max_norm, cb.estimate) == ("clip", 1.0, False)
+    assert (cb.mode, cb.max_norm, cb.nonfinite, cb.norm_type, cb.estimate) == ("clip", 1.0, "skip", 2.0, False)
+    assert L0L1Clipping(mode="auto").estimate is True
     assert L0L1Clipping(max_norm=1.0).state_key != L0L1Clipping(max_norm=2.0).state_key
     assert L0L1Clipping(norm_type="inf").norm_type == math.inf
 
