@@ -44,6 +44,9 @@ def configs(params, max_norm: float = 1.0):
         ("L0L1 adaptive", dict(mode="adaptive", max_norm=max_norm, nonfinite="propagate")),
         ("L0L1 l0l1", dict(mode="l0l1", l0=1.0, l1=1.0, nonfinite="propagate")),
         ("L0L1 clip, nonfinite=skip", dict(mode="clip", max_norm=max_norm, nonfinite="skip")),
+        ("L0L1 auto", dict(mode="auto", nonfinite="propagate")),
+        ("L0L1 auto, estimate_every=4", dict(mode="auto", nonfinite="propagate", estimate_every=4)),
+        ("L0L1 auto, snapshot on cpu", dict(mode="auto", nonfinite="propagate", snapshot_device="cpu")),
     ]:
         cb = L0L1Clipping(**kw)
         cases[label] = lambda cb=cb: cb.on_before_optimizer_step(trainer, None, opt)

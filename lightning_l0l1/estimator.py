@@ -17,19 +17,20 @@ the secant is exactly :math:`L_1\,\mathrm{LM}`, whereas pairing with either endp
 :math:`L_1` when steps are long.
 
 **The fit.** The definition is an upper bound, :math:`\lVert\nabla^2 f\rVert \le L_0 + L_1\lVert g\rVert`,
-so the fit is an *envelope*, not a regression: pairs are kept in log-spaced norm bins (the
-largest smoothness seen in each bin, with its norm), and :math:`(L_0, L_1) \ge 0` is the line
-that lies above every kept pair and is lowest at the pivot norm :math:`m` (the geometric mean of
-the smallest and largest norm seen):
+so the fit is an *envelope*, not a regression: :math:`(L_0, L_1) \ge 0` is the line that lies above
+every pair seen and is lowest at the pivot norm :math:`m` (the geometric mean of the smallest and
+largest norm seen). Only pairs that can bind such a line are kept (the vertices of the upper hull
+of the pairs and the origin: a fixed-size buffer), so memory does not grow with the run:
 
 .. math::
 
     \min_{L_0, L_1 \ge 0} L_0 + L_1 m \quad \text{s.t.}\quad L_0 + L_1 n_i \ge \hat L_i \;\; \forall i .
 
-For a fixed slope :math:`a` the best intercept is :math:`\max(0, \max_i \hat L_i - a n_i)`, a convex
-piecewise-linear function of :math:`a`; a fixed number of bisection steps on its subgradient finds
-the optimum without any data-dependent branch. Ties go to the larger slope (the smaller
-:math:`L_0`), which bounds the step *length* :math:`\eta_\text{eff}\lVert g\rVert \le 1/L_1`.
+The optimum of this two-variable linear program is at a breakpoint: a line through two kept
+pairs, through one pair and the origin, or a horizontal one; all are evaluated at once in a
+fixed-size batched computation, so the fit is exact and has no data-dependent branch. Ties go to
+the larger slope (the smaller :math:`L_0`), which bounds the step *length*
+:math:`\eta_\text{eff}\lVert g\rVert \le 1/L_1`.
 
 **What it can and cannot know.** :math:`L_0` is only identifiable from pairs at small gradient
 norms (where :math:`L_1\lVert g\rVert \ll L_0`). Until the trajectory has visited them, the envelope
@@ -38,9 +39,13 @@ puts the smallest intercept consistent with the data, often 0: the step is then
 rate caps it. Pairs with a non-finite value, a zero step or a zero gradient norm are ignored.
 
 **Minibatch noise.** With stochastic gradients, :math:`g_{t+1} - g_t` also contains the difference of
-two independent noise draws, which does not shrink with the step: the secant is biased upwards,
-and more so for short steps. The envelope then over-estimates the constants, which makes the
-rule more conservative, never less.
+two independent noise draws, which does not shrink with the step: the secant is biased upwards
+by about :math:`\sqrt{2}\sigma/\lVert\theta_{t+1}-\theta_t\rVert`, and more so for short steps.
+The envelope then over-estimates the constants, which makes the ``l0l1`` rule more conservative;
+but a shorter step raises the bias further, a feedback loop that can shrink the step without
+bound (measured: a character LSTM at SGD lr 20 went from step 1 to 1e-12 in 100 steps). The
+estimates are trustworthy on full-batch or low-noise objectives; on minibatch training, read them
+as upper bounds.
 
 References:
     Zhang, He, Sra, Jadbabaie, ICLR 2020. https://arxiv.org/abs/1905.11881
@@ -50,7 +55,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, fields
-from typing import Any
+from typing import Any, Optional
 
 import torch
 from torch import Tensor
@@ -60,11 +65,12 @@ __all__ = ["EnvelopeState", "envelope_fit", "envelope_init", "envelope_update", 
 
 @dataclass
 class EnvelopeState:
-    """Binned upper envelope of (gradient norm, smoothness) pairs and its fitted line.
+    """The pairs that can bind an upper envelope, and its fitted line.
 
     Attributes:
-        norms: ``[B]`` the norm of the largest-smoothness pair of each bin (0: empty bin).
-        smooth: ``[B]`` the largest smoothness seen in each bin (0: empty bin).
+        norms: ``[C]`` gradient norms of the kept pairs (0: empty slot).
+        smooth: ``[C]`` their smoothness.
+        lo, hi: log of the smallest and largest norm of any valid pair seen (the pivot's range).
         l0, l1: the fitted constants (0-d).
         pairs: number of valid pairs seen (0-d int64).
         last: the last valid secant smoothness (0-d).
@@ -72,6 +78,8 @@ class EnvelopeState:
 
     norms: Tensor
     smooth: Tensor
+    lo: Tensor
+    hi: Tensor
     l0: Tensor
     l1: Tensor
     pairs: Tensor
@@ -88,17 +96,21 @@ class EnvelopeState:
         return cls(**{f.name: torch.as_tensor(sd[f.name]).to(device) for f in fields(cls)})
 
 
-# Bins: 3 per decade from 1e-8 to 1e8 (norms outside fall in the end bins).
-LOG10_MIN, LOG10_MAX, BINS_PER_DECADE = -8.0, 8.0, 3
-N_BINS = int((LOG10_MAX - LOG10_MIN) * BINS_PER_DECADE)
+#: Capacity of the envelope: pairs that can bind it (the vertices of the upper hull of all pairs
+#: seen, with the origin). Points below that hull can never bind a line above it and are dropped,
+#: so the envelope is exact while the hull has at most this many vertices (a handful in practice).
+CAPACITY = 32
 
 
 def envelope_init(device: torch.device | str = "cpu", dtype: torch.dtype = torch.float64) -> EnvelopeState:
     """An empty envelope (float64: the fit spans many decades of norms)."""
     z = torch.zeros((), device=device, dtype=dtype)
+    big = torch.finfo(dtype).max
     return EnvelopeState(
-        norms=torch.zeros(N_BINS, device=device, dtype=dtype),
-        smooth=torch.zeros(N_BINS, device=device, dtype=dtype),
+        norms=torch.zeros(CAPACITY, device=device, dtype=dtype),
+        smooth=torch.zeros(CAPACITY, device=device, dtype=dtype),
+        lo=torch.full((), big, device=device, dtype=dtype),
+        hi=torch.full((), -big, device=device, dtype=dtype),
         l0=z.clone(),
         l1=z.clone(),
         pairs=torch.zeros((), device=device, dtype=torch.int64),
@@ -115,6 +127,35 @@ def log_mean(a: Tensor, b: Tensor) -> Tensor:
     return torch.where(close, (a + b) / 2, (a - b) / safe)
 
 
+def _binding(norms: Tensor, smooth: Tensor) -> Tensor:
+    """Which points can bind a line ``L0 + L1 n`` with ``L0, L1 >= 0`` lying above all of them.
+
+    A point cannot bind if another lies at a smaller-or-equal norm with a larger-or-equal
+    smoothness (the line rises with n), or if it lies on or below the segment between two
+    others, or between the origin and another (a line above both ends is above the segment).
+    Ties keep the first of equal points.
+    """
+    has = norms > 0
+    n, L = norms, smooth
+    idx = torch.arange(n.numel(), device=n.device)
+    # dominance: j != k with n_j <= n_k, L_j >= L_k (strict in one, or equal with j < k)
+    le_n = n[:, None] <= n[None, :]
+    ge_l = L[:, None] >= L[None, :]
+    strict = (n[:, None] < n[None, :]) | (L[:, None] > L[None, :]) | (idx[:, None] < idx[None, :])
+    dominated = (has[:, None] & le_n & ge_l & strict & (idx[:, None] != idx[None, :])).any(dim=0)
+    # below a segment (i, j) with n_i < n_k < n_j; the origin is the extra left end i = -1
+    ni = torch.cat([n.new_zeros(1), n])
+    li = torch.cat([L.new_zeros(1), L])
+    hi_ok = torch.cat([torch.ones(1, dtype=torch.bool, device=n.device), has])
+    span = n[None, :] - ni[:, None]  # [I, J]
+    ok_ij = hi_ok[:, None] & has[None, :] & (span > 0)
+    t = (n[None, None, :] - ni[:, None, None]) / torch.where(ok_ij, span, 1.0)[:, :, None]  # [I, J, K]
+    inside = ok_ij[:, :, None] & (t > 0) & (t < 1)
+    interp = li[:, None, None] + t * (L[None, :, None] - li[:, None, None])
+    below = (inside & (interp >= L[None, None, :])).flatten(0, 1).any(dim=0)
+    return has & ~dominated & ~below
+
+
 def envelope_update(state: EnvelopeState, norm: Tensor, smooth: Tensor) -> EnvelopeState:
     """Add one (norm, smoothness) pair; an invalid pair (non-finite, norm <= 0, smooth < 0) changes nothing.
 
@@ -123,16 +164,26 @@ def envelope_update(state: EnvelopeState, norm: Tensor, smooth: Tensor) -> Envel
     dtype = state.smooth.dtype
     norm, smooth = norm.to(dtype), smooth.to(dtype)
     valid = torch.isfinite(norm) & torch.isfinite(smooth) & (norm > 0) & (smooth >= 0)
-    safe_norm = torch.where(valid, norm, torch.ones_like(norm))
-    idx = ((torch.log10(safe_norm) - LOG10_MIN) * BINS_PER_DECADE).floor().clamp(0, N_BINS - 1).long().view(1)
-    cur = state.smooth.gather(0, idx)
-    take = valid & (smooth > cur) | valid & (state.norms.gather(0, idx) == 0)
-    smooth_arr = state.smooth.scatter(0, idx, torch.where(take, smooth.view(1), cur))
-    norms_arr = state.norms.scatter(0, idx, torch.where(take, safe_norm.view(1), state.norms.gather(0, idx)))
-    l0, l1 = envelope_fit(norms_arr, smooth_arr)
+    zero = torch.zeros((), dtype=dtype, device=norm.device)
+    n_new = torch.where(valid, norm, zero).view(1)
+    l_new = torch.where(valid, smooth, zero).view(1)
+    norms = torch.cat([state.norms, n_new])
+    smooths = torch.cat([state.smooth, l_new])
+    keep = _binding(norms, smooths)
+    # compact the binding points into the first slots (stable order; overflow drops the last)
+    order = torch.argsort((~keep).to(torch.int8), stable=True)[: state.norms.numel()]
+    kept = keep[order]
+    norms = torch.where(kept, norms[order], zero)
+    smooths = torch.where(kept, smooths[order], zero)
+    log_n = torch.log(torch.where(valid, norm, torch.ones_like(norm)))
+    lo = torch.where(valid, torch.minimum(state.lo, log_n), state.lo)
+    hi = torch.where(valid, torch.maximum(state.hi, log_n), state.hi)
+    l0, l1 = envelope_fit(norms, smooths, torch.exp((lo + hi) / 2))
     return EnvelopeState(
-        norms=norms_arr,
-        smooth=smooth_arr,
+        norms=norms,
+        smooth=smooths,
+        lo=lo,
+        hi=hi,
         l0=l0,
         l1=l1,
         pairs=state.pairs + valid.long(),
@@ -140,23 +191,25 @@ def envelope_update(state: EnvelopeState, norm: Tensor, smooth: Tensor) -> Envel
     )
 
 
-def envelope_fit(norms: Tensor, smooth: Tensor) -> tuple[Tensor, Tensor]:
-    """The line :math:`L_0 + L_1 n` above all non-empty bins, lowest at the pivot norm (see module doc).
+def envelope_fit(norms: Tensor, smooth: Tensor, pivot: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
+    """The line :math:`L_0 + L_1 n` above all given pairs (``norms > 0``), lowest at ``pivot``.
 
-    The optimum of this two-variable linear program is at a breakpoint of the intercept function:
-    a slope through two kept pairs, a slope through one pair and the origin, or 0. All of them are
-    evaluated at once (``B^2 + B + 1`` candidates against ``B`` pairs, a fixed-size batched
-    computation), so the fit is exact and branch-free. Ties go to the larger slope.
+    ``pivot`` defaults to the geometric mean of the smallest and largest norm. The optimum of this
+    two-variable linear program is at a breakpoint of the intercept function: a slope through two
+    pairs, a slope through one pair and the origin, or 0. All of them are evaluated at once
+    (a fixed-size batched computation), so the fit is exact and branch-free. Ties go to the
+    larger slope.
 
-    Returns ``(l0, l1)``, both 0 when every bin is empty.
+    Returns ``(l0, l1)``, both 0 when there is no pair.
     """
     has = norms > 0
     big = torch.finfo(norms.dtype).max
     zero = torch.zeros((), dtype=norms.dtype, device=norms.device)
-    log_n = torch.log(norms.clamp_min(1e-300))
-    lo = torch.where(has, log_n, torch.full_like(log_n, big)).min()
-    hi = torch.where(has, log_n, torch.full_like(log_n, -big)).max()
-    pivot = torch.exp((lo + hi) / 2)
+    if pivot is None:
+        log_n = torch.log(norms.clamp_min(1e-300))
+        lo = torch.where(has, log_n, torch.full_like(log_n, big)).min()
+        hi = torch.where(has, log_n, torch.full_like(log_n, -big)).max()
+        pivot = torch.exp((lo + hi) / 2)
     # Candidate slopes: pairwise, through the origin, and 0; invalid ones become 0 (always a candidate).
     dn = norms[:, None] - norms[None, :]
     pair_ok = has[:, None] & has[None, :] & (dn > 0)
@@ -193,6 +246,7 @@ class Snapshot:
     """
 
     def __init__(self, offload: bool = False) -> None:
+        self.requested_offload = offload
         self.offload = offload
         self.grads: list[Tensor] = []
         self.params: list[Tensor] = []
@@ -233,6 +287,8 @@ class Snapshot:
     def take(self, grads: list[Tensor], params: list[Tensor], norm: Tensor) -> None:
         layout = tuple(tuple(t.shape) for t in grads)
         if layout != self.layout:
+            # Tensors already on the CPU gain nothing from offloading: use the in-place path.
+            self.offload = self.requested_offload and any(t.device.type != "cpu" for t in grads)
             pin = self.offload and torch.cuda.is_available()
             dev = (lambda t: torch.device("cpu")) if self.offload else (lambda t: t.device)
             self.grads = [torch.empty(g.shape, dtype=g.dtype, device=dev(g), pin_memory=pin) for g in grads]

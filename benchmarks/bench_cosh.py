@@ -1,0 +1,89 @@
+"""The paper's speed-up claim on f(x) = (L0/L1^2) cosh(L1 x), which is exactly (L0, L1)-smooth.
+
+From x0 = 10/L1 (gradient norm ~1e4 for L0 = L1 = 1), iterations to reach |f'(x)| <= 1e-6:
+fixed-step gradient descent with the best step of a grid, the (L0,L1) step with the true
+constants (``l0l1``, lr = 1/L0: clipped GD), and ``auto`` with no constant given (lr = 1e3,
+so the estimated rule is what limits the step). Full batch, float64.
+
+    python benchmarks/bench_cosh.py           # prints the table and writes results/bench_cosh.md
+    python benchmarks/bench_cosh.py --quick
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import table
+
+from lightning_l0l1 import GradientClipper
+
+
+def run(l0: float, l1: float, x0: float, rule: str, lr: float, max_iter: int, tol: float = 1e-6) -> float:
+    """Iterations to |f'| <= tol (inf if not reached or diverged)."""
+    x = torch.nn.Parameter(torch.tensor([x0], dtype=torch.float64))
+    opt = torch.optim.SGD([x], lr=lr)
+    clipper = None
+    if rule == "l0l1":
+        clipper = GradientClipper("l0l1", l0=l0, l1=l1, nonfinite="propagate")
+    elif rule == "auto":
+        clipper = GradientClipper("auto", nonfinite="propagate")
+    for it in range(max_iter + 1):
+        opt.zero_grad()
+        f = (l0 / l1**2) * torch.cosh(l1 * x).sum()
+        f.backward()
+        g = float(x.grad.abs().max())
+        if not math.isfinite(g):
+            return math.inf
+        if g <= tol:
+            return it
+        if clipper is not None:
+            clipper.step(opt)
+        opt.step()
+    return math.inf
+
+
+def main(argv=None) -> str:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "bench_cosh.md")
+    args = ap.parse_args(argv)
+    cases = [(1.0, 1.0), (2.0, 0.5), (0.1, 3.0)] if not args.quick else [(1.0, 1.0)]
+    max_iter = 20000 if not args.quick else 3000
+    rows = []
+    for l0, l1 in cases:
+        x0 = 10.0 / l1
+        g0 = (l0 / l1) * math.sinh(l1 * x0)
+        # Fixed step: a grid around the only stable choice on [0, x0], 1/max f'' = 1/(L0 cosh(L1 x0)).
+        lmax = l0 * math.cosh(l1 * x0)
+        grid = [c / lmax for c in (0.5, 1.0, 1.5, 1.9, 2.5, 4.0)]
+        fixed = {lr: run(l0, l1, x0, "fixed", lr, max_iter) for lr in grid}
+        best_lr = min(fixed, key=lambda k: fixed[k])
+        true_rule = run(l0, l1, x0, "l0l1", 1.0 / l0, max_iter)
+        auto = run(l0, l1, x0, "auto", 1e3, max_iter)
+        rows.append(
+            [f"L0={l0:g}, L1={l1:g}", f"{g0:.3g}", fixed[best_lr], f"{best_lr * lmax:g}/max f''", true_rule, auto,
+             auto / true_rule]
+        )
+    fmt = lambda v: v if not (isinstance(v, float) and math.isinf(v)) else f"> {max_iter}"  # noqa: E731
+    rows = [[fmt(v) for v in r] for r in rows]
+    report = (
+        "f(x) = (L0/L1^2) cosh(L1 x) from x0 = 10/L1; iterations to |f'| <= 1e-6\n\n"
+        + table(["function", "|f'(x0)|", "fixed step, best of grid", "best step", "l0l1, true constants",
+                 "auto, no constants", "auto / true"], rows)
+        + "\n"
+    )
+    print(report)
+    if not args.quick:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(report)
+    return report
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,133 @@
+"""Stochastic task: an LSTM language model on the English text that ships with Python.
+
+Plain SGD at a large learning rate (the regime of the paper's Figure 2, where unclipped SGD
+diverges), the same step budget for every run: unclipped, hard clipping at every threshold of a
+grid, and ``auto`` with nothing tuned. The loop is plain PyTorch around
+:class:`lightning_l0l1.GradientClipper` (the object the callback runs), to keep it fast.
+
+    python benchmarks/bench_lstm.py              # full: 3 seeds, the whole grid
+    python benchmarks/bench_lstm.py --quick      # smoke test
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import machine, table
+
+from lightning_l0l1 import GradientClipper
+
+GRID = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+
+
+def corpus() -> tuple[torch.Tensor, int]:
+    from pydoc_data.topics import topics
+
+    text = "\n".join(topics[k] for k in sorted(topics))
+    vocab = sorted(set(text))
+    index = {c: i for i, c in enumerate(vocab)}
+    return torch.tensor([index[c] for c in text], dtype=torch.long), len(vocab)
+
+
+class CharLSTM(nn.Module):
+    def __init__(self, vocab: int, hidden: int) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(vocab, hidden)
+        self.lstm = nn.LSTM(hidden, hidden, num_layers=2, batch_first=True)
+        self.head = nn.Linear(hidden, vocab)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out, _ = self.lstm(self.embed(x))
+        return self.head(out)
+
+
+def train(config: str, seed: int, ids: torch.Tensor, vocab: int, args) -> tuple[float, list[float]]:
+    """Final training loss (mean over the last 10% of steps; inf if it diverged) and the curve."""
+    torch.manual_seed(seed)
+    model = CharLSTM(vocab, args.hidden)
+    opt = torch.optim.SGD(model.parameters(), lr=args.lr)
+    if config == "unclipped":
+        clipper = None
+    elif config == "auto":
+        clipper = GradientClipper(mode="auto")
+    else:
+        clipper = GradientClipper(mode="clip", max_norm=float(config.split("=")[1]))
+    g = torch.Generator().manual_seed(seed)
+    losses: list[float] = []
+    n = len(ids) - args.seq - 1
+    for _ in range(args.steps):
+        starts = torch.randint(n, (args.batch,), generator=g)
+        idx = starts[:, None] + torch.arange(args.seq + 1)
+        chunk = ids[idx]
+        logits = model(chunk[:, :-1])
+        loss = nn.functional.cross_entropy(logits.flatten(0, 1), chunk[:, 1:].flatten())
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if clipper is not None:
+            clipper.step(opt)
+        opt.step()
+        value = float(loss)
+        losses.append(value)
+        if not math.isfinite(value) or value > 50:
+            return math.inf, losses
+    tail = losses[-max(1, args.steps // 10) :]
+    return statistics.mean(tail), losses
+
+
+def main(argv=None) -> str:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--lr", type=float, default=20.0)
+    ap.add_argument("--steps", type=int, default=600)
+    ap.add_argument("--hidden", type=int, default=128)
+    ap.add_argument("--seq", type=int, default=64)
+    ap.add_argument("--batch", type=int, default=32)
+    ap.add_argument("--seeds", type=int, default=3)
+    ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "bench_lstm.md")
+    args = ap.parse_args(argv)
+    grid = GRID
+    if args.quick:
+        args.steps, args.hidden, args.seq, args.batch, args.seeds, grid = 6, 16, 16, 4, 1, (0.5,)
+    torch.set_num_threads(2)
+    ids, vocab = corpus()
+    configs = ["unclipped", *[f"clip={t:g}" for t in grid], "auto"]
+    results: dict[str, list[float]] = {c: [] for c in configs}
+    t0 = time.time()
+    for seed in range(args.seeds):
+        for c in configs:
+            final, _ = train(c, seed, ids, vocab, args)
+            results[c].append(final)
+            print(f"seed {seed} {c:>10}: {final:.4f}", flush=True)
+    means = {c: statistics.mean(v) if all(math.isfinite(x) for x in v) else math.inf for c, v in results.items()}
+    clip_cfgs = [c for c in configs if c.startswith("clip=")]
+    best = min(clip_cfgs, key=lambda c: means[c])
+    rows = []
+    for c in configs:
+        ratio = means[c] / means[best] if math.isfinite(means[c]) else math.inf
+        rows.append([c, *[f"{x:.4f}" if math.isfinite(x) else "diverged" for x in results[c]],
+                     f"{means[c]:.4f}" if math.isfinite(means[c]) else "diverged", f"{ratio:.3f}"])
+    report = (
+        f"Machine: {machine()}\n\nChar LSTM (2 layers, hidden {args.hidden}) on pydoc_data.topics, SGD lr {args.lr}, "
+        f"{args.steps} steps of {args.batch} x {args.seq} tokens; training loss = mean of the last 10% of steps; "
+        f"{time.time() - t0:.0f} s\n\n"
+        + table(["configuration", *[f"seed {s}" for s in range(args.seeds)], "mean", "/ best clip"], rows)
+        + f"\n\nBest clip threshold: {best}; auto / best clip = {means['auto'] / means[best]:.3f}\n"
+    )
+    print(report)
+    if not args.quick:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(report)
+    return report
+
+
+if __name__ == "__main__":
+    main()
