@@ -69,6 +69,9 @@ class L0L1Clipping(Callback):
         snapshot_device: ``"cpu"`` keeps the estimator's snapshot in host memory.
         initial_step: ``auto``: the first update moves the parameters by at most
             ``initial_step * max(||theta||, 1)``; the bound doubles every step.
+        fused_handoff: with a fused optimizer (``Adam(fused=True)`` ...), no GradScaler and one scale
+            for the optimizer, hand the scale and the skip verdict to the optimizer's kernel instead
+            of scaling the gradients: no scaling pass, no host read (see the README).
 
     Raises:
         ValueError: at construction, for any invalid argument (named, with its value).
@@ -95,6 +98,7 @@ class L0L1Clipping(Callback):
         estimate_every: int = 1,
         snapshot_device: Optional[Literal["cpu"]] = None,
         initial_step: float = 1e-3,
+        fused_handoff: bool = True,
     ) -> None:
         super().__init__()
         self._clipper = GradientClipper(
@@ -109,11 +113,13 @@ class L0L1Clipping(Callback):
             estimate_every=estimate_every,
             snapshot_device=snapshot_device,
             initial_step=initial_step,
+            fused_handoff=fused_handoff,
         )
         self.estimate = self._clipper.estimate
         self.estimate_every = estimate_every
         self.snapshot_device = snapshot_device
         self.initial_step = self._clipper.initial_step
+        self.fused_handoff = fused_handoff
         self.mode = self._clipper.mode
         self.max_norm = self._clipper.max_norm
         self.l0 = self._clipper.l0
@@ -167,6 +173,7 @@ class L0L1Clipping(Callback):
             is_shard=is_shard,
             nonfinite_handled=scaler is not None,
             step_label=trainer.global_step,
+            allow_handoff=not trainer.gradient_clip_val,
         )
         if outcome is not None and outcome.finite is False and not self._warned_nonfinite:
             self._warned_nonfinite = True

@@ -168,6 +168,12 @@ class GradientClipper:
         initial_step: ``auto``: the first update moves the parameters by at most
             ``initial_step * max(||theta||, 1)`` (no estimate exists yet); that bound doubles every
             step after, so the estimate takes over within a few steps.
+        fused_handoff: for torch's fused optimizers (``Adam``/``AdamW``/``SGD(fused=True)``) and one
+            scale for the whole optimizer, hand the scale (as ``grad_scale = 1/s``) and, with
+            ``nonfinite="skip"``, the non-finite verdict (as ``found_inf``) to the optimizer's own
+            kernel, the mechanism ``GradScaler`` uses: no scaling pass and no host read. The
+            gradients then stay unscaled until the optimizer reads them, and a skipped step is
+            counted but not warned about. Not used under a GradScaler or a sharded strategy.
 
     Raises:
         ValueError: for any invalid argument, naming it and the value received.
@@ -195,6 +201,7 @@ class GradientClipper:
         estimate_every: int = 1,
         snapshot_device: Optional[Literal["cpu"]] = None,
         initial_step: float = 1e-3,
+        fused_handoff: bool = True,
     ) -> None:
         self.mode: Mode = _choice("mode", mode, _MODES)  # type: ignore[assignment]
         self.nonfinite: NonFinite = _choice("nonfinite", nonfinite, _NONFINITE)  # type: ignore[assignment]
@@ -216,6 +223,9 @@ class GradientClipper:
             )
         self.snapshot_device = snapshot_device
         self.initial_step = _positive("initial_step", initial_step)
+        if not isinstance(fused_handoff, bool):
+            raise ValueError(f"`fused_handoff` must be True or False, got {fused_handoff!r}.")
+        self.fused_handoff = fused_handoff
         if mode == "l0l1":
             if l0 is None or l1 is None:
                 raise ValueError(
@@ -248,6 +258,7 @@ class GradientClipper:
         is_shard: Optional[Callable[[Tensor], bool]] = None,
         nonfinite_handled: bool = False,
         step_label: Any = None,
+        allow_handoff: bool = True,
     ) -> Optional[StepOutcome]:
         """Scale the gradients of ``optimizer`` in place; ``None`` if it has no gradient (and no ``is_shard``).
 
@@ -259,6 +270,9 @@ class GradientClipper:
             nonfinite_handled: someone else (a GradScaler) skips non-finite steps: read
                 nothing on the host and leave the gradients to it.
             step_label: shown in error messages (the global step).
+            allow_handoff: with ``fused_handoff``, a fused optimizer may receive the scale instead of
+                the gradients being scaled (pass False if something reads the gradients between
+                this call and ``optimizer.step()``, e.g. Lightning's own ``gradient_clip_val``).
         """
         params_per_group = [[p for p in g["params"] if p.grad is not None] for g in optimizer.param_groups]
         # FSDP1: a rank whose shard holds none of these gradients still joins the all-reduce.
@@ -292,7 +306,17 @@ class GradientClipper:
         )
         norm = total_norm(norms, self.norm_type)
         finite = torch.isfinite(norm)
-        read_host = self.nonfinite != "propagate" and not nonfinite_handled
+        _clear_handoff(optimizer)
+        handoff = (
+            allow_handoff
+            and self.fused_handoff
+            and not nonfinite_handled
+            and self.nonfinite in ("skip", "propagate")
+            and getattr(optimizer, "_step_supports_amp_scaling", False)
+            and not any(g.sharded or g.dtensors for g in groups)
+            and ((self.mode != "l0l1" and self.mode != "auto") or len(optimizer.param_groups) == 1)
+        )
+        read_host = self.nonfinite != "propagate" and not nonfinite_handled and not handoff
         flag = _HostFlag(finite) if read_host else None
 
         state = self._states.setdefault(key, _OptState())
@@ -303,7 +327,14 @@ class GradientClipper:
 
         lrs = [g["lr"] for g in optimizer.param_groups]
         scales, threshold = self._scales(norm, lrs, state)
-        if len(scales) == 1:
+        if handoff:
+            # The fused kernel divides the gradients by `grad_scale` as it reads them and skips the
+            # whole step (parameters, moments, step count) where `found_inf` is nonzero: the same
+            # update as scaling first, without the scaling pass or a host read.
+            _handoff(optimizer, scales[0], finite if self.nonfinite == "skip" else None)
+            scaled_norm = norm * scales[0]
+            per_group = scales * len(groups)
+        elif len(scales) == 1:
             scale_grads_([t for grp in groups for t in _all(grp)], scales[0], self.foreach)
             scaled_norm = norm * scales[0]
             per_group = scales * len(groups)
@@ -523,6 +554,26 @@ class GradientClipper:
                 "snap_step": snap.get("snap_step"),
             }
             self._states[int(k)] = st
+
+
+_HANDOFF_ATTRS = ("grad_scale", "found_inf")
+
+
+def _handoff(optimizer: Optimizer, scale: Tensor, finite: Optional[Tensor]) -> None:
+    optimizer.grad_scale = torch.reciprocal(scale.float())  # type: ignore[attr-defined]
+    optimizer.found_inf = None if finite is None else (~finite).float()  # type: ignore[attr-defined]
+    if not getattr(optimizer, "_l0l1_handoff_hook", None):
+        # Remove the attributes once the step has read them, as GradScaler does.
+        optimizer._l0l1_handoff_hook = optimizer.register_step_post_hook(  # type: ignore[attr-defined]
+            lambda opt, args, kwargs: _clear_handoff(opt)
+        )
+
+
+def _clear_handoff(optimizer: Optimizer) -> None:
+    """Drop a hand-off left by a step that never ran (so it cannot leak into the next one)."""
+    for name in _HANDOFF_ATTRS:
+        if name in optimizer.__dict__ and getattr(optimizer, "_l0l1_handoff_hook", None):
+            delattr(optimizer, name)
 
 
 def _regroup(kinds: Sequence[tuple[str, Tensor]], tensors: Sequence[Tensor], how: Optional[str]) -> GradGroup:
