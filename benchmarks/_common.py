@@ -86,6 +86,7 @@ def fake_trainer(optimizer: torch.optim.Optimizer) -> Any:
         precision_plugin=SimpleNamespace(scaler=None),
         strategy=SimpleNamespace(model=None),
         global_step=0,
+        gradient_clip_val=None,
     )
 
 

@@ -24,8 +24,8 @@ from _common import table
 from lightning_l0l1 import GradientClipper
 
 
-def run(l0: float, l1: float, x0: float, rule: str, lr: float, max_iter: int, tol: float = 1e-6) -> float:
-    """Iterations to |f'| <= tol (inf if not reached or diverged)."""
+def run(l0: float, l1: float, x0: float, rule: str, lr: float, max_iter: int, tol: float = 1e-6):
+    """Iterations to |f'| <= tol (inf if not reached or diverged), and the clipper (or None)."""
     x = torch.nn.Parameter(torch.tensor([x0], dtype=torch.float64))
     opt = torch.optim.SGD([x], lr=lr)
     clipper = None
@@ -39,13 +39,13 @@ def run(l0: float, l1: float, x0: float, rule: str, lr: float, max_iter: int, to
         f.backward()
         g = float(x.grad.abs().max())
         if not math.isfinite(g):
-            return math.inf
+            return math.inf, clipper
         if g <= tol:
-            return it
+            return it, clipper
         if clipper is not None:
             clipper.step(opt)
         opt.step()
-    return math.inf
+    return math.inf, clipper
 
 
 def main(argv=None) -> str:
@@ -62,20 +62,21 @@ def main(argv=None) -> str:
         # Fixed step: a grid around the only stable choice on [0, x0], 1/max f'' = 1/(L0 cosh(L1 x0)).
         lmax = l0 * math.cosh(l1 * x0)
         grid = [c / lmax for c in (0.5, 1.0, 1.5, 1.9, 2.5, 4.0)]
-        fixed = {lr: run(l0, l1, x0, "fixed", lr, max_iter) for lr in grid}
+        fixed = {lr: run(l0, l1, x0, "fixed", lr, max_iter)[0] for lr in grid}
         best_lr = min(fixed, key=lambda k: fixed[k])
-        true_rule = run(l0, l1, x0, "l0l1", 1.0 / l0, max_iter)
-        auto = run(l0, l1, x0, "auto", 1e3, max_iter)
+        true_rule = run(l0, l1, x0, "l0l1", 1.0 / l0, max_iter)[0]
+        auto, clipper = run(l0, l1, x0, "auto", 1e3, max_iter)
+        st = clipper.latest()
         rows.append(
             [f"L0={l0:g}, L1={l1:g}", f"{g0:.3g}", fixed[best_lr], f"{best_lr * lmax:g}/max f''", true_rule, auto,
-             auto / true_rule]
+             auto / true_rule, f"{st['l0l1/L0']:.4g}", f"{st['l0l1/L1']:.4g}"]
         )
     fmt = lambda v: v if not (isinstance(v, float) and math.isinf(v)) else f"> {max_iter}"  # noqa: E731
     rows = [[fmt(v) for v in r] for r in rows]
     report = (
         "f(x) = (L0/L1^2) cosh(L1 x) from x0 = 10/L1; iterations to |f'| <= 1e-6\n\n"
-        + table(["function", "|f'(x0)|", "fixed step, best of grid", "best step", "l0l1, true constants",
-                 "auto, no constants", "auto / true"], rows)
+        + table(["function", "f'(x0)", "fixed step, best of grid", "best step", "l0l1, true constants",
+                 "auto, no constants", "auto / true", "auto's L0", "auto's L1"], rows)
         + "\n"
     )
     print(report)

@@ -70,7 +70,7 @@ def main(argv=None) -> str:
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "bench_e2e.md")
     args = ap.parse_args(argv)
-    hidden, seq, rounds, steps = (32, 16, 2, 3) if args.quick else (256, 64, 8, 12)
+    hidden, seq, rounds, steps = (32, 16, 1, 3) if args.quick else (256, 64, 8, 12)
     vocab = 96
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(vocab, (16 * (steps + 1), seq + 1), generator=g)
