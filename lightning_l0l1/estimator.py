@@ -93,7 +93,11 @@ class EnvelopeState:
 
     @classmethod
     def from_state_dict(cls, sd: dict[str, Any], device: torch.device) -> EnvelopeState:
-        return cls(**{f.name: torch.as_tensor(sd[f.name]).to(device) for f in fields(cls)})
+        # explicit dtypes: a list of Python floats would otherwise become float32
+        return cls(**{
+            f.name: torch.as_tensor(sd[f.name], dtype=torch.int64 if f.name == "pairs" else torch.float64).to(device)
+            for f in fields(cls)
+        })
 
 
 #: Capacity of the envelope: pairs that can bind it (the vertices of the upper hull of all pairs
@@ -221,9 +225,11 @@ def envelope_fit(norms: Tensor, smooth: Tensor, pivot: Optional[Tensor] = None) 
     objective = intercept + cands * pivot
     best = objective.min()
     tie = objective <= best + best.abs() * 1e-12
-    k = torch.argmax(torch.where(tie, cands, torch.full_like(cands, -1.0)))
+    k = torch.argmax(torch.where(tie, cands, torch.full_like(cands, -1.0))).view(1)
     any_pair = has.any()
-    return torch.where(any_pair, intercept[k], zero), torch.where(any_pair, cands[k], zero)
+    # gather, not `intercept[k]`: indexing with a 0-d tensor reads it on the host (a sync per step)
+    l0, l1 = intercept.gather(0, k).squeeze(0), cands.gather(0, k).squeeze(0)
+    return torch.where(any_pair, l0, zero), torch.where(any_pair, l1, zero)
 
 
 def secant_pair(dg: Tensor, dtheta: Tensor, norm_prev: Tensor, norm_cur: Tensor) -> tuple[Tensor, Tensor]:
@@ -316,7 +322,8 @@ class Snapshot:
             self.clear()
             return
         target = torch.device("cpu") if self.offload else device
-        self.grads = [t.to(target) for t in sd["grads"]]
-        self.params = [t.to(target) for t in sd["params"]]
+        # copies: the buffers are modified in place, the caller's state dict must not be
+        self.grads = [t.to(target, copy=True) for t in sd["grads"]]
+        self.params = [t.to(target, copy=True) for t in sd["params"]]
         self.layout = tuple(tuple(t.shape) for t in self.grads)
         self.norm = sd["norm"].to(device)

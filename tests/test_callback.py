@@ -515,25 +515,24 @@ def test_fused_handoff_trains_like_scaling_and_skips_in_kernel_without_a_host_re
     for fused, handoff in [(False, False), (True, True), (True, False)]:
         cb = L0L1Clipping(mode="clip", max_norm=0.3, fused_handoff=handoff)
         model = Regressor(make_net(), optimizer="adam", lr=1e-2, fused=fused, nan_at=(3,))
-        n, calls = 0, 0
+        calls = 0
         inner = cb.on_before_optimizer_step
         counter = CountSyncs()
 
-        def counted(*args, _inner=inner, **kwargs):
+        def counted(*args, _inner=inner, _counter=counter, **kwargs):
             nonlocal calls
             calls += 1
-            with counter:
+            with _counter:
                 return _inner(*args, **kwargs)
 
         cb.on_before_optimizer_step = counted  # type: ignore[method-assign]
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             trainer(callbacks=[cb]).fit(model, loader(ds))
-        n = counter.n
-        runs[(fused, handoff)] = (model, cb.latest(), n, calls)
+        runs[(fused, handoff)] = (model, cb.latest(), counter.n, calls)
     ref_model, ref_stats, ref_syncs, calls = runs[(False, False)]
     for key in [(True, True), (True, False)]:
-        model, stats, syncs, _ = runs[key]
+        model, stats, _, _ = runs[key]
         assert_params_close(model.net, ref_model.net, rtol=1e-5, atol=1e-6)
         assert stats["l0l1/nonfinite_steps"] == ref_stats["l0l1/nonfinite_steps"] == 1
         assert stats["l0l1/grad_norm"] == pytest.approx(ref_stats["l0l1/grad_norm"], rel=1e-5)
