@@ -160,6 +160,34 @@ def _binding(norms: Tensor, smooth: Tensor) -> Tensor:
     return has & ~dominated & ~below
 
 
+def _compact(norms: Tensor, smooth: Tensor, keep: Tensor, capacity: int) -> tuple[Tensor, Tensor]:
+    """The kept pairs, sorted by norm, in ``capacity`` slots (zeros after them).
+
+    When one more pair binds than the buffer holds, the two kept pairs closest in norm are
+    merged into (the smaller norm, the larger smoothness): any line with ``L1 >= 0`` above that
+    point is above both, so the envelope stays a valid upper bound (a slight over-estimate
+    instead of a dropped pair). Branch-free: both layouts are computed, one is selected.
+    """
+    inf = torch.full_like(norms, float("inf"))
+    order = torch.argsort(torch.where(keep, norms, inf), stable=True)
+    n, L, k = norms[order], smooth[order], keep[order]
+    zero = torch.zeros((), dtype=norms.dtype, device=norms.device)
+    plain_n = torch.where(k, n, zero)[:capacity]
+    plain_l = torch.where(k, L, zero)[:capacity]
+    # merged layout: pair (j, j+1) with the smallest log-gap among kept neighbours
+    both = k[1:] & k[:-1]
+    gaps = torch.where(both, torch.log(n[1:].clamp_min(1e-300)) - torch.log(n[:-1].clamp_min(1e-300)), inf[1:])
+    j = torch.argmin(gaps).view(1)
+    pair_max = torch.maximum(L.gather(0, j), L.gather(0, j + 1))
+    L_m = L.scatter(0, j, pair_max)
+    slots = torch.arange(capacity, device=norms.device)
+    src = slots + (slots > j).long()  # skip index j + 1
+    merged_n = n.gather(0, src)
+    merged_l = L_m.gather(0, src)
+    overflow = k.sum() > capacity
+    return torch.where(overflow, merged_n, plain_n), torch.where(overflow, merged_l, plain_l)
+
+
 def envelope_update(state: EnvelopeState, norm: Tensor, smooth: Tensor) -> EnvelopeState:
     """Add one (norm, smoothness) pair; an invalid pair (non-finite, norm <= 0, smooth < 0) changes nothing.
 
@@ -174,11 +202,7 @@ def envelope_update(state: EnvelopeState, norm: Tensor, smooth: Tensor) -> Envel
     norms = torch.cat([state.norms, n_new])
     smooths = torch.cat([state.smooth, l_new])
     keep = _binding(norms, smooths)
-    # compact the binding points into the first slots (stable order; overflow drops the last)
-    order = torch.argsort((~keep).to(torch.int8), stable=True)[: state.norms.numel()]
-    kept = keep[order]
-    norms = torch.where(kept, norms[order], zero)
-    smooths = torch.where(kept, smooths[order], zero)
+    norms, smooths = _compact(norms, smooths, keep, state.norms.numel())
     log_n = torch.log(torch.where(valid, norm, torch.ones_like(norm)))
     lo = torch.where(valid, torch.minimum(state.lo, log_n), state.lo)
     hi = torch.where(valid, torch.maximum(state.hi, log_n), state.hi)
