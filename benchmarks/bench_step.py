@@ -61,8 +61,10 @@ def run(sizes, dtypes, devices, reps: int) -> str:
                 params = make_params(n, dtype, device)
                 saved = [p.grad.clone() for p in params]
                 grad_bytes = sum(g.numel() * g.element_size() for g in saved)
-                flat_src = torch.empty(grad_bytes, dtype=torch.uint8, device=device)
-                flat_dst = torch.empty_like(flat_src)
+                # Filled, not `empty`: untouched pages all map to the zero page and read far faster
+                # than real memory (measured: a norm of an `empty` 113 MB tensor ran 3.8x faster).
+                flat_src = torch.ones(grad_bytes // 4, dtype=torch.float32, device=device)
+                flat_dst = torch.zeros_like(flat_src)
 
                 def reset(params=params, saved=saved):
                     for p, g in zip(params, saved):
