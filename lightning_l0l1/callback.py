@@ -6,9 +6,12 @@ only finds the gradients Lightning is about to step and hands them over.
 
 from __future__ import annotations
 
+import math
+import sys
 from typing import Any, Literal, Optional, Union
 
 import pytorch_lightning as pl
+import torch
 from pytorch_lightning.callbacks import Callback
 from pytorch_lightning.utilities import rank_zero_warn
 from torch import Tensor
@@ -16,6 +19,7 @@ from torch.optim import Optimizer
 from typing_extensions import override
 
 from lightning_l0l1.clipper import GradientClipper, Mode, NonFinite
+from lightning_l0l1.stats import LoggerSink, StepStatistics, WandbSink, stat_names
 
 __all__ = ["L0L1Clipping"]
 
@@ -72,6 +76,15 @@ class L0L1Clipping(Callback):
         fused_handoff: with a fused optimizer (``Adam(fused=True)`` ...), no GradScaler and one scale
             for the optimizer, hand the scale and the skip verdict to the optimizer's kernel instead
             of scaling the gradients: no scaling pass, no host read (see the README).
+        log_stats: aggregate the statistics on the device and publish them to ``trainer.loggers``
+            (and W&B) every ``log_every_n_steps`` optimizer steps, rank zero only: one
+            device-to-host transfer per interval, none in between.
+        log_every_n_steps: the logging interval in optimizer steps (``None``: the trainer's).
+        prefix: the metric-name prefix.
+        prog_bar: show ``grad_norm`` and ``scale`` in the progress bar. This reads both values
+            on the host **every step** (a sync): off by default.
+        wandb_table_every: refresh the W&B smoothness table (the paper's Figure 1) at most every
+            this many logging intervals (and at most every 30 s).
 
     Raises:
         ValueError: at construction, for any invalid argument (named, with its value).
@@ -99,6 +112,11 @@ class L0L1Clipping(Callback):
         snapshot_device: Optional[Literal["cpu"]] = None,
         initial_step: float = 1e-3,
         fused_handoff: bool = True,
+        log_stats: bool = True,
+        log_every_n_steps: Optional[int] = None,
+        prefix: str = "l0l1/",
+        prog_bar: bool = False,
+        wandb_table_every: int = 10,
     ) -> None:
         super().__init__()
         self._clipper = GradientClipper(
@@ -120,6 +138,28 @@ class L0L1Clipping(Callback):
         self.snapshot_device = snapshot_device
         self.initial_step = self._clipper.initial_step
         self.fused_handoff = fused_handoff
+        if not isinstance(log_stats, bool):
+            raise ValueError(f"`log_stats` must be True or False, got {log_stats!r}.")
+        if log_every_n_steps is not None and (
+            isinstance(log_every_n_steps, bool) or not isinstance(log_every_n_steps, int) or log_every_n_steps < 1
+        ):
+            raise ValueError(f"`log_every_n_steps` must be None or an integer >= 1, got {log_every_n_steps!r}.")
+        if not isinstance(prefix, str):
+            raise ValueError(f"`prefix` must be a string, got {prefix!r}.")
+        if not isinstance(prog_bar, bool):
+            raise ValueError(f"`prog_bar` must be True or False, got {prog_bar!r}.")
+        if isinstance(wandb_table_every, bool) or not isinstance(wandb_table_every, int) or wandb_table_every < 1:
+            raise ValueError(f"`wandb_table_every` must be an integer >= 1, got {wandb_table_every!r}.")
+        self.log_stats = log_stats
+        self.log_every_n_steps = log_every_n_steps
+        self.prefix = prefix
+        self.prog_bar = prog_bar
+        self.wandb_table_every = wandb_table_every
+        self._aggs: dict[int, StepStatistics] = {}
+        self._n_groups: dict[int, int] = {}
+        self._epoch_norms: dict[int, list[Tensor]] = {}
+        self._since_log = 0
+        self._sinks: Optional[tuple[LoggerSink, Optional[WandbSink]]] = None
         self.mode = self._clipper.mode
         self.max_norm = self._clipper.max_norm
         self.l0 = self._clipper.l0
@@ -175,6 +215,21 @@ class L0L1Clipping(Callback):
             step_label=trainer.global_step,
             allow_handoff=not trainer.gradient_clip_val,
         )
+        if outcome is not None and self.log_stats and outcome.values is not None:
+            agg = self._aggs.get(key)
+            if agg is None or agg.n_values != outcome.values.numel():
+                agg = self._aggs[key] = StepStatistics(outcome.values.numel()).to(outcome.values.device)
+                self._n_groups[key] = len(optimizer.param_groups)
+            agg.update(outcome.values, outcome.finite_mask, outcome.clipped)
+            self._epoch_norms.setdefault(key, []).append(
+                torch.where(outcome.finite_mask, outcome.norm, torch.full_like(outcome.norm, float("nan")))  # type: ignore[arg-type]
+            )
+            if key == 0:
+                self._since_log += 1
+        if outcome is not None and self.prog_bar:
+            pl_module.log(f"{self.prefix}grad_norm", outcome.norm, prog_bar=True, logger=False, on_step=True)
+            if outcome.values is not None:
+                pl_module.log(f"{self.prefix}scale", outcome.values[2], prog_bar=True, logger=False, on_step=True)
         if outcome is not None and outcome.finite is False and not self._warned_nonfinite:
             self._warned_nonfinite = True
             rank_zero_warn(
@@ -182,6 +237,110 @@ class L0L1Clipping(Callback):
                 f"the step's gradients were {outcome.action} (`nonfinite={self.nonfinite!r}`). "
                 "Further non-finite steps are counted in `l0l1/nonfinite_steps` without a warning."
             )
+
+    @override
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        interval = self.log_every_n_steps or max(1, int(getattr(trainer, "log_every_n_steps", 50) or 50))
+        if self.log_stats and self._since_log >= interval:
+            self._flush(trainer)
+
+    @override
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        norms, self._epoch_norms = self._epoch_norms, {}
+        if not self.log_stats or not trainer.is_global_zero:
+            return
+        _, wb = self._get_sinks(trainer)
+        if wb is None or not norms.get(0):
+            return
+        values = torch.stack(norms[0]).tolist()  # one transfer per epoch
+        wb.histogram(values, trainer.global_step, trainer.current_epoch)
+
+    @override
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if not self.log_stats:
+            return
+        if self._since_log:
+            self._flush(trainer)
+        if not trainer.is_global_zero:
+            return
+        _, wb = self._get_sinks(trainer)
+        if wb is not None:
+            latest = self.latest()
+            keep = ("L0", "L1", "max_norm", "clip_rate", "nonfinite_steps", "lr_suggested", "steps")
+            summary = {
+                k: v for k, v in latest.items() if any(k[len(self.prefix) :].startswith(p) for p in keep)
+            }
+            wb.finish({k: v for k, v in summary.items() if math.isfinite(v)}, trainer.global_step)
+
+    def _get_sinks(self, trainer: pl.Trainer) -> tuple[LoggerSink, Optional[WandbSink]]:
+        if self._sinks is None:
+            loggers = list(trainer.loggers)
+            wandb_logger = next((lg for lg in loggers if type(lg).__name__ == "WandbLogger"), None)
+            wb: Optional[WandbSink] = None
+            config = {
+                "mode": self.mode, "max_norm": self.max_norm, "l0": self.l0, "l1": self.l1,
+                "norm_type": self.norm_type, "nonfinite": self.nonfinite, "estimate": self.estimate,
+                "estimate_every": self.estimate_every, "log_every_n_steps": self.log_every_n_steps,
+            }
+            if wandb_logger is not None:
+                wb = WandbSink(lambda: wandb_logger.experiment, self.prefix, config, log_metrics=False,
+                               table_every=self.wandb_table_every)
+            elif "wandb" in sys.modules and getattr(sys.modules["wandb"], "run", None) is not None:
+                wb = WandbSink(lambda: sys.modules["wandb"].run, self.prefix, config, log_metrics=True,
+                               table_every=self.wandb_table_every)
+            self._sinks = (LoggerSink(loggers), wb)
+        return self._sinks
+
+    def _flush(self, trainer: pl.Trainer) -> None:
+        """Publish the interval's aggregates: one device-to-host transfer, rank zero only."""
+        self._since_log = 0
+        aggs = dict(self._aggs)
+        if not trainer.is_global_zero or not aggs:
+            for agg in aggs.values():
+                agg.reset()
+            return
+        keys = sorted(aggs)
+        parts, layout = [], []
+        for key in keys:
+            vec = aggs[key].compute()
+            counters = self._clipper.device_counters(key)
+            parts.append(vec.to(torch.float64))
+            layout.append((key, vec.numel()))
+            if counters is not None:
+                parts.append(counters.to(device=vec.device, dtype=torch.float64))
+        flat = torch.cat([p.to(parts[0].device) for p in parts]).tolist()  # the one transfer
+        metrics: dict[str, float] = {}
+        several = len(keys) > 1
+        i = 0
+        for key, n in layout:
+            sfx = f"_opt{key}" if several else ""
+            names = stat_names(self._n_groups.get(key, 1))
+            values = flat[i : i + n]
+            i += n
+            for name, v in zip(names, values):
+                if name not in ("finite_steps", "steps"):
+                    metrics[f"{self.prefix}{name}{sfx}"] = v
+            if self._clipper.device_counters(key) is not None:
+                nonfinite, smooth, l0, l1 = flat[i : i + 4]
+                i += 4
+                metrics[f"{self.prefix}nonfinite_steps{sfx}"] = nonfinite
+                if self.estimate:
+                    metrics[f"{self.prefix}smoothness{sfx}"] = smooth
+                    metrics[f"{self.prefix}L0{sfx}"] = l0
+                    metrics[f"{self.prefix}L1{sfx}"] = l1
+                    if l0 > 0:
+                        metrics[f"{self.prefix}lr_suggested{sfx}"] = 1.0 / l0
+        for agg in aggs.values():
+            agg.reset()
+        metrics = {k: v for k, v in metrics.items() if math.isfinite(v)}  # no NaN/inf reaches a logger
+        if not metrics:
+            return
+        loggers, wb = self._get_sinks(trainer)
+        loggers.log(metrics, trainer.global_step)
+        if wb is not None:
+            wb.log(metrics, trainer.global_step, f"{self.prefix}smoothness" if self.estimate else None)
 
     # ------------------------------------------------------------------ results and state
     def latest(self) -> dict[str, float]:

@@ -72,6 +72,11 @@ class StepOutcome:
     norm: Tensor
     finite: Optional[bool]
     action: str = "scaled"
+    #: this step's statistics on the device: grad_norm, grad_norm_scaled, scale, max_norm, lr_effective...
+    values: Optional[Tensor] = None
+    #: 0-d bool tensors: the norm is finite; the norm exceeded the threshold in use
+    finite_mask: Optional[Tensor] = None
+    clipped: Optional[Tensor] = None
 
 
 @dataclass
@@ -349,10 +354,11 @@ class GradientClipper:
         lr_eff = [s * lr for s, lr in zip(per_group, lrs)]
         new = torch.stack([norm, scaled_norm, per_group[0], thr, *lr_eff]).to(state.last.dtype)  # type: ignore[union-attr]
         state.last = torch.where(finite, new, state.last)  # type: ignore[arg-type]
+        clipped = finite & (norm > thr)
         state.nonfinite.add_(~finite)  # type: ignore[union-attr]
-        state.clipped.add_(finite & (norm > thr))  # type: ignore[union-attr]
+        state.clipped.add_(clipped)  # type: ignore[union-attr]
 
-        outcome = StepOutcome(norm=norm, finite=None)
+        outcome = StepOutcome(norm=norm, finite=None, values=new, finite_mask=finite, clipped=clipped)
         if flag is not None:
             outcome.finite = flag.get()
             if not outcome.finite:
@@ -459,6 +465,23 @@ class GradientClipper:
             outcome.action = "skipped"
 
     # ------------------------------------------------------------------ reading state
+    def device_counters(self, key: int) -> Optional[Tensor]:
+        """``[nonfinite_steps, smoothness, L0, L1]`` of optimizer ``key`` as one device tensor (no sync).
+
+        The estimator entries are NaN when the estimator is off. ``None`` before the first step.
+        """
+        st = self._states.get(key)
+        if st is None or st.nonfinite is None:
+            return None
+        nan = st.last.new_full((), math.nan)  # type: ignore[union-attr]
+        env = st.env
+        parts = [st.nonfinite.to(nan.dtype)]
+        if env is None:
+            parts += [nan, nan, nan]
+        else:
+            parts += [env.last.to(nan.dtype), env.l0.to(nan.dtype), env.l1.to(nan.dtype)]
+        return torch.stack(parts)
+
     def latest(self, prefix: str = "l0l1/") -> dict[str, float]:
         """The statistics of each optimizer's last finite step, as Python floats (syncs).
 
