@@ -6,6 +6,7 @@ import platform
 import statistics
 import time
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
@@ -99,3 +100,12 @@ def table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
     lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
     lines += ["| " + " | ".join(fmt(v) for v in row) + " |" for row in rows]
     return "\n".join(lines)
+
+
+def emit(report: str, out: Path, quick: bool) -> str:
+    """Print the report; in a full run also write it to ``out`` (quick runs leave results alone)."""
+    print(report)
+    if not quick:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(report)
+    return report

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import table
+from _common import emit, table
 
 from lightning_l0l1 import GradientClipper
 
@@ -79,11 +79,7 @@ def main(argv=None) -> str:
                  "auto, no constants", "auto / true", "auto's L0", "auto's L1"], rows)
         + "\n"
     )
-    print(report)
-    if not args.quick:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(report)
-    return report
+    return emit(report, args.out, args.quick)
 
 
 if __name__ == "__main__":

@@ -23,7 +23,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import machine, table
+from _common import emit, machine, table
 
 from lightning_l0l1 import L0L1Clipping
 
@@ -103,11 +103,7 @@ def main(argv=None) -> str:
         + table(["configuration", "step ms (median)", "extra ms", "extra % of step", "steps timed"], rows)
         + "\n"
     )
-    print(report)
-    if not args.quick:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(report)
-    return report
+    return emit(report, args.out, args.quick)
 
 
 if __name__ == "__main__":

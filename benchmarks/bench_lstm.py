@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import machine, table
+from _common import emit, machine, table
 
 from lightning_l0l1 import GradientClipper
 
@@ -122,11 +122,7 @@ def main(argv=None) -> str:
         + table(["configuration", *[f"seed {s}" for s in range(args.seeds)], "mean", "/ best clip"], rows)
         + f"\n\nBest clip threshold: {best}; auto / best clip = {means['auto'] / means[best]:.3f}\n"
     )
-    print(report)
-    if not args.quick:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(report)
-    return report
+    return emit(report, args.out, args.quick)
 
 
 if __name__ == "__main__":

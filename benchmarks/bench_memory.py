@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import fake_trainer, machine, make_params, table
+from _common import emit, fake_trainer, machine, make_params, table
 
 CONFIGS = {
     "torch clip_grad_norm_": None,
@@ -87,11 +87,7 @@ def main(argv=None) -> str:
         out.append(f"\n### {dtype} gradients, {gb / 1e6:.0f} MB\n")
         out.append(table(["configuration", "first step (buffers) / grad bytes", "later steps peak / grad bytes"], rows))
     report = "\n".join(out) + "\n"
-    print(report)
-    if not args.quick:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(report)
-    return report
+    return emit(report, args.out, args.quick)
 
 
 if __name__ == "__main__":

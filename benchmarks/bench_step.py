@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import OpCounter, fake_trainer, interleaved, machine, make_params, sync, table
+from _common import OpCounter, emit, fake_trainer, interleaved, machine, make_params, sync, table
 
 
 def configs(params, max_norm: float = 1.0):
@@ -123,11 +123,7 @@ def main(argv=None) -> str:
     else:
         sizes, reps = [1e6, 25e6, 100e6], args.reps or 15
     report = run(sizes, [torch.float32, torch.bfloat16], devices, reps)
-    print(report)
-    if not args.quick:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(report)
-    return report
+    return emit(report, args.out, args.quick)
 
 
 if __name__ == "__main__":
