@@ -338,9 +338,9 @@ class L0L1Clipping(Callback):
         if not metrics:
             return
         loggers, wb = self._get_sinks(trainer)
-        loggers.log(metrics, trainer.global_step)
-        if wb is not None:
+        if wb is not None:  # first: its define_metric must precede the first l0l1 row
             wb.log(metrics, trainer.global_step, f"{self.prefix}smoothness" if self.estimate else None)
+        loggers.log(metrics, trainer.global_step)
 
     # ------------------------------------------------------------------ results and state
     def latest(self) -> dict[str, float]:
