@@ -196,6 +196,7 @@ class L0L1Clipping(Callback):
                 "Remove `gradient_clip_val` from the Trainer to clip once."
             )
         self._fsdp1_checked = False
+        self._sinks = None  # this trainer's loggers and W&B run, not those of an earlier fit
 
     @override
     def on_before_optimizer_step(
@@ -227,9 +228,10 @@ class L0L1Clipping(Callback):
             if key == 0:
                 self._since_log += 1
         if outcome is not None and self.prog_bar:
-            pl_module.log(f"{self.prefix}grad_norm", outcome.norm, prog_bar=True, logger=False, on_step=True)
+            sfx = f"_opt{key}" if len(trainer.optimizers) > 1 else ""  # as in the logged names
+            pl_module.log(f"{self.prefix}grad_norm{sfx}", outcome.norm, prog_bar=True, logger=False, on_step=True)
             if outcome.values is not None:
-                pl_module.log(f"{self.prefix}scale", outcome.values[2], prog_bar=True, logger=False, on_step=True)
+                pl_module.log(f"{self.prefix}scale{sfx}", outcome.values[2], prog_bar=True, logger=False, on_step=True)
         if outcome is not None and outcome.finite is False and not self._warned_nonfinite:
             self._warned_nonfinite = True
             rank_zero_warn(
@@ -277,7 +279,9 @@ class L0L1Clipping(Callback):
     def _get_sinks(self, trainer: pl.Trainer) -> tuple[LoggerSink, Optional[WandbSink]]:
         if self._sinks is None:
             loggers = list(trainer.loggers)
-            wandb_logger = next((lg for lg in loggers if type(lg).__name__ == "WandbLogger"), None)
+            wandb_logger = next(
+                (lg for lg in loggers if any(c.__name__ == "WandbLogger" for c in type(lg).__mro__)), None
+            )  # subclasses too: otherwise the sink would log every row a second time to the same run
             wb: Optional[WandbSink] = None
             config = {
                 "mode": self.mode, "max_norm": self.max_norm, "l0": self.l0, "l1": self.l1,
@@ -290,7 +294,8 @@ class L0L1Clipping(Callback):
             elif "wandb" in sys.modules and getattr(sys.modules["wandb"], "run", None) is not None:
                 wb = WandbSink(lambda: sys.modules["wandb"].run, self.prefix, config, log_metrics=True,
                                table_every=self.wandb_table_every)
-            self._sinks = (LoggerSink(loggers), wb)
+            owners = {id(wandb_logger): wb} if wandb_logger is not None else None  # one warning per W&B outage
+            self._sinks = (LoggerSink(loggers, owners), wb)
         return self._sinks
 
     def _flush(self, trainer: pl.Trainer) -> None:

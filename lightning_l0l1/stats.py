@@ -113,10 +113,15 @@ def _warn_once(owner: Any, what: str, err: BaseException) -> None:
 
 
 class LoggerSink:
-    """Writes metric dicts to a list of Lightning loggers; a logger that raises is dropped with one warning."""
+    """Writes metric dicts to a list of Lightning loggers; a logger that raises is dropped with one warning.
 
-    def __init__(self, loggers: Sequence[Any]) -> None:
+    ``warn_owners`` maps ``id(logger)`` to the object whose warn-once flag that logger's failure
+    shares (the :class:`WandbSink` for a ``WandbLogger``: one W&B outage, one warning).
+    """
+
+    def __init__(self, loggers: Sequence[Any], warn_owners: Optional[dict[int, Any]] = None) -> None:
         self.loggers = list(loggers)
+        self.warn_owners = dict(warn_owners or {})
 
     def log(self, metrics: dict[str, float], step: int) -> None:
         for logger in list(self.loggers):
@@ -124,7 +129,7 @@ class LoggerSink:
                 logger.log_metrics(metrics, step=step)
             except Exception as err:
                 self.loggers.remove(logger)
-                _warn_once(self, f"logging to {type(logger).__name__}", err)
+                _warn_once(self.warn_owners.get(id(logger), self), f"logging to {type(logger).__name__}", err)
 
 
 class WandbSink:
