@@ -34,6 +34,7 @@ def _rows(report: str) -> list[list[str]]:
         ("bench_memory", ["torch clip_grad_norm_", "L0L1 clip"]),
         ("bench_cosh", ["L0=1, L1=1"]),
         ("bench_lstm", ["unclipped", "clip=0.5", "auto"]),
+        ("bench_stats", ["log_stats=False", "log_stats=True, every step", "log_stats=True, every 50 steps"]),
     ],
 )
 def test_benchmark_quick_mode_prints_its_table(name, expect, capsys):
