@@ -160,6 +160,7 @@ class L0L1Clipping(Callback):
         self._epoch_norms: dict[int, list[Tensor]] = {}
         self._since_log = 0
         self._sinks: Optional[tuple[LoggerSink, Optional[WandbSink]]] = None
+        self._want_histogram = False
         self.mode = self._clipper.mode
         self.max_norm = self._clipper.max_norm
         self.l0 = self._clipper.l0
@@ -222,9 +223,10 @@ class L0L1Clipping(Callback):
                 agg = self._aggs[key] = StepStatistics(outcome.values.numel()).to(outcome.values.device)
                 self._n_groups[key] = len(optimizer.param_groups)
             agg.update(outcome.values, outcome.finite_mask, outcome.clipped)
-            self._epoch_norms.setdefault(key, []).append(
-                torch.where(outcome.finite_mask, outcome.norm, torch.full_like(outcome.norm, float("nan")))  # type: ignore[arg-type]
-            )
+            if key == 0 and self._want_histogram:
+                self._epoch_norms.setdefault(key, []).append(
+                    torch.where(outcome.finite_mask, outcome.norm, torch.full_like(outcome.norm, float("nan")))  # type: ignore[arg-type]
+                )
             if key == 0:
                 self._since_log += 1
         if outcome is not None and self.prog_bar:
@@ -239,6 +241,11 @@ class L0L1Clipping(Callback):
                 f"the step's gradients were {outcome.action} (`nonfinite={self.nonfinite!r}`). "
                 "Further non-finite steps are counted in `l0l1/nonfinite_steps` without a warning."
             )
+
+    @override
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # Per-step norms for the per-epoch W&B histogram are kept only where one will be drawn.
+        self._want_histogram = self.log_stats and trainer.is_global_zero and self._get_sinks(trainer)[1] is not None
 
     @override
     def on_train_batch_end(
@@ -312,11 +319,13 @@ class L0L1Clipping(Callback):
             vec = aggs[key].compute()
             counters = self._clipper.device_counters(key)
             parts.append(vec.to(torch.float64))
+            if counters is None:
+                counters = vec.new_full((5,), math.nan)
+            parts.append(counters.to(vec.device, torch.float64))
             layout.append((key, vec.numel()))
-            if counters is not None:
-                parts.append(counters.to(device=vec.device, dtype=torch.float64))
         flat = torch.cat([p.to(parts[0].device) for p in parts]).tolist()  # the one transfer
         metrics: dict[str, float] = {}
+        pair_norm = math.nan
         several = len(keys) > 1
         i = 0
         for key, n in layout:
@@ -327,16 +336,17 @@ class L0L1Clipping(Callback):
             for name, v in zip(names, values):
                 if name not in ("finite_steps", "steps"):
                     metrics[f"{self.prefix}{name}{sfx}"] = v
-            if self._clipper.device_counters(key) is not None:
-                nonfinite, smooth, l0, l1 = flat[i : i + 4]
-                i += 4
-                metrics[f"{self.prefix}nonfinite_steps{sfx}"] = nonfinite
-                if self.estimate:
-                    metrics[f"{self.prefix}smoothness{sfx}"] = smooth
-                    metrics[f"{self.prefix}L0{sfx}"] = l0
-                    metrics[f"{self.prefix}L1{sfx}"] = l1
-                    if l0 > 0:
-                        metrics[f"{self.prefix}lr_suggested{sfx}"] = 1.0 / l0
+            nonfinite, smooth, l0, l1, pnorm = flat[i : i + 5]
+            i += 5
+            metrics[f"{self.prefix}nonfinite_steps{sfx}"] = nonfinite
+            if self.estimate:
+                metrics[f"{self.prefix}smoothness{sfx}"] = smooth
+                metrics[f"{self.prefix}L0{sfx}"] = l0
+                metrics[f"{self.prefix}L1{sfx}"] = l1
+                if l0 > 0:
+                    metrics[f"{self.prefix}lr_suggested{sfx}"] = 1.0 / l0
+                if key == keys[0]:
+                    pair_norm = pnorm
         for agg in aggs.values():
             agg.reset()
         metrics = {k: v for k, v in metrics.items() if math.isfinite(v)}  # no NaN/inf reaches a logger
@@ -344,7 +354,7 @@ class L0L1Clipping(Callback):
             return
         loggers, wb = self._get_sinks(trainer)
         if wb is not None:  # first: its define_metric must precede the first l0l1 row
-            wb.log(metrics, trainer.global_step, f"{self.prefix}smoothness" if self.estimate else None)
+            wb.log(metrics, trainer.global_step, f"{self.prefix}smoothness" if self.estimate else None, pair_norm)
         loggers.log(metrics, trainer.global_step)
 
     # ------------------------------------------------------------------ results and state

@@ -466,7 +466,7 @@ class GradientClipper:
 
     # ------------------------------------------------------------------ reading state
     def device_counters(self, key: int) -> Optional[Tensor]:
-        """``[nonfinite_steps, smoothness, L0, L1]`` of optimizer ``key`` as one device tensor (no sync).
+        """``[nonfinite_steps, smoothness, L0, L1, pair norm]`` of optimizer ``key`` as one device tensor (no sync).
 
         The estimator entries are NaN when the estimator is off. ``None`` before the first step.
         """
@@ -477,9 +477,10 @@ class GradientClipper:
         env = st.env
         parts = [st.nonfinite.to(nan.dtype)]
         if env is None:
-            parts += [nan, nan, nan]
+            parts += [nan, nan, nan, nan]
         else:
-            parts += [env.last.to(nan.dtype), env.l0.to(nan.dtype), env.l1.to(nan.dtype)]
+            parts += [env.last, env.l0, env.l1, env.last_norm]
+            parts = [parts[0]] + [t.to(nan.dtype) for t in parts[1:]]
         return torch.stack(parts)
 
     def latest(self, prefix: str = "l0l1/") -> dict[str, float]:

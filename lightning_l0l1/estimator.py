@@ -74,6 +74,7 @@ class EnvelopeState:
         l0, l1: the fitted constants (0-d).
         pairs: number of valid pairs seen (0-d int64).
         last: the last valid secant smoothness (0-d).
+        last_norm: the gradient norm that pair is paired with (the log-mean of its endpoints).
     """
 
     norms: Tensor
@@ -84,6 +85,7 @@ class EnvelopeState:
     l1: Tensor
     pairs: Tensor
     last: Tensor
+    last_norm: Tensor
 
     def to(self, device: torch.device) -> EnvelopeState:
         return EnvelopeState(**{f.name: getattr(self, f.name).to(device) for f in fields(self)})
@@ -95,7 +97,9 @@ class EnvelopeState:
     def from_state_dict(cls, sd: dict[str, Any], device: torch.device) -> EnvelopeState:
         # explicit dtypes: a list of Python floats would otherwise become float32
         return cls(**{
-            f.name: torch.as_tensor(sd[f.name], dtype=torch.int64 if f.name == "pairs" else torch.float64).to(device)
+            f.name: torch.as_tensor(sd.get(f.name, 0.0), dtype=torch.int64 if f.name == "pairs" else torch.float64).to(
+                device
+            )
             for f in fields(cls)
         })
 
@@ -119,6 +123,7 @@ def envelope_init(device: torch.device | str = "cpu", dtype: torch.dtype = torch
         l1=z.clone(),
         pairs=torch.zeros((), device=device, dtype=torch.int64),
         last=z.clone(),
+        last_norm=z.clone(),
     )
 
 
@@ -216,6 +221,7 @@ def envelope_update(state: EnvelopeState, norm: Tensor, smooth: Tensor) -> Envel
         l1=l1,
         pairs=state.pairs + valid.long(),
         last=torch.where(valid, smooth, state.last),
+        last_norm=torch.where(valid, norm, state.last_norm),
     )
 
 

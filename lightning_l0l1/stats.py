@@ -129,7 +129,13 @@ class LoggerSink:
                 logger.log_metrics(metrics, step=step)
             except Exception as err:
                 self.loggers.remove(logger)
-                _warn_once(self.warn_owners.get(id(logger), self), f"logging to {type(logger).__name__}", err)
+                owner = self.warn_owners.get(id(logger)) or self._owner_for(logger)
+                _warn_once(owner, f"logging to {type(logger).__name__}", err)
+
+    def _owner_for(self, logger: Any) -> Any:
+        """A warn-once flag per logger: a second failing logger is warned about too."""
+        flags = self.__dict__.setdefault("_flags", {})
+        return flags.setdefault(id(logger), type("_Flag", (), {})())
 
 
 class WandbSink:
@@ -190,14 +196,18 @@ class WandbSink:
             self.enabled = False
             _warn_once(self, f"W&B {what}", err)
 
-    def log(self, metrics: dict[str, float], step: int, smoothness_key: Optional[str]) -> None:
+    def log(
+        self, metrics: dict[str, float], step: int, smoothness_key: Optional[str], pair_norm: float = math.nan
+    ) -> None:
+        """Log the interval (if asked) and add a Figure 1 row: the last secant's smoothness with the
+        gradient norm it is paired with (``pair_norm``; the interval's mean norm if not given)."""
         def go() -> None:
             import wandb
 
             run = self._run()
             if self.log_metrics:
                 run.log({**metrics, self.STEP_KEY: step})
-            g = metrics.get(f"{self.prefix}grad_norm")
+            g = pair_norm if math.isfinite(pair_norm) else metrics.get(f"{self.prefix}grad_norm")
             sm = metrics.get(smoothness_key) if smoothness_key else None
             if g is not None and sm is not None and g > 0 and sm > 0 and math.isfinite(g) and math.isfinite(sm):
                 self.rows.append([float(step), g, sm, math.log10(g), math.log10(sm)])
