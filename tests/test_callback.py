@@ -9,9 +9,9 @@ import pytest
 import pytorch_lightning as pl
 import torch
 from _models import Regressor, loader, make_data, make_net, params_of, reference_loop, trainer
+from _sync import HostReads as CountSyncs
 from pytorch_lightning.callbacks import ModelCheckpoint
 from pytorch_lightning.plugins.precision import MixedPrecision
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from lightning_l0l1 import L0L1Clipping, NonFiniteGradientError
 
@@ -419,51 +419,6 @@ def test_resume_from_checkpoint_continues_exactly(tmp_path):
 
 
 # ---------------------------------------------------------------------------- host syncs
-
-
-class _DispatchCounter(TorchDispatchMode):
-    def __init__(self) -> None:
-        super().__init__()
-        self.n = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if func is torch.ops.aten._local_scalar_dense.default:
-            self.n += 1
-        return func(*args, **(kwargs or {}))
-
-
-class CountSyncs:
-    """Counts host reads: ``aten._local_scalar_dense`` (``.item()``, ``bool()``, ``float()``) and,
-    since on the CPU they bypass the dispatcher, calls of ``Tensor.tolist`` / ``.numpy``."""
-
-    _METHODS = ("tolist", "numpy")
-
-    def __init__(self) -> None:
-        self._mode = _DispatchCounter()
-        self._extra = 0
-        self._saved: dict = {}
-
-    @property
-    def n(self) -> int:
-        return self._mode.n + self._extra
-
-    def __enter__(self) -> CountSyncs:
-        for name in self._METHODS:
-            orig = getattr(torch.Tensor, name)
-            self._saved[name] = orig
-
-            def wrapped(t, *a, _orig=orig, **k):
-                self._extra += 1
-                return _orig(t, *a, **k)
-
-            setattr(torch.Tensor, name, wrapped)
-        self._mode.__enter__()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._mode.__exit__(*exc)
-        for name, orig in self._saved.items():
-            setattr(torch.Tensor, name, orig)
 
 
 def _syncs_in_hook(cb: L0L1Clipping, **model_kw) -> tuple[int, int]:

@@ -8,8 +8,8 @@ from typing import Any
 
 import pytest
 import torch
+from _sync import HostReads as HostSyncCounter
 from torch import nn
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from lightning_l0l1.clipper import GradientClipper, NonFiniteGradientError
 
@@ -22,19 +22,6 @@ SHAPES = [(6, 4), (4,), (3, 3), (3,), (5,)]
 LRS = (0.1, 0.3)
 GAMMA, L0, L1 = 0.7, 1.0, 2.0
 STAT_NAMES = ["grad_norm", "grad_norm_scaled", "scale", "max_norm", "lr_effective"]
-
-
-class HostSyncCounter(TorchDispatchMode):
-    """Counts ``aten._local_scalar_dense`` (``.item()``, ``bool(t)``, ``float(t)``) while active."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.count = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if func is torch.ops.aten._local_scalar_dense.default:
-            self.count += 1
-        return func(*args, **(kwargs or {}))
 
 
 def make_opt(

@@ -24,9 +24,9 @@ from collections.abc import Callable, Sequence
 import pytest
 import torch
 from _models import Regressor, loader, make_data, make_net, params_of, trainer
+from _sync import HostReads as CountSyncs
 from pytorch_lightning.callbacks import ModelCheckpoint
 from torch import Tensor, nn
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from lightning_l0l1 import L0L1Clipping
 from lightning_l0l1.clipper import GradientClipper
@@ -627,49 +627,6 @@ def test_empty_and_large_norm_only_envelopes():
 
 
 # ---------------------------------------------------------------------------- 5. host syncs
-
-
-class _DispatchCounter(TorchDispatchMode):
-    def __init__(self) -> None:
-        super().__init__()
-        self.n = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if func is torch.ops.aten._local_scalar_dense.default:
-            self.n += 1
-        return func(*args, **(kwargs or {}))
-
-
-class CountSyncs:
-    """Counts ``aten._local_scalar_dense`` and calls of ``Tensor.tolist`` / ``.numpy`` (which bypass the
-    dispatcher on the CPU); as in tests/test_callback.py."""
-
-    def __init__(self) -> None:
-        self._mode = _DispatchCounter()
-        self._extra = 0
-        self._saved: dict = {}
-
-    @property
-    def n(self) -> int:
-        return self._mode.n + self._extra
-
-    def __enter__(self) -> CountSyncs:
-        for name in ("tolist", "numpy"):
-            orig = getattr(torch.Tensor, name)
-            self._saved[name] = orig
-
-            def wrapped(t, *a, _orig=orig, **k):
-                self._extra += 1
-                return _orig(t, *a, **k)
-
-            setattr(torch.Tensor, name, wrapped)
-        self._mode.__enter__()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._mode.__exit__(*exc)
-        for name, orig in self._saved.items():
-            setattr(torch.Tensor, name, orig)
 
 
 def mlp_opt(dtype: torch.dtype = torch.float32, lr: float = 0.05, seed: int = 0):

@@ -9,26 +9,13 @@ import sys
 
 import pytest
 import torch
+from _sync import HostReads as HostSyncCounter
 from torch import nn
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from lightning_l0l1.functional import clip_gradients_, grad_norm
 
 NORM_TYPES = [1.0, 2.0, 3.0, math.inf]
 FOREACH = [True, False, None]
-
-
-class HostSyncCounter(TorchDispatchMode):
-    """Counts ``aten._local_scalar_dense`` (``.item()``, ``bool(t)``, ``float(t)``) while active."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.count = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if func is torch.ops.aten._local_scalar_dense.default:
-            self.count += 1
-        return func(*args, **(kwargs or {}))
 
 
 def make_model(dtype: torch.dtype = torch.float32, frozen: bool = True) -> nn.Module:

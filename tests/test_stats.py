@@ -26,8 +26,8 @@ import pytest
 import pytorch_lightning as pl
 import torch
 from _models import Regressor, loader, make_data, make_net, trainer
+from _sync import HostReads
 from pytorch_lightning.loggers import CSVLogger
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from lightning_l0l1 import L0L1Clipping
 from lightning_l0l1.stats import StepStatistics, stat_names
@@ -44,48 +44,6 @@ def _no_active_wandb_run(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 # ---------------------------------------------------------------------------- host-read counter
-
-
-class _ScalarReads(TorchDispatchMode):
-    def __init__(self) -> None:
-        super().__init__()
-        self.n = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if func is torch.ops.aten._local_scalar_dense.default:
-            self.n += 1
-        return func(*args, **(kwargs or {}))
-
-
-class HostReads:
-    """Counts host reads, by kind: ``scalar`` (``aten._local_scalar_dense``: ``.item()``, ``float()``,
-    ``bool()``) and ``transfers`` (calls of ``Tensor.tolist`` / ``Tensor.numpy``, which on the CPU
-    bypass the dispatcher). Re-entrant: one instance can be entered once per hook call."""
-
-    _METHODS = ("tolist", "numpy")
-
-    def __init__(self) -> None:
-        self.scalar = 0
-        self.transfers = 0
-
-    def __enter__(self) -> HostReads:
-        self._saved = {name: getattr(torch.Tensor, name) for name in self._METHODS}
-        for name, orig in self._saved.items():
-
-            def wrapped(t, *a, _orig=orig, **k):
-                self.transfers += 1
-                return _orig(t, *a, **k)
-
-            setattr(torch.Tensor, name, wrapped)
-        self._mode = _ScalarReads()
-        self._mode.__enter__()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._mode.__exit__(*exc)
-        self.scalar += self._mode.n
-        for name, orig in self._saved.items():
-            setattr(torch.Tensor, name, orig)
 
 
 # ---------------------------------------------------------------------------- StepStatistics unit tests

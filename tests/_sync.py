@@ -1,0 +1,61 @@
+"""The host-read counter every "no host sync" test uses.
+
+A host read is either ``aten._local_scalar_dense`` (``.item()``, ``float(t)``, ``bool(t)``, a
+Python ``if`` on a tensor) or a call of ``Tensor.tolist`` / ``Tensor.numpy``, which on the CPU read
+memory without going through the dispatcher (so a dispatch mode alone would miss them).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+
+class _ScalarReads(TorchDispatchMode):
+    def __init__(self) -> None:
+        super().__init__()
+        self.n = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func is torch.ops.aten._local_scalar_dense.default:
+            self.n += 1
+        return func(*args, **(kwargs or {}))
+
+
+class HostReads:
+    """Counts host reads while entered, by kind: ``scalar`` and ``transfers`` (``tolist``/``numpy``).
+
+    Re-entrant across calls: one instance can be entered once per hook call and keeps adding up.
+    ``n`` (alias ``count``) is the total.
+    """
+
+    _METHODS = ("tolist", "numpy")
+
+    def __init__(self) -> None:
+        self.scalar = 0
+        self.transfers = 0
+
+    @property
+    def n(self) -> int:
+        return self.scalar + self.transfers
+
+    count = n
+
+    def __enter__(self) -> HostReads:
+        self._saved = {name: getattr(torch.Tensor, name) for name in self._METHODS}
+        for name, orig in self._saved.items():
+
+            def wrapped(t, *a, _orig=orig, **k):
+                self.transfers += 1
+                return _orig(t, *a, **k)
+
+            setattr(torch.Tensor, name, wrapped)
+        self._mode = _ScalarReads()
+        self._mode.__enter__()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._mode.__exit__(*exc)
+        self.scalar += self._mode.n
+        for name, orig in self._saved.items():
+            setattr(torch.Tensor, name, orig)
