@@ -18,7 +18,7 @@ from torch import Tensor
 from torch.optim import Optimizer
 from typing_extensions import override
 
-from lightning_l0l1.clipper import GradientClipper, Mode, NonFinite
+from lightning_l0l1.clipper import GradientClipper, Mode, NonFinite, _count, _flag
 from lightning_l0l1.stats import LoggerSink, StepStatistics, WandbSink, stat_names
 
 __all__ = ["L0L1Clipping"]
@@ -138,18 +138,12 @@ class L0L1Clipping(Callback):
         self.snapshot_device = snapshot_device
         self.initial_step = self._clipper.initial_step
         self.fused_handoff = fused_handoff
-        if not isinstance(log_stats, bool):
-            raise ValueError(f"`log_stats` must be True or False, got {log_stats!r}.")
-        if log_every_n_steps is not None and (
-            isinstance(log_every_n_steps, bool) or not isinstance(log_every_n_steps, int) or log_every_n_steps < 1
-        ):
-            raise ValueError(f"`log_every_n_steps` must be None or an integer >= 1, got {log_every_n_steps!r}.")
+        _flag("log_stats", log_stats)
+        _count("log_every_n_steps", log_every_n_steps, allow_none=True)
         if not isinstance(prefix, str):
             raise ValueError(f"`prefix` must be a string, got {prefix!r}.")
-        if not isinstance(prog_bar, bool):
-            raise ValueError(f"`prog_bar` must be True or False, got {prog_bar!r}.")
-        if isinstance(wandb_table_every, bool) or not isinstance(wandb_table_every, int) or wandb_table_every < 1:
-            raise ValueError(f"`wandb_table_every` must be an integer >= 1, got {wandb_table_every!r}.")
+        _flag("prog_bar", prog_bar)
+        _count("wandb_table_every", wandb_table_every)
         self.log_stats = log_stats
         self.log_every_n_steps = log_every_n_steps
         self.prefix = prefix

@@ -58,6 +58,24 @@ def _choice(name: str, value: Any, choices: Sequence[str]) -> str:
     return value
 
 
+def _flag(name: str, value: Any, allow_none: bool = False) -> Optional[bool]:
+    if value is None and allow_none:
+        return None
+    if not isinstance(value, bool):
+        allowed = "True, False or None" if allow_none else "True or False"
+        raise ValueError(f"`{name}` must be {allowed}, got {value!r}.")
+    return value
+
+
+def _count(name: str, value: Any, allow_none: bool = False) -> Optional[int]:
+    if value is None and allow_none:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        allowed = "None or an integer >= 1" if allow_none else "an integer >= 1"
+        raise ValueError(f"`{name}` must be {allowed}, got {value!r}.")
+    return value
+
+
 @dataclass
 class StepOutcome:
     """What one :meth:`GradientClipper.step` did.
@@ -211,26 +229,19 @@ class GradientClipper:
         self.mode: Mode = _choice("mode", mode, _MODES)  # type: ignore[assignment]
         self.nonfinite: NonFinite = _choice("nonfinite", nonfinite, _NONFINITE)  # type: ignore[assignment]
         self.norm_type = validate_norm_type(norm_type)
-        if foreach is not None and not isinstance(foreach, bool):
-            raise ValueError(f"`foreach` must be True, False or None, got {foreach!r}.")
-        self.foreach = foreach
-        if estimate is not None and not isinstance(estimate, bool):
-            raise ValueError(f"`estimate` must be True, False or None, got {estimate!r}.")
+        self.foreach = _flag("foreach", foreach, allow_none=True)
+        _flag("estimate", estimate, allow_none=True)
         if mode == "auto" and estimate is False:
             raise ValueError("`mode='auto'` needs the estimator: got `estimate=False`. Use `estimate=None` or True.")
         self.estimate = mode == "auto" if estimate is None else estimate
-        if isinstance(estimate_every, bool) or not isinstance(estimate_every, int) or estimate_every < 1:
-            raise ValueError(f"`estimate_every` must be an integer >= 1, got {estimate_every!r}.")
-        self.estimate_every = estimate_every
+        self.estimate_every = _count("estimate_every", estimate_every)
         if snapshot_device not in (None, "cpu"):
             raise ValueError(
                 f"`snapshot_device` must be None (the gradients' device) or 'cpu', got {snapshot_device!r}."
             )
         self.snapshot_device = snapshot_device
         self.initial_step = _positive("initial_step", initial_step)
-        if not isinstance(fused_handoff, bool):
-            raise ValueError(f"`fused_handoff` must be True or False, got {fused_handoff!r}.")
-        self.fused_handoff = fused_handoff
+        self.fused_handoff = _flag("fused_handoff", fused_handoff)
         if mode == "l0l1":
             if l0 is None or l1 is None:
                 raise ValueError(

@@ -151,3 +151,27 @@ def reference_loop(
 
 def params_of(module: nn.Module) -> list[torch.Tensor]:
     return [p.detach().clone() for p in module.parameters()]
+
+
+class TwoOptimizers(pl.LightningModule):
+    """Manual optimization, two optimizers over disjoint parameters (lr 0.05 and 0.02)."""
+
+    def __init__(self, net: nn.Module) -> None:
+        super().__init__()
+        self.net = net
+        self.automatic_optimization = False
+
+    def training_step(self, batch: Any, batch_idx: int) -> None:
+        x, y = batch
+        opt_a, opt_b = self.optimizers()
+        self.manual_backward(nn.functional.mse_loss(self.net(x), y))
+        opt_a.step()
+        opt_b.step()
+        opt_a.zero_grad()
+        opt_b.zero_grad()
+
+    def configure_optimizers(self) -> list[torch.optim.Optimizer]:
+        return [
+            torch.optim.SGD(self.net[0].parameters(), lr=0.05),
+            torch.optim.SGD(list(self.net[2].parameters()) + list(self.net[4].parameters()), lr=0.02),
+        ]

@@ -8,7 +8,7 @@ import warnings
 import pytest
 import pytorch_lightning as pl
 import torch
-from _models import Regressor, loader, make_data, make_net, params_of, reference_loop, trainer
+from _models import Regressor, TwoOptimizers, loader, make_data, make_net, params_of, reference_loop, trainer
 from _sync import HostReads as CountSyncs
 from pytorch_lightning.callbacks import ModelCheckpoint
 from pytorch_lightning.plugins.precision import MixedPrecision
@@ -286,29 +286,6 @@ def test_propagate_lets_nan_through_but_not_into_state():
 
 
 # ---------------------------------------------------------------------------- manual optimization
-
-
-class TwoOptimizers(pl.LightningModule):
-    def __init__(self, net):
-        super().__init__()
-        self.net = net
-        self.automatic_optimization = False
-
-    def training_step(self, batch, batch_idx):
-        x, y = batch
-        opt_a, opt_b = self.optimizers()
-        loss = torch.nn.functional.mse_loss(self.net(x), y)
-        self.manual_backward(loss)
-        opt_a.step()
-        opt_b.step()
-        opt_a.zero_grad()
-        opt_b.zero_grad()
-
-    def configure_optimizers(self):
-        return [
-            torch.optim.SGD(self.net[0].parameters(), lr=0.05),
-            torch.optim.SGD(list(self.net[2].parameters()) + list(self.net[4].parameters()), lr=0.02),
-        ]
 
 
 def test_manual_optimization_one_norm_and_state_per_optimizer():

@@ -25,7 +25,7 @@ from typing import Any, Optional
 import pytest
 import pytorch_lightning as pl
 import torch
-from _models import Regressor, loader, make_data, make_net, trainer
+from _models import Regressor, TwoOptimizers, loader, make_data, make_net, trainer
 from _sync import HostReads
 from pytorch_lightning.loggers import CSVLogger
 
@@ -365,30 +365,6 @@ def test_csv_nonfinite_steps_are_left_out_of_the_means_and_counted(tmp_path):
     # The mean over the interval with the NaN step is over its two finite steps.
     fin = [after.steps[i]["pre"] for i in (3, 5)]
     assert float(rows[1]["l0l1/grad_norm"]) == pytest.approx(sum(fin) / 2, rel=REL)
-
-
-class TwoOptimizers(pl.LightningModule):
-    """Manual optimization, two optimizers over disjoint parameters (as in test_callback.py)."""
-
-    def __init__(self, net: torch.nn.Module) -> None:
-        super().__init__()
-        self.net = net
-        self.automatic_optimization = False
-
-    def training_step(self, batch, batch_idx):
-        x, y = batch
-        opt_a, opt_b = self.optimizers()
-        self.manual_backward(torch.nn.functional.mse_loss(self.net(x), y))
-        opt_a.step()
-        opt_b.step()
-        opt_a.zero_grad()
-        opt_b.zero_grad()
-
-    def configure_optimizers(self):
-        return [
-            torch.optim.SGD(self.net[0].parameters(), lr=0.05),
-            torch.optim.SGD(list(self.net[2].parameters()) + list(self.net[4].parameters()), lr=0.02),
-        ]
 
 
 def test_csv_two_optimizers_get_suffixes(tmp_path):
