@@ -162,7 +162,7 @@ class L0L1Clipping(Callback):
         self.norm_type = self._clipper.norm_type
         self.nonfinite = self._clipper.nonfinite
         self._warned_nonfinite = False
-        self._fsdp1: Optional[tuple[Any]] = None  # (process_group,) once detected; () when not FSDP1
+        self._fsdp1: Optional[tuple[Any]] = None  # (process_group,) under FSDP1, else None (checked once per fit)
         self._fsdp1_checked = False
 
     @property
