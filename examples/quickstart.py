@@ -1,84 +1,123 @@
 """Quickstart: train a small LSTM language model with `L0L1Clipping` and print what it did.
 
-    python examples/quickstart.py            # ~1 minute on a 2-core CPU
+    python examples/quickstart.py                    # ~10 seconds on a 2-core CPU
+    python examples/quickstart.py --seqs 4096 --hidden 256 --epochs 5   # bigger
     python examples/quickstart.py --help
 
 The text is the English documentation that ships with Python (`pydoc_data.topics`),
-so nothing is downloaded. Plain SGD at a large learning rate with hard clipping.
+so nothing is downloaded. Plain SGD at a large learning rate with hard clipping; the
+callback also estimates the smoothness constants (L0, L1) of the loss along the way
+(`estimate=True`) and the script prints them with the learning rate they suggest.
+
+Writes to --out (default examples/out/): quickstart_loss.png (training loss per step) and
+quickstart_grad_norm.png (gradient norm before and after clipping per step). Logs to
+Weights & Biases in offline mode when wandb is installed (`wandb sync` the run directory
+under --out later), `--wandb-online` to log online, `--no-wandb` for no logger.
 """
 
 from __future__ import annotations
 
 import argparse
 import math
+from pathlib import Path
 
 import pytorch_lightning as pl
-import torch
-from torch import nn
-from torch.utils.data import DataLoader, TensorDataset
+from _common import (
+    add_output_args,
+    char_data,
+    char_lstm_module,
+    finish_wandb,
+    fmt,
+    make_logger,
+    plain_log_ticks,
+    pyplot,
+    recorder,
+)
+from torch.utils.data import DataLoader
 
 from lightning_l0l1 import L0L1Clipping
 
 
-def char_data(seq_len: int, n_seqs: int) -> tuple[TensorDataset, int]:
-    from pydoc_data.topics import topics
+def plot(rows: list[dict[str, float]], out: Path, lr: float, mode: str) -> list[Path]:
+    plt = pyplot()
+    out.mkdir(parents=True, exist_ok=True)
+    steps = [r["step"] for r in rows]
+    paths = [out / "quickstart_loss.png", out / "quickstart_grad_norm.png"]
 
-    text = "\n".join(topics[k] for k in sorted(topics))
-    vocab = sorted(set(text))
-    ids = torch.tensor([vocab.index(c) for c in text[: seq_len * n_seqs + 1]])
-    x = ids[:-1].view(n_seqs, seq_len)
-    y = ids[1:].view(n_seqs, seq_len)
-    return TensorDataset(x, y), len(vocab)
+    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=100)
+    ax.plot(steps, [r["loss"] for r in rows], lw=1.5)
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("training loss (cross-entropy, nats/char)")
+    ax.set_title(f"Char LSTM, SGD lr {lr:g}, L0L1Clipping mode={mode}")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(paths[0])
+    plt.close(fig)
 
-
-class CharLSTM(pl.LightningModule):
-    def __init__(self, vocab: int, hidden: int, lr: float) -> None:
-        super().__init__()
-        self.save_hyperparameters()
-        self.embed = nn.Embedding(vocab, hidden)
-        self.lstm = nn.LSTM(hidden, hidden, batch_first=True)
-        self.head = nn.Linear(hidden, vocab)
-
-    def training_step(self, batch, batch_idx):
-        x, y = batch
-        out, _ = self.lstm(self.embed(x))
-        loss = nn.functional.cross_entropy(self.head(out).flatten(0, 1), y.flatten())
-        self.log("train_loss", loss, prog_bar=True)
-        return loss
-
-    def configure_optimizers(self):
-        return torch.optim.SGD(self.parameters(), lr=self.hparams.lr)
+    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=100)
+    ax.plot(steps, [r["l0l1/grad_norm"] for r in rows], lw=1.5, label="before clipping ||g||")
+    ax.plot(steps, [r["l0l1/grad_norm_scaled"] for r in rows], lw=1.5, ls="--", label="after clipping ||s g||")
+    ax.plot(steps, [r["l0l1/max_norm"] for r in rows], lw=1, color="gray", ls=":", label="threshold")
+    ax.set_yscale("log")
+    plain_log_ticks(ax, "y")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("global gradient norm (log)")
+    ax.set_title("Gradient norm per step")
+    ax.legend()
+    ax.grid(alpha=0.3, which="both")
+    fig.tight_layout()
+    fig.savefig(paths[1])
+    plt.close(fig)
+    return paths
 
 
 def main(argv: list[str] | None = None) -> dict[str, float]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--mode", default="clip", choices=["clip", "adaptive", "l0l1"])
-    parser.add_argument("--max-norm", type=float, default=0.5, help="gamma for clip/adaptive")
-    parser.add_argument("--l0", type=float, default=1.0, help="L0 for mode=l0l1")
-    parser.add_argument("--l1", type=float, default=0.5, help="L1 for mode=l0l1")
-    parser.add_argument("--lr", type=float, default=5.0, help="SGD learning rate (large on purpose)")
+    parser.add_argument("--mode", default="clip", choices=["clip", "adaptive", "l0l1", "auto"],
+                        help="the rule (auto: experimental, see the README)")
+    parser.add_argument("--max-norm", type=float, default=0.25, help="gamma for clip/adaptive")
+    parser.add_argument("--l0", type=float, default=0.05, help="L0 for mode=l0l1")
+    parser.add_argument("--l1", type=float, default=0.2, help="L1 for mode=l0l1")
+    parser.add_argument("--lr", type=float, default=30.0, help="SGD learning rate (large on purpose)")
     parser.add_argument("--hidden", type=int, default=64)
     parser.add_argument("--seq-len", type=int, default=64)
-    parser.add_argument("--seqs", type=int, default=512)
+    parser.add_argument("--seqs", type=int, default=2048, help="training sequences")
+    parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--epochs", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
+    add_output_args(parser)
     args = parser.parse_args(argv)
+    for flag in ("hidden", "seq_len", "seqs", "batch_size", "epochs"):
+        if getattr(args, flag) < 1:
+            parser.error(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
 
     pl.seed_everything(args.seed, verbose=False)
     ds, vocab = char_data(args.seq_len, args.seqs)
-    model = CharLSTM(vocab, args.hidden, args.lr)
-    clip = L0L1Clipping(mode=args.mode, max_norm=args.max_norm, l0=args.l0, l1=args.l1)
+    model = char_lstm_module(vocab, args.hidden, args.lr)
+    fixed = {"clip": {"max_norm": args.max_norm}, "adaptive": {"max_norm": args.max_norm},
+             "l0l1": {"l0": args.l0, "l1": args.l1}, "auto": {}}[args.mode]
+    clip = L0L1Clipping(mode=args.mode, **fixed, estimate=True, log_every_n_steps=5)
+    rec = recorder(clip)  # after the clipping callback: it sees this step's statistics
+    logger = make_logger(args, f"quickstart {args.mode}")
     trainer = pl.Trainer(
         accelerator="cpu",
         max_epochs=args.epochs,
-        callbacks=[clip],
-        logger=False,
+        callbacks=[clip, rec],
+        logger=logger,
+        log_every_n_steps=5,
         enable_checkpointing=False,
         enable_model_summary=False,
+        enable_progress_bar=not args.no_progress,
     )
-    trainer.fit(model, DataLoader(ds, batch_size=32, shuffle=True))
+    try:
+        trainer.fit(model, DataLoader(ds, batch_size=args.batch_size, shuffle=True))
+    finally:
+        finish_wandb(logger)
     stats = clip.latest()
     loss = float(trainer.callback_metrics["train_loss"])
+    l0, l1 = stats.get("l0l1/L0", math.nan), stats.get("l0l1/L1", math.nan)
+    gamma = l0 / l1 if l0 > 0 and l1 > 0 else math.nan
+    paths = plot(rec.rows, args.out, args.lr, args.mode)
     print("\nL0L1Clipping summary")
     print(f"  mode                 {args.mode}")
     print(f"  optimizer steps      {int(stats['l0l1/steps'])}")
@@ -87,8 +126,12 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     print(f"  threshold in use     {stats['l0l1/max_norm']:.4g}")
     print(f"  effective lr         {stats['l0l1/lr_effective']:.4g} (lr {args.lr})")
     print(f"  non-finite steps     {int(stats['l0l1/nonfinite_steps'])}")
+    print(f"  estimated L0, L1     {fmt(l0)}, {fmt(l1)}")
+    print(f"  gamma = L0/L1        {fmt(gamma)}")
+    print(f"  suggested lr 1/L0    {fmt(stats.get('l0l1/lr_suggested', math.nan))}")
     print(f"  final train loss     {loss:.4f} (uniform guess: {math.log(vocab):.4f})")
-    return stats
+    print("  figures              " + ", ".join(str(p) for p in paths))
+    return {**stats, "gamma": gamma, "train_loss": loss}
 
 
 if __name__ == "__main__":

@@ -1,0 +1,220 @@
+"""What the example scripts share: the data, the models, the W&B logger and the plot style.
+
+Not part of the package: the scripts import it as ``from _common import ...`` (Python puts
+the script's own folder first on ``sys.path``). Every dataset is made here or ships with
+Python, so nothing is downloaded.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+from torch import nn
+from torch.utils.data import TensorDataset
+
+DEFAULT_OUT = Path(__file__).resolve().parent / "out"
+WANDB_PROJECT = "lightning_l0l1-examples"
+
+
+# ----------------------------------------------------------------------------------------- data
+def char_data(seq_len: int, n_seqs: int) -> tuple[TensorDataset, int]:
+    """``n_seqs`` next-character sequences of ``seq_len`` from Python's own English docs; (dataset, vocab)."""
+    from pydoc_data.topics import topics
+
+    text = "\n".join(topics[k] for k in sorted(topics))
+    need = seq_len * n_seqs + 1
+    if need > len(text):
+        raise ValueError(f"`seq_len * n_seqs` must be below {len(text)} characters, got {seq_len} * {n_seqs}.")
+    vocab = {c: i for i, c in enumerate(sorted(set(text)))}
+    ids = torch.tensor([vocab[c] for c in text[:need]])
+    return TensorDataset(ids[:-1].view(n_seqs, seq_len), ids[1:].view(n_seqs, seq_len)), len(vocab)
+
+
+def regression_data(n: int, dim: int = 16, seed: int = 0) -> TensorDataset:
+    """``y = 3 sin(x . w) + noise`` with ``x`` in R^dim: a smooth target a small MLP fits in a few epochs."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, dim, generator=g)
+    w = torch.randn(dim, generator=g) / math.sqrt(dim)
+    y = 3 * torch.sin(x @ w).unsqueeze(1) + 0.1 * torch.randn(n, 1, generator=g)
+    return TensorDataset(x, y)
+
+
+def mlp(dim: int, hidden: int, depth: int = 2) -> nn.Sequential:
+    """``depth`` tanh hidden layers of width ``hidden`` and a scalar output."""
+    layers: list[nn.Module] = []
+    width = dim
+    for _ in range(depth):
+        layers += [nn.Linear(width, hidden), nn.Tanh()]
+        width = hidden
+    return nn.Sequential(*layers, nn.Linear(width, 1))
+
+
+def char_lstm_module(vocab: int, hidden: int, lr: float, layers: int = 1):
+    """A character LSTM language model (embedding, LSTM, linear head) trained by plain SGD at ``lr``."""
+    import pytorch_lightning as pl
+
+    class CharLSTM(pl.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.lr = lr
+            self.embed = nn.Embedding(vocab, hidden)
+            self.lstm = nn.LSTM(hidden, hidden, num_layers=layers, batch_first=True)
+            self.head = nn.Linear(hidden, vocab)
+
+        def loss(self, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+            x, y = batch
+            out, _ = self.lstm(self.embed(x))
+            return nn.functional.cross_entropy(self.head(out).flatten(0, 1), y.flatten())
+
+        def training_step(self, batch, batch_idx):
+            loss = self.loss(batch)
+            self.log("train_loss", loss, prog_bar=True)
+            return loss
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=self.lr)
+
+    return CharLSTM()
+
+
+# ----------------------------------------------------------------------------------------- command line, W&B
+def add_output_args(parser: argparse.ArgumentParser, wandb: bool = True) -> None:
+    """``--out``, ``--no-progress`` and (``wandb``) ``--no-wandb`` / ``--wandb-online``."""
+    parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="folder for the PNGs, summaries and W&B files")
+    parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    if wandb:
+        parser.add_argument("--no-wandb", action="store_true", help="no W&B logging")
+        parser.add_argument(
+            "--wandb-online", action="store_true", help="log to W&B online (default: offline, no account needed)"
+        )
+
+
+def wandb_available(args: argparse.Namespace) -> bool:
+    if getattr(args, "no_wandb", True):
+        return False
+    try:
+        import wandb  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def make_logger(args: argparse.Namespace, name: str, group: Optional[str] = None):
+    """A ``WandbLogger`` (offline unless ``--wandb-online``) when wandb is importable, else ``False`` (no logger)."""
+    if not wandb_available(args):
+        return False
+    from pytorch_lightning.loggers import WandbLogger
+
+    args.out.mkdir(parents=True, exist_ok=True)
+    return WandbLogger(
+        project=WANDB_PROJECT, name=name, group=group, offline=not args.wandb_online, save_dir=str(args.out)
+    )
+
+
+def wandb_run(args: argparse.Namespace, name: str, config: dict[str, Any]):
+    """For the loops without Lightning: a ``wandb`` run (offline unless ``--wandb-online``), or ``None``."""
+    if not wandb_available(args):
+        return None
+    import wandb
+
+    args.out.mkdir(parents=True, exist_ok=True)
+    return wandb.init(
+        project=WANDB_PROJECT, name=name, config=config, dir=str(args.out),
+        mode="online" if args.wandb_online else "offline",
+    )
+
+
+def finish_wandb(logger: Any) -> None:
+    """Close the W&B run a logger opened (the next run in the same process starts a new one)."""
+    if logger:
+        import wandb
+
+        wandb.finish()
+
+
+def progress(iterable: Iterable, total: int, args: argparse.Namespace, desc: str) -> Iterable:
+    """A tqdm progress bar over ``iterable`` (tqdm comes with Lightning), unless ``--no-progress``."""
+    if getattr(args, "no_progress", False):
+        return iterable
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:  # pragma: no cover - tqdm is a dependency of Lightning
+        return iterable
+    return tqdm(iterable, total=total, desc=desc)
+
+
+# ----------------------------------------------------------------------------------------- plots, numbers
+def pyplot():
+    """matplotlib's pyplot on the file-only Agg backend (no display needed)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    plt.rcParams.update({"figure.dpi": 100, "axes.grid": True, "grid.alpha": 0.3, "legend.fontsize": 9})
+    return plt
+
+
+def fmt(x: float) -> str:
+    """A number for a summary line: 4 significant digits, ``n/a`` where it is not a finite positive number."""
+    return f"{x:.4g}" if math.isfinite(x) and x > 0 else "n/a"
+
+
+def smooth(values: list[float], window: int) -> list[float]:
+    """Trailing mean over ``window`` points (NaN-aware: a window with a non-finite value is NaN)."""
+    out, acc = [], []
+    for v in values:
+        acc.append(v)
+        if len(acc) > window:
+            acc.pop(0)
+        out.append(sum(acc) / len(acc) if all(math.isfinite(a) for a in acc) else math.nan)
+    return out
+
+
+# ----------------------------------------------------------------------------------------- recording
+def recorder(clip: Any = None):
+    """A callback that keeps, per optimizer step, the loss and (``clip`` given) ``clip.latest()``.
+
+    Put it *after* the clipping callback in ``callbacks``: ``latest()`` then holds this step's
+    statistics. It reads the host every step (``float(loss)``, ``latest()``): fine for an
+    example's plots, not what the clipping callback itself does.
+    """
+    import pytorch_lightning as pl
+
+    class Recorder(pl.Callback):
+        def __init__(self) -> None:
+            self.rows: list[dict[str, float]] = []
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+            if outputs is None:
+                return
+            loss = outputs["loss"] if isinstance(outputs, dict) else outputs
+            row = {"step": float(trainer.global_step), "loss": float(loss)}
+            if clip is not None:
+                row.update(clip.latest())
+            self.rows.append(row)
+
+    return Recorder()
+
+
+def plain_log_ticks(ax, axis: str = "both") -> None:
+    """Log-axis tick labels as plain numbers (0.2, 0.5, 1, 2 ...), minor ones at 2x and 5x only."""
+    from matplotlib.ticker import FuncFormatter
+
+    def major(v: float, _pos: int) -> str:
+        return f"{v:g}"
+
+    def minor(v: float, _pos: int) -> str:
+        if v <= 0:
+            return ""
+        mantissa = round(v / 10 ** math.floor(math.log10(v)), 6)
+        return f"{v:g}" if mantissa in (2.0, 5.0) else ""
+
+    for a in ([ax.xaxis, ax.yaxis] if axis == "both" else [getattr(ax, f"{axis}axis")]):
+        a.set_major_formatter(FuncFormatter(major))
+        a.set_minor_formatter(FuncFormatter(minor))

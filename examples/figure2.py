@@ -1,0 +1,178 @@
+"""The paper's Figure 2/4: training loss of SGD with and without clipping, and of the `auto` mode.
+
+    python examples/figure2.py                   # four runs of 300 steps, about 2 minutes on 2 CPU cores
+    python examples/figure2.py --steps 2000 --hidden 128 --seqs 4096 --seeds 3   # closer to the paper
+    python examples/figure2.py --help
+
+The same character LSTM language model on Python's own English docs
+(``pydoc_data.topics``), the same data order and the same step budget, trained four ways:
+
+1. SGD at a small learning rate, no clipping (``--lr-small``);
+2. SGD at a large learning rate, no clipping (``--lr-large``): the paper's unstable baseline;
+3. SGD at the large learning rate with hard clipping, ``L0L1Clipping(mode="clip", max_norm=...)``;
+4. SGD at the large learning rate with ``L0L1Clipping(mode="auto")``: no threshold, the
+   step is set from L0 and L1 estimated online.
+
+Writes OUT/figure2.png (the loss curves, smoothed over ``--smooth`` steps; the band is the
+range over seeds) and OUT/figure2.json, prints the final losses, and logs every run to W&B
+(offline by default). A run whose loss becomes non-finite is marked where it diverged.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from typing import Any, Optional
+
+import pytorch_lightning as pl
+from _common import (
+    add_output_args,
+    char_data,
+    char_lstm_module,
+    finish_wandb,
+    fmt,
+    make_logger,
+    plain_log_ticks,
+    pyplot,
+    recorder,
+    smooth,
+)
+from torch.utils.data import DataLoader
+
+from lightning_l0l1 import L0L1Clipping
+
+
+def configs(args: argparse.Namespace) -> list[dict[str, Any]]:
+    """The four runs: (key, label, lr, callback arguments or None)."""
+    return [
+        {"key": "unclipped_small_lr", "label": f"SGD lr {args.lr_small:g}, no clipping", "lr": args.lr_small,
+         "clip": None},
+        {"key": "unclipped_large_lr", "label": f"SGD lr {args.lr_large:g}, no clipping", "lr": args.lr_large,
+         "clip": None},
+        {"key": "clip", "label": f"SGD lr {args.lr_large:g}, clip at {args.max_norm:g}", "lr": args.lr_large,
+         "clip": {"mode": "clip", "max_norm": args.max_norm}},
+        {"key": "auto", "label": f"SGD lr {args.lr_large:g}, mode=auto", "lr": args.lr_large,
+         "clip": {"mode": "auto"}},
+    ]
+
+
+def train(args: argparse.Namespace, cfg: dict[str, Any], seed: int) -> dict[str, Any]:
+    pl.seed_everything(seed, verbose=False)
+    ds, vocab = char_data(args.seq_len, args.seqs)
+    model = char_lstm_module(vocab, args.hidden, cfg["lr"])
+    clip = L0L1Clipping(**cfg["clip"], log_every_n_steps=10) if cfg["clip"] else None
+    rec = recorder(clip)
+    logger = make_logger(args, f"{cfg['key']} seed {seed}", group="figure2")
+    trainer = pl.Trainer(
+        accelerator="cpu", max_steps=args.steps, max_epochs=-1, callbacks=[c for c in (clip, rec) if c],
+        logger=logger, log_every_n_steps=10, enable_checkpointing=False, enable_model_summary=False,
+        enable_progress_bar=not args.no_progress,
+    )
+    try:
+        trainer.fit(model, DataLoader(ds, batch_size=args.batch_size, shuffle=True, drop_last=True))
+    finally:
+        finish_wandb(logger)
+    losses = [r["loss"] for r in rec.rows]
+    out = {"seed": seed, "losses": losses}
+    if clip is not None:
+        last = clip.latest()
+        out.update({k: last[f"l0l1/{k}"] for k in ("clip_rate", "lr_effective", "L0", "L1") if f"l0l1/{k}" in last})
+    return out
+
+
+def final_loss(losses: list[float], tail: int) -> float:
+    """Mean loss over the last ``tail`` steps; NaN if the run diverged (any non-finite loss)."""
+    if not losses or not all(math.isfinite(v) for v in losses):
+        return math.nan
+    t = losses[-tail:]
+    return sum(t) / len(t)
+
+
+def plot(results: dict[str, dict[str, Any]], args: argparse.Namespace, path) -> None:
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(8, 5))
+    colors = {"unclipped_small_lr": "tab:blue", "unclipped_large_lr": "tab:red", "clip": "tab:green",
+              "auto": "tab:purple"}
+    top = 0.0
+    for key, res in results.items():
+        curves = [smooth(r["losses"], args.smooth) for r in res["runs"]]
+        n = min(len(c) for c in curves)
+        steps = list(range(n))
+        cols = [[c[i] for c in curves] for i in range(n)]
+        mean = [sum(v) / len(v) if all(math.isfinite(x) for x in v) else math.nan for v in cols]
+        ax.plot(steps, mean, color=colors[key], lw=1.8, label=f"{res['label']}  (final {fmt(res['final_loss'])})")
+        if len(curves) > 1:
+            lo = [min(v) if all(math.isfinite(x) for x in v) else math.nan for v in cols]
+            hi = [max(v) if all(math.isfinite(x) for x in v) else math.nan for v in cols]
+            ax.fill_between(steps, lo, hi, color=colors[key], alpha=0.2, lw=0)
+        finite = [m for m in mean if math.isfinite(m)]
+        top = max(top, max(finite[:5], default=0.0))
+        bad = next((i for i, m in enumerate(mean) if not math.isfinite(m)), None)
+        if bad is not None and bad > 0:
+            ax.plot([bad - 1], [mean[bad - 1]], "x", color=colors[key], ms=12, mew=3)
+            ax.annotate("diverged", (bad - 1, mean[bad - 1]), textcoords="offset points", xytext=(6, 6),
+                        color=colors[key])
+    ax.set_yscale("log")
+    plain_log_ticks(ax, "y")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel(f"training loss, nats/char (log; mean of {args.smooth} steps)")
+    seeds = f"{args.seeds} seeds, band = range" if args.seeds > 1 else "1 seed"
+    ax.set_title(f"Char LSTM on pydoc text: clipping at a large learning rate ({seeds})")
+    ax.legend(loc="upper right")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--steps", type=int, default=500, help="optimizer steps per run (the same for all four)")
+    parser.add_argument("--lr-small", type=float, default=0.5, help="learning rate of the small-lr baseline")
+    parser.add_argument("--lr-large", type=float, default=30.0, help="learning rate of the other three runs")
+    parser.add_argument("--max-norm", type=float, default=0.25, help="threshold of the hard-clipping run")
+    parser.add_argument("--hidden", type=int, default=64)
+    parser.add_argument("--seq-len", type=int, default=64)
+    parser.add_argument("--seqs", type=int, default=2048, help="training sequences")
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--seeds", type=int, default=1, help="runs per configuration (seeds 0..N-1)")
+    parser.add_argument("--smooth", type=int, default=10, help="plot a trailing mean over this many steps")
+    add_output_args(parser)
+    args = parser.parse_args(argv)
+    for flag in ("steps", "hidden", "seq_len", "seqs", "batch_size", "seeds", "smooth"):
+        if getattr(args, flag) < 1:
+            parser.error(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
+
+    tail = max(1, args.steps // 10)
+    results: dict[str, dict[str, Any]] = {}
+    for cfg in configs(args):
+        runs = [train(args, cfg, seed) for seed in range(args.seeds)]
+        finals = [final_loss(r["losses"], tail) for r in runs]
+        results[cfg["key"]] = {
+            "label": cfg["label"], "lr": cfg["lr"], "runs": runs,
+            "final_loss": sum(finals) / len(finals),  # NaN if any seed diverged
+            "diverged": sum(not math.isfinite(f) for f in finals),
+        }
+    args.out.mkdir(parents=True, exist_ok=True)
+    png, js = args.out / "figure2.png", args.out / "figure2.json"
+    plot(results, args, png)
+    js.write_text(json.dumps(results, indent=1))
+
+    print(f"\nFigure 2: training loss after {args.steps} steps (mean of the last {tail}, over {args.seeds} seed(s))")
+    for res in results.values():
+        note = f"  diverged in {res['diverged']}/{args.seeds}" if res["diverged"] else ""
+        extra = ""
+        last = res["runs"][-1]
+        if "lr_effective" in last:
+            extra = f"  clip rate {last['clip_rate']:.2f}, last effective lr {last['lr_effective']:.3g}"
+        if "L0" in last:
+            extra += f", L0 {fmt(last['L0'])}, L1 {fmt(last['L1'])}"
+        print(f"  {res['label']:34s} {fmt(res['final_loss']):>8s}{note}{extra}")
+    print(f"figure: {png}\ndata:   {js}")
+    summary: dict[str, Any] = {f"final_loss_{k}": r["final_loss"] for k, r in results.items()}
+    summary.update({f"diverged_{k}": float(r["diverged"]) for k, r in results.items()})
+    return summary
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,268 @@
+"""Smoke tests for every script in ``examples/``: tiny settings, finite summaries, valid PNGs, ``--help``.
+
+The scripts are loaded from their files and their ``main(argv) -> dict`` is called in this
+process with the smallest sizes their parsers accept (read from their ``--help``), except
+``ddp.py``: ``strategy="ddp"`` re-runs the command line for rank 1, so it runs as a
+subprocess. Scripts another change may not have added yet are skipped when missing.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+import os
+import re
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import pytest
+
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+SCRIPTS = ["quickstart", "figure1", "figure2", "cli", "ddp", "plain_pytorch", "fabric"]
+_DROP_ENV_PREFIXES = ("SLURM_", "TORCHELASTIC_", "PL_", "LSB_", "OMPI_", "PMI_")
+_DROP_ENV = {"LOCAL_RANK", "RANK", "WORLD_SIZE", "NODE_RANK", "GROUP_RANK", "LOCAL_WORLD_SIZE", "MASTER_PORT"}
+
+# The smallest sizes, for whichever of these flags a script's parser has.
+TINY = {
+    "--steps": "3",
+    "--epochs": "1",
+    "--hidden": "8",
+    "--seq": "8",
+    "--seq-len": "8",
+    "--seqs": "8",
+    "--batch-size": "4",
+    "--batch": "4",
+    "--seeds": "1",
+    "--n-seeds": "1",
+    "--layers": "1",
+}
+FLAGS = ["--no-wandb"]
+
+
+def _path(name: str) -> Path:
+    path = EXAMPLES / f"{name}.py"
+    if not path.exists():
+        pytest.skip(f"examples/{name}.py does not exist (yet)")
+    return path
+
+
+def _load(name: str) -> ModuleType:
+    key = f"_example_{name}"
+    if key in sys.modules:
+        return sys.modules[key]
+    spec = importlib.util.spec_from_file_location(key, _path(name))
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[key] = module
+    spec.loader.exec_module(module)
+    assert callable(getattr(module, "main", None)), f"examples/{name}.py has no main(argv)"
+    return module
+
+
+def _help_text(module: ModuleType, capsys: pytest.CaptureFixture[str]) -> str:
+    with pytest.raises(SystemExit) as exc:
+        module.main(["--help"])
+    assert exc.value.code in (0, None)
+    return capsys.readouterr().out
+
+
+def _tiny_argv(help_text: str, out: Path) -> list[str]:
+    flags = set(re.findall(r"(--[a-z][a-z0-9-]*)", help_text))
+    argv: list[str] = []
+    for flag, value in TINY.items():
+        if flag in flags:
+            argv += [flag, value]
+    argv += [f for f in FLAGS if f in flags]
+    if "--out" in flags:
+        argv += ["--out", str(out)]
+    return argv
+
+
+def _numbers(obj: Any, key: str = "") -> list[tuple[str, float]]:
+    """Every number in a (nested) summary, with its key path; booleans and strings are not numbers."""
+    if isinstance(obj, bool):
+        return []
+    if isinstance(obj, (int, float)):
+        return [(key, float(obj))]
+    if isinstance(obj, dict):
+        return [n for k, v in obj.items() for n in _numbers(v, f"{key}.{k}" if key else str(k))]
+    if isinstance(obj, (list, tuple)):
+        return [n for i, v in enumerate(obj) for n in _numbers(v, f"{key}[{i}]")]
+    return []
+
+
+# Runs that are meant to diverge (an unclipped baseline) may report NaN/inf under these keys.
+_MAY_DIVERGE = re.compile(r"unclipped|no_?clip|diverg|none|baseline", re.IGNORECASE)
+
+
+def _check_summary(summary: Any, name: str) -> None:
+    assert isinstance(summary, dict), f"{name}: main() returned {type(summary).__name__}, not a dict"
+    numbers = _numbers(summary)
+    assert numbers, f"{name}: no number in the summary {summary!r}"
+    bad = [(k, v) for k, v in numbers if not math.isfinite(v) and not _MAY_DIVERGE.search(k)]
+    assert not bad, f"{name}: non-finite summary numbers {bad}"
+
+
+def _check_pngs(root: Path, name: str) -> list[Path]:
+    import matplotlib.image as mpimg
+
+    pngs = sorted(root.rglob("*.png"))
+    for png in pngs:
+        data = png.read_bytes()
+        assert data[:8] == b"\x89PNG\r\n\x1a\n", f"{name}: {png} is not a PNG"
+        assert len(data) > 2000, f"{name}: {png} is only {len(data)} bytes"
+        img = mpimg.imread(png)
+        assert img.ndim == 3 and img.shape[0] > 50 and img.shape[1] > 50, f"{name}: {png} has shape {img.shape}"
+        assert float(img.std()) > 0, f"{name}: {png} is blank"
+    return pngs
+
+
+# ---------------------------------------------------------------------------------------- --help, as a user runs it
+@pytest.fixture(scope="module")
+def help_runs() -> dict[str, subprocess.Popen]:
+    """`python examples/NAME.py --help` for every script, started together (each imports torch)."""
+    procs = {}
+    for name in SCRIPTS:
+        path = EXAMPLES / f"{name}.py"
+        if path.exists():
+            procs[name] = subprocess.Popen(
+                [sys.executable, str(path), "--help"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+            )
+    yield procs
+    for p in procs.values():
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+
+
+@pytest.mark.parametrize("name", SCRIPTS)
+def test_help(name: str, help_runs: dict[str, subprocess.Popen]) -> None:
+    _path(name)
+    proc = help_runs[name]
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 0, f"examples/{name}.py --help exited {proc.returncode}:\n{out[-3000:]}"
+    assert "usage" in out.lower(), out[-3000:]
+
+
+# ---------------------------------------------------------------------------------------- in-process runs
+@pytest.mark.parametrize("name", ["quickstart", "figure1", "figure2", "plain_pytorch", "fabric"])
+def test_runs_tiny(name: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys) -> None:
+    module = _load(name)
+    monkeypatch.chdir(tmp_path)  # anything a script writes without --out lands here
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    out = tmp_path / "out"
+    argv = _tiny_argv(_help_text(module, capsys), out)
+    t0 = time.monotonic()
+    summary = module.main(argv)
+    elapsed = time.monotonic() - t0
+    _check_summary(summary, name)
+    pngs = _check_pngs(tmp_path, name)
+    if name.startswith("figure"):
+        assert pngs, f"{name}: no PNG written under {tmp_path} (argv {argv})"
+    assert elapsed < 60, f"{name} took {elapsed:.0f} s with {argv}"
+
+
+@pytest.mark.parametrize("mode", ["clip", "adaptive", "l0l1"])
+def test_plain_pytorch_modes(mode: str, capsys) -> None:
+    summary = _load("plain_pytorch").main(["--mode", mode, "--steps", "20", "--hidden", "8"])
+    _check_summary(summary, f"plain_pytorch --mode {mode}")
+    if mode == "clip":
+        assert summary["max_grad_norm_after"] <= 0.5 * (1 + 1e-5)
+    assert "final_loss" in capsys.readouterr().out
+
+
+def test_fabric_clips(capsys) -> None:
+    summary = _load("fabric").main(["--steps", "10", "--hidden", "8", "--max-norm", "0.1"])
+    _check_summary(summary, "fabric")
+    assert summary["steps"] == 10
+    assert summary["max_grad_norm_after"] <= 0.1 * (1 + 1e-5)
+
+
+# ---------------------------------------------------------------------------------------- LightningCLI
+CONFIG = EXAMPLES / "cli_config.yaml"
+# main(argv) passes argv to LightningCLI(args=...), which warns that pytest's own sys.argv differs.
+_cli_warning = pytest.mark.filterwarnings("ignore:LightningCLI's args parameter")
+
+
+@_cli_warning
+def test_cli_config_runs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    module = _load("cli")
+    monkeypatch.chdir(tmp_path)
+    summary = module.main(
+        ["fit", "--config", str(CONFIG), "--trainer.max_epochs=1", "--data.n=64", "--model.hidden=8"]
+    )
+    _check_summary(summary, "cli")
+    assert summary["l0l1/max_norm"] == 0.5  # from the YAML's init_args
+    assert summary["l0l1/steps"] == 2  # 64 samples, batch_size 32 (the YAML's), one epoch
+    assert summary["l0l1/grad_norm_scaled"] <= 0.5 * (1 + 1e-5)
+
+
+@_cli_warning
+def test_cli_print_config(capsys) -> None:
+    module = _load("cli")
+    with pytest.raises(SystemExit) as exc:
+        module.main(["fit", "--config", str(CONFIG), "--print_config"])
+    assert exc.value.code in (0, None)
+    out = capsys.readouterr().out
+    assert "class_path: lightning_l0l1.L0L1Clipping" in out
+    assert "mode: clip" in out and "max_norm: 0.5" in out
+
+
+@_cli_warning
+@pytest.mark.parametrize(
+    ("line", "value", "expected"),
+    [("mode: clip ", "mode: clipp", "clipp"), ("max_norm: 0.5", "max_norm: abc", "max_norm")],
+)
+def test_cli_rejects_bad_value(line: str, value: str, expected: str, tmp_path: Path, capsys) -> None:
+    text = CONFIG.read_text()
+    assert line in text
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(text.replace(line, value + " "))
+    module = _load("cli")
+    with pytest.raises(SystemExit) as exc:
+        module.main(["fit", "--config", str(bad)])
+    assert exc.value.code not in (0, None)
+    err = capsys.readouterr().err
+    assert "error" in err.lower() and expected in err, err[-3000:]
+
+
+# ---------------------------------------------------------------------------------------- DDP (a subprocess)
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_ddp(tmp_path: Path) -> None:
+    import json
+
+    path = _path("ddp")
+    env = {k: v for k, v in os.environ.items() if k not in _DROP_ENV and not k.startswith(_DROP_ENV_PREFIXES)}
+    env.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()), OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    out = tmp_path / "out"
+    try:
+        proc = subprocess.run(
+            [sys.executable, str(path), "--out", str(out), "--steps", "4", "--accelerator", "cpu"],
+            cwd=tmp_path, env=env, capture_output=True, text=True, timeout=240, start_new_session=True,
+        )
+    except subprocess.TimeoutExpired as e:  # pragma: no cover
+        pytest.fail(f"ddp.py timed out after 240 s:\n{(e.stdout or '')[-3000:]}\n{(e.stderr or '')[-3000:]}")
+    log = f"{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
+    assert proc.returncode == 0, log
+    summary = json.loads((out / "summary.json").read_text())
+    table = summary.pop("table")
+    _check_summary(summary, "ddp")
+    assert summary["world_size"] == 2 and summary["steps"] == 4, log
+    assert summary["max_norm_diff_between_ranks"] == 0, log  # the norm is global
+    assert summary["max_local_loss_diff_between_ranks"] > 0, log  # the data are not
+    assert len(table["norms"]) == 2 and all(len(n) == 4 for n in table["norms"])
+    assert "the norm is global" in proc.stdout
+    metrics = (out / "csv" / "version_0" / "metrics.csv").read_text()
+    assert "l0l1/grad_norm" in metrics.splitlines()[0]
+    assert len([ln for ln in metrics.splitlines()[1:] if ln.strip()]) >= 2
