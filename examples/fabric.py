@@ -6,30 +6,22 @@
 
 Clip after `fabric.backward(loss)` (which unscales mixed-precision gradients and, under
 DDP, has all-reduced them), before `optimizer.step()`. `clip_gradients_` returns the global
-norm before scaling as a tensor: nothing is read on the host in the loop. The data are
-synthetic.
+norm before scaling as a tensor: nothing is read on the host in the loop, except the W&B
+log every --log-every steps (offline by default). The data are synthetic.
 """
 
 from __future__ import annotations
 
 import argparse
-import math
 from typing import Optional
 
 import torch
+from _common import add_output_args, mlp, progress, regression_data, wandb_run
 from lightning_fabric import Fabric
 from torch import nn
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import DataLoader
 
 from lightning_l0l1.functional import clip_gradients_, grad_norm
-
-
-def make_data(n: int, dim: int, seed: int = 0) -> TensorDataset:
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(n, dim, generator=g)
-    w = torch.randn(dim, generator=g) / math.sqrt(dim)
-    y = 3 * torch.sin(x @ w).unsqueeze(1) + 0.1 * torch.randn(n, 1, generator=g)
-    return TensorDataset(x, y)
 
 
 def main(argv: Optional[list[str]] = None) -> dict[str, float]:
@@ -41,20 +33,27 @@ def main(argv: Optional[list[str]] = None) -> dict[str, float]:
     parser.add_argument("--hidden", type=int, default=64)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--log-every", type=int, default=10, help="W&B logging interval in steps")
+    add_output_args(parser)
     args = parser.parse_args(argv)
+    for flag in ("steps", "hidden", "batch_size", "log_every"):
+        if getattr(args, flag) < 1:
+            parser.error(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
 
     fabric = Fabric(accelerator="cpu", devices=1)
     fabric.seed_everything(args.seed, verbose=False)
     dim = 16
-    model = nn.Sequential(nn.Linear(dim, args.hidden), nn.Tanh(), nn.Linear(args.hidden, 1))
+    model = mlp(dim, args.hidden, depth=1)
     opt = torch.optim.SGD(model.parameters(), lr=args.lr)
     model, opt = fabric.setup(model, opt)
     loader = fabric.setup_dataloaders(
-        DataLoader(make_data(args.steps * args.batch_size, dim, args.seed), batch_size=args.batch_size, shuffle=True)
+        DataLoader(regression_data(args.steps * args.batch_size, dim, args.seed), batch_size=args.batch_size,
+                   shuffle=True)
     )
+    run = wandb_run(args, f"fabric {args.mode}", vars(args)) if fabric.is_global_zero else None
 
     norms, after, losses = [], [], []
-    for x, y in loader:
+    for step, (x, y) in enumerate(progress(loader, len(loader), args, f"Fabric, {args.mode}")):
         loss = nn.functional.mse_loss(model(x), y)
         opt.zero_grad(set_to_none=True)
         fabric.backward(loss)
@@ -62,6 +61,11 @@ def main(argv: Optional[list[str]] = None) -> dict[str, float]:
         after.append(grad_norm(model.parameters()))
         opt.step()
         losses.append(loss.detach())
+        if run is not None and (step + 1) % args.log_every == 0:
+            row = {"train_loss": loss.detach(), "grad_norm": norms[-1], "grad_norm_scaled": after[-1]}
+            run.log({k: float(v) for k, v in row.items()}, step=step)
+    if run is not None:
+        run.finish()
 
     norms_t, after_t, losses_t = torch.stack(norms), torch.stack(after), torch.stack(losses)
     tail = max(1, len(losses) // 10)

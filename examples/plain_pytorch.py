@@ -9,28 +9,21 @@
 Only torch is imported (no Lightning). `clip_gradients_` scales the gradients in place
 and returns the norm before scaling; `grad_norm` measures the norm after it;
 `GradientClipper.step(optimizer)` applies the `l0l1` rule per param group (it needs the
-learning rates, so it takes the optimizer). The data are synthetic.
+learning rates, so it takes the optimizer). The data are synthetic. Logs the loss and
+the norms to W&B every --log-every steps (offline by default: one host read per log).
 """
 
 from __future__ import annotations
 
 import argparse
-import math
 from typing import Optional
 
 import torch
+from _common import add_output_args, mlp, progress, regression_data, wandb_run
 from torch import nn
 
 from lightning_l0l1 import GradientClipper
 from lightning_l0l1.functional import clip_gradients_, grad_norm
-
-
-def make_data(n: int, dim: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(n, dim, generator=g)
-    w = torch.randn(dim, generator=g) / math.sqrt(dim)
-    y = 3 * torch.sin(x @ w).unsqueeze(1) + 0.1 * torch.randn(n, 1, generator=g)
-    return x, y
 
 
 def main(argv: Optional[list[str]] = None) -> dict[str, float]:
@@ -44,19 +37,24 @@ def main(argv: Optional[list[str]] = None) -> dict[str, float]:
     parser.add_argument("--hidden", type=int, default=64)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--log-every", type=int, default=10, help="W&B logging interval in steps")
+    add_output_args(parser)
     args = parser.parse_args(argv)
+    for flag in ("steps", "hidden", "batch_size", "log_every"):
+        if getattr(args, flag) < 1:
+            parser.error(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
 
     torch.manual_seed(args.seed)
     dim = 16
-    x, y = make_data(4096, dim, args.seed)
-    model = nn.Sequential(nn.Linear(dim, args.hidden), nn.Tanh(), nn.Linear(args.hidden, args.hidden), nn.Tanh(),
-                          nn.Linear(args.hidden, 1))
+    x, y = regression_data(4096, dim, args.seed).tensors
+    model = mlp(dim, args.hidden, depth=2)
     opt = torch.optim.SGD(model.parameters(), lr=args.lr)
     clipper = GradientClipper(mode="l0l1", l0=args.l0, l1=args.l1) if args.mode == "l0l1" else None
 
     norms, scaled, losses = [], [], []
     gen = torch.Generator().manual_seed(args.seed + 1)
-    for _ in range(args.steps):
+    run = wandb_run(args, f"plain_pytorch {args.mode}", vars(args))
+    for step in progress(range(args.steps), args.steps, args, f"plain PyTorch, {args.mode}"):
         idx = torch.randint(0, len(x), (args.batch_size,), generator=gen)
         loss = nn.functional.mse_loss(model(x[idx]), y[idx])
         opt.zero_grad(set_to_none=True)
@@ -75,6 +73,11 @@ def main(argv: Optional[list[str]] = None) -> dict[str, float]:
         norms.append(norm.detach())
         scaled.append(after)
         losses.append(loss.detach())
+        if run is not None and (step + 1) % args.log_every == 0:
+            row = {"train_loss": loss.detach(), "grad_norm": norm.detach(), "grad_norm_scaled": after}
+            run.log({k: float(v) for k, v in row.items()}, step=step)
+    if run is not None:
+        run.finish()
 
     norms_t, scaled_t, losses_t = torch.stack(norms), torch.stack(scaled), torch.stack(losses)
     tail = max(1, args.steps // 10)

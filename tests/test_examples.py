@@ -3,7 +3,8 @@
 The scripts are loaded from their files and their ``main(argv) -> dict`` is called in this
 process with the smallest sizes their parsers accept (read from their ``--help``), except
 ``ddp.py``: ``strategy="ddp"`` re-runs the command line for rank 1, so it runs as a
-subprocess. Scripts another change may not have added yet are skipped when missing.
+subprocess. The quickstart keeps its default W&B logger (offline): the test finds the run's
+files. Every script is also run with ``--help`` as a user runs it.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ _DROP_ENV = {"LOCAL_RANK", "RANK", "WORLD_SIZE", "NODE_RANK", "GROUP_RANK", "LOC
 
 # The smallest sizes, for whichever of these flags a script's parser has.
 TINY = {
-    "--steps": "3",
+    "--steps": "5",
     "--epochs": "1",
     "--hidden": "8",
     "--seq": "8",
@@ -41,13 +42,14 @@ TINY = {
     "--n-seeds": "1",
     "--layers": "1",
 }
-FLAGS = ["--no-wandb"]
+FLAGS = ["--no-wandb", "--no-progress"]
+# Per script: enough steps for what its summary must report (the quickstart's L0/L1 estimates).
+TINY_FOR = {"quickstart": {"--seqs": "48"}}
 
 
 def _path(name: str) -> Path:
     path = EXAMPLES / f"{name}.py"
-    if not path.exists():
-        pytest.skip(f"examples/{name}.py does not exist (yet)")
+    assert path.exists(), f"examples/{name}.py is missing"
     return path
 
 
@@ -55,6 +57,8 @@ def _load(name: str) -> ModuleType:
     key = f"_example_{name}"
     if key in sys.modules:
         return sys.modules[key]
+    if str(EXAMPLES) not in sys.path:  # the scripts import their shared helpers from `_common`
+        sys.path.insert(0, str(EXAMPLES))
     spec = importlib.util.spec_from_file_location(key, _path(name))
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
@@ -71,10 +75,10 @@ def _help_text(module: ModuleType, capsys: pytest.CaptureFixture[str]) -> str:
     return capsys.readouterr().out
 
 
-def _tiny_argv(help_text: str, out: Path) -> list[str]:
+def _tiny_argv(help_text: str, out: Path, name: str = "") -> list[str]:
     flags = set(re.findall(r"(--[a-z][a-z0-9-]*)", help_text))
     argv: list[str] = []
-    for flag, value in TINY.items():
+    for flag, value in {**TINY, **TINY_FOR.get(name, {})}.items():
         if flag in flags:
             argv += [flag, value]
     argv += [f for f in FLAGS if f in flags]
@@ -154,16 +158,28 @@ def test_help(name: str, help_runs: dict[str, subprocess.Popen]) -> None:
 def test_runs_tiny(name: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys) -> None:
     module = _load(name)
     monkeypatch.chdir(tmp_path)  # anything a script writes without --out lands here
-    monkeypatch.setenv("WANDB_MODE", "disabled")
     out = tmp_path / "out"
-    argv = _tiny_argv(_help_text(module, capsys), out)
+    argv = _tiny_argv(_help_text(module, capsys), out, name)
+    with_wandb = name == "quickstart" and importlib.util.find_spec("wandb") is not None
+    if with_wandb:  # the default: W&B offline, no account, no network
+        argv.remove("--no-wandb")
+        monkeypatch.delenv("WANDB_MODE", raising=False)
+        monkeypatch.setenv("WANDB_SILENT", "true")
+    else:
+        monkeypatch.setenv("WANDB_MODE", "disabled")
     t0 = time.monotonic()
     summary = module.main(argv)
     elapsed = time.monotonic() - t0
     _check_summary(summary, name)
+    printed = capsys.readouterr().out
+    assert "nan" not in printed.lower().split(), f"{name} printed a NaN:\n{printed[-2000:]}"
     pngs = _check_pngs(tmp_path, name)
-    if name.startswith("figure"):
-        assert pngs, f"{name}: no PNG written under {tmp_path} (argv {argv})"
+    expected = {"quickstart": ["quickstart_loss.png", "quickstart_grad_norm.png"], "figure1": ["figure1.png"],
+                "figure2": ["figure2.png"]}.get(name, [])
+    assert sorted(p.name for p in pngs) == sorted(expected), f"{name}: PNGs {pngs} (argv {argv})"
+    if with_wandb:
+        runs = list((out / "wandb").glob("offline-run-*"))
+        assert len(runs) == 1 and list(runs[0].glob("*.wandb")), f"no offline W&B run under {out}"
     assert elapsed < 60, f"{name} took {elapsed:.0f} s with {argv}"
 
 
@@ -193,6 +209,7 @@ _cli_warning = pytest.mark.filterwarnings("ignore:LightningCLI's args parameter"
 def test_cli_config_runs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     module = _load("cli")
     monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("WANDB_MODE", "disabled")  # the YAML's WandbLogger, without files
     summary = module.main(
         ["fit", "--config", str(CONFIG), "--trainer.max_epochs=1", "--data.n=64", "--model.hidden=8"]
     )
@@ -211,6 +228,7 @@ def test_cli_print_config(capsys) -> None:
     out = capsys.readouterr().out
     assert "class_path: lightning_l0l1.L0L1Clipping" in out
     assert "mode: clip" in out and "max_norm: 0.5" in out
+    assert "class_path: pytorch_lightning.loggers.WandbLogger" in out and "offline: true" in out
 
 
 @_cli_warning
@@ -244,18 +262,20 @@ def test_ddp(tmp_path: Path) -> None:
 
     path = _path("ddp")
     env = {k: v for k, v in os.environ.items() if k not in _DROP_ENV and not k.startswith(_DROP_ENV_PREFIXES)}
-    env.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()), OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    env.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()), OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1",
+               WANDB_MODE="disabled")
     out = tmp_path / "out"
     try:
         proc = subprocess.run(
-            [sys.executable, str(path), "--out", str(out), "--steps", "4", "--accelerator", "cpu"],
+            [sys.executable, str(path), "--out", str(out), "--steps", "4", "--accelerator", "cpu", "--no-wandb",
+             "--no-progress"],
             cwd=tmp_path, env=env, capture_output=True, text=True, timeout=240, start_new_session=True,
         )
     except subprocess.TimeoutExpired as e:  # pragma: no cover
         pytest.fail(f"ddp.py timed out after 240 s:\n{(e.stdout or '')[-3000:]}\n{(e.stderr or '')[-3000:]}")
     log = f"{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
     assert proc.returncode == 0, log
-    summary = json.loads((out / "summary.json").read_text())
+    summary = json.loads((out / "ddp_summary.json").read_text())
     table = summary.pop("table")
     _check_summary(summary, "ddp")
     assert summary["world_size"] == 2 and summary["steps"] == 4, log
@@ -263,6 +283,6 @@ def test_ddp(tmp_path: Path) -> None:
     assert summary["max_local_loss_diff_between_ranks"] > 0, log  # the data are not
     assert len(table["norms"]) == 2 and all(len(n) == 4 for n in table["norms"])
     assert "the norm is global" in proc.stdout
-    metrics = (out / "csv" / "version_0" / "metrics.csv").read_text()
+    metrics = (out / "ddp_csv" / "version_0" / "metrics.csv").read_text()
     assert "l0l1/grad_norm" in metrics.splitlines()[0]
     assert len([ln for ln in metrics.splitlines()[1:] if ln.strip()]) >= 2
