@@ -94,6 +94,47 @@ def add_output_args(parser: argparse.ArgumentParser, wandb: bool = True) -> None
         )
 
 
+def add_char_lm_args(parser: argparse.ArgumentParser, seqs: int = 2048) -> None:
+    """The size of the character LSTM task: ``--hidden``, ``--seq-len``, ``--seqs``, ``--batch-size``."""
+    parser.add_argument("--hidden", type=int, default=64, help="LSTM width")
+    parser.add_argument("--seq-len", type=int, default=64, help="characters per sequence")
+    parser.add_argument("--seqs", type=int, default=seqs, help="training sequences")
+    parser.add_argument("--batch-size", type=int, default=32)
+
+
+def require_positive(parser: argparse.ArgumentParser, args: argparse.Namespace, *names: str) -> None:
+    """Exit with a usage error naming the flag and the value if an integer flag is below 1."""
+    for name in names:
+        value = getattr(args, name)
+        if value < 1:
+            parser.error(f"--{name.replace('_', '-')} must be >= 1, got {value}")
+
+
+def fit_char_lm(args: argparse.Namespace, lr: float, callbacks: list, name: str, group: Optional[str] = None,
+                seed: int = 0, **trainer_kwargs: Any):
+    """Train the character LSTM (``add_char_lm_args`` sizes) with SGD at ``lr``; returns (trainer, vocab size).
+
+    Seeds everything with ``seed`` first, so runs that differ only in ``lr`` and ``callbacks``
+    see the same initial weights and the same batches. The W&B run is closed even on error.
+    """
+    import pytorch_lightning as pl
+    from torch.utils.data import DataLoader
+
+    pl.seed_everything(seed, verbose=False)
+    ds, vocab = char_data(args.seq_len, args.seqs)
+    model = char_lstm_module(vocab, args.hidden, lr)
+    logger = make_logger(args, name, group=group)
+    trainer = pl.Trainer(
+        accelerator="cpu", callbacks=callbacks, logger=logger, enable_checkpointing=False,
+        enable_model_summary=False, enable_progress_bar=not args.no_progress, **trainer_kwargs,
+    )
+    try:
+        trainer.fit(model, DataLoader(ds, batch_size=args.batch_size, shuffle=True, drop_last=True))
+    finally:
+        finish_wandb(logger)
+    return trainer, vocab
+
+
 def wandb_available(args: argparse.Namespace) -> bool:
     if getattr(args, "no_wandb", True):
         return False

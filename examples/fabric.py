@@ -16,7 +16,7 @@ import argparse
 from typing import Optional
 
 import torch
-from _common import add_output_args, mlp, progress, regression_data, wandb_run
+from _common import add_output_args, mlp, progress, regression_data, require_positive, wandb_run
 from lightning_fabric import Fabric
 from torch import nn
 from torch.utils.data import DataLoader
@@ -36,9 +36,7 @@ def main(argv: Optional[list[str]] = None) -> dict[str, float]:
     parser.add_argument("--log-every", type=int, default=10, help="W&B logging interval in steps")
     add_output_args(parser)
     args = parser.parse_args(argv)
-    for flag in ("steps", "hidden", "batch_size", "log_every"):
-        if getattr(args, flag) < 1:
-            parser.error(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
+    require_positive(parser, args, "steps", "hidden", "batch_size", "log_every")
 
     fabric = Fabric(accelerator="cpu", devices=1)
     fabric.seed_everything(args.seed, verbose=False)

@@ -31,17 +31,7 @@ from typing import Any, Optional
 
 import pytorch_lightning as pl
 import torch
-from _common import (
-    add_output_args,
-    char_data,
-    char_lstm_module,
-    finish_wandb,
-    fmt,
-    make_logger,
-    plain_log_ticks,
-    pyplot,
-)
-from torch.utils.data import DataLoader
+from _common import add_char_lm_args, add_output_args, fit_char_lm, fmt, plain_log_ticks, pyplot, require_positive
 
 from lightning_l0l1 import L0L1Clipping
 
@@ -114,25 +104,14 @@ def log_correlation(norms: list[float], smooth: list[float]) -> float:
 
 
 def run(args: argparse.Namespace, name: str, lr: float, clip: bool) -> dict[str, Any]:
-    pl.seed_everything(args.seed, verbose=False)
-    ds, vocab = char_data(args.seq_len, args.seqs)
-    model = char_lstm_module(vocab, args.hidden, lr)
     probe = SmoothnessProbe(args.measure_every)
     callbacks: list[pl.Callback] = [probe]
     clipping = None
     if clip:
         clipping = L0L1Clipping(mode="clip", max_norm=args.max_norm, estimate=True, log_every_n_steps=10)
         callbacks.append(clipping)
-    logger = make_logger(args, name, group="figure1")
-    trainer = pl.Trainer(
-        accelerator="cpu", max_steps=args.steps, max_epochs=-1, callbacks=callbacks, logger=logger,
-        log_every_n_steps=10, enable_checkpointing=False, enable_model_summary=False,
-        enable_progress_bar=not args.no_progress,
-    )
-    try:
-        trainer.fit(model, DataLoader(ds, batch_size=args.batch_size, shuffle=True, drop_last=True))
-    finally:
-        finish_wandb(logger)
+    fit_char_lm(args, lr, callbacks, name, group="figure1", seed=args.seed, max_steps=args.steps, max_epochs=-1,
+                log_every_n_steps=10)
     rows = [r for r in probe.rows if math.isfinite(r["smoothness"]) and r["smoothness"] > 0 and r["grad_norm"] > 0]
     norms, smooth = [r["grad_norm"] for r in rows], [r["smoothness"] for r in rows]
     l0, l1 = fit_line(norms, smooth) if rows else (math.nan, math.nan)
@@ -185,17 +164,12 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     parser.add_argument("--lr-large", type=float, default=30.0, help="learning rate of the clipped run")
     parser.add_argument("--max-norm", type=float, default=0.25, help="clipping threshold of the clipped run")
     parser.add_argument("--lr-small", type=float, default=0.5, help="learning rate of the unclipped run")
-    parser.add_argument("--hidden", type=int, default=64)
-    parser.add_argument("--seq-len", type=int, default=64)
-    parser.add_argument("--seqs", type=int, default=2048, help="training sequences")
-    parser.add_argument("--batch-size", type=int, default=32)
+    add_char_lm_args(parser)
     parser.add_argument("--measure-every", type=int, default=1, help="measure the smoothness every K steps")
     parser.add_argument("--seed", type=int, default=0)
     add_output_args(parser)
     args = parser.parse_args(argv)
-    for flag in ("steps", "hidden", "seq_len", "seqs", "batch_size", "measure_every"):
-        if getattr(args, flag) < 1:
-            parser.error(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
+    require_positive(parser, args, "steps", "hidden", "seq_len", "seqs", "batch_size", "measure_every")
 
     runs = [
         run(args, f"clipped lr {args.lr_large:g}", args.lr_large, clip=True),

@@ -25,20 +25,17 @@ import json
 import math
 from typing import Any, Optional
 
-import pytorch_lightning as pl
 from _common import (
+    add_char_lm_args,
     add_output_args,
-    char_data,
-    char_lstm_module,
-    finish_wandb,
+    fit_char_lm,
     fmt,
-    make_logger,
     plain_log_ticks,
     pyplot,
     recorder,
+    require_positive,
     smooth,
 )
-from torch.utils.data import DataLoader
 
 from lightning_l0l1 import L0L1Clipping
 
@@ -58,21 +55,10 @@ def configs(args: argparse.Namespace) -> list[dict[str, Any]]:
 
 
 def train(args: argparse.Namespace, cfg: dict[str, Any], seed: int) -> dict[str, Any]:
-    pl.seed_everything(seed, verbose=False)
-    ds, vocab = char_data(args.seq_len, args.seqs)
-    model = char_lstm_module(vocab, args.hidden, cfg["lr"])
     clip = L0L1Clipping(**cfg["clip"], log_every_n_steps=10) if cfg["clip"] else None
     rec = recorder(clip)
-    logger = make_logger(args, f"{cfg['key']} seed {seed}", group="figure2")
-    trainer = pl.Trainer(
-        accelerator="cpu", max_steps=args.steps, max_epochs=-1, callbacks=[c for c in (clip, rec) if c],
-        logger=logger, log_every_n_steps=10, enable_checkpointing=False, enable_model_summary=False,
-        enable_progress_bar=not args.no_progress,
-    )
-    try:
-        trainer.fit(model, DataLoader(ds, batch_size=args.batch_size, shuffle=True, drop_last=True))
-    finally:
-        finish_wandb(logger)
+    fit_char_lm(args, cfg["lr"], [c for c in (clip, rec) if c], f"{cfg['key']} seed {seed}", group="figure2",
+                seed=seed, max_steps=args.steps, max_epochs=-1, log_every_n_steps=10)
     losses = [r["loss"] for r in rec.rows]
     out = {"seed": seed, "losses": losses}
     if clip is not None:
@@ -131,17 +117,12 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     parser.add_argument("--lr-small", type=float, default=0.5, help="learning rate of the small-lr baseline")
     parser.add_argument("--lr-large", type=float, default=30.0, help="learning rate of the other three runs")
     parser.add_argument("--max-norm", type=float, default=0.25, help="threshold of the hard-clipping run")
-    parser.add_argument("--hidden", type=int, default=64)
-    parser.add_argument("--seq-len", type=int, default=64)
-    parser.add_argument("--seqs", type=int, default=2048, help="training sequences")
-    parser.add_argument("--batch-size", type=int, default=32)
+    add_char_lm_args(parser)
     parser.add_argument("--seeds", type=int, default=1, help="runs per configuration (seeds 0..N-1)")
     parser.add_argument("--smooth", type=int, default=10, help="plot a trailing mean over this many steps")
     add_output_args(parser)
     args = parser.parse_args(argv)
-    for flag in ("steps", "hidden", "seq_len", "seqs", "batch_size", "seeds", "smooth"):
-        if getattr(args, flag) < 1:
-            parser.error(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
+    require_positive(parser, args, "steps", "hidden", "seq_len", "seqs", "batch_size", "seeds", "smooth")
 
     tail = max(1, args.steps // 10)
     results: dict[str, dict[str, Any]] = {}

@@ -19,7 +19,7 @@ import argparse
 from typing import Optional
 
 import torch
-from _common import add_output_args, mlp, progress, regression_data, wandb_run
+from _common import add_output_args, mlp, progress, regression_data, require_positive, wandb_run
 from torch import nn
 
 from lightning_l0l1 import GradientClipper
@@ -40,9 +40,7 @@ def main(argv: Optional[list[str]] = None) -> dict[str, float]:
     parser.add_argument("--log-every", type=int, default=10, help="W&B logging interval in steps")
     add_output_args(parser)
     args = parser.parse_args(argv)
-    for flag in ("steps", "hidden", "batch_size", "log_every"):
-        if getattr(args, flag) < 1:
-            parser.error(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
+    require_positive(parser, args, "steps", "hidden", "batch_size", "log_every")
 
     torch.manual_seed(args.seed)
     dim = 16

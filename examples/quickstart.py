@@ -7,8 +7,9 @@
 
 The text is the English documentation that ships with Python (`pydoc_data.topics`),
 so nothing is downloaded. Plain SGD at a large learning rate (30, where unclipped SGD does
-not train: see examples/figure2.py) with hard clipping at 0.25; the callback also estimates the smoothness constants (L0, L1) of the loss along the way
-(`estimate=True`) and the script prints them with the learning rate they suggest.
+not train: see examples/figure2.py) with hard clipping at 0.25; the callback also
+estimates the smoothness constants (L0, L1) of the loss along the way (`estimate=True`)
+and the script prints them with the learning rate they suggest.
 
 Writes to --out (default examples/out/): quickstart_loss.png (training loss per step) and
 quickstart_grad_norm.png (gradient norm before and after clipping per step). Logs to
@@ -22,19 +23,16 @@ import argparse
 import math
 from pathlib import Path
 
-import pytorch_lightning as pl
 from _common import (
+    add_char_lm_args,
     add_output_args,
-    char_data,
-    char_lstm_module,
-    finish_wandb,
+    fit_char_lm,
     fmt,
-    make_logger,
     plain_log_ticks,
     pyplot,
     recorder,
+    require_positive,
 )
-from torch.utils.data import DataLoader
 
 from lightning_l0l1 import L0L1Clipping
 
@@ -80,40 +78,19 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     parser.add_argument("--l0", type=float, default=0.05, help="L0 for mode=l0l1")
     parser.add_argument("--l1", type=float, default=0.2, help="L1 for mode=l0l1")
     parser.add_argument("--lr", type=float, default=30.0, help="SGD learning rate (large on purpose)")
-    parser.add_argument("--hidden", type=int, default=64)
-    parser.add_argument("--seq-len", type=int, default=64)
-    parser.add_argument("--seqs", type=int, default=2048, help="training sequences")
-    parser.add_argument("--batch-size", type=int, default=32)
+    add_char_lm_args(parser)
     parser.add_argument("--epochs", type=int, default=4)
     parser.add_argument("--seed", type=int, default=0)
     add_output_args(parser)
     args = parser.parse_args(argv)
-    for flag in ("hidden", "seq_len", "seqs", "batch_size", "epochs"):
-        if getattr(args, flag) < 1:
-            parser.error(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
+    require_positive(parser, args, "hidden", "seq_len", "seqs", "batch_size", "epochs")
 
-    pl.seed_everything(args.seed, verbose=False)
-    ds, vocab = char_data(args.seq_len, args.seqs)
-    model = char_lstm_module(vocab, args.hidden, args.lr)
     fixed = {"clip": {"max_norm": args.max_norm}, "adaptive": {"max_norm": args.max_norm},
              "l0l1": {"l0": args.l0, "l1": args.l1}, "auto": {}}[args.mode]
     clip = L0L1Clipping(mode=args.mode, **fixed, estimate=True, log_every_n_steps=5)
     rec = recorder(clip)  # after the clipping callback: it sees this step's statistics
-    logger = make_logger(args, f"quickstart {args.mode}")
-    trainer = pl.Trainer(
-        accelerator="cpu",
-        max_epochs=args.epochs,
-        callbacks=[clip, rec],
-        logger=logger,
-        log_every_n_steps=5,
-        enable_checkpointing=False,
-        enable_model_summary=False,
-        enable_progress_bar=not args.no_progress,
-    )
-    try:
-        trainer.fit(model, DataLoader(ds, batch_size=args.batch_size, shuffle=True))
-    finally:
-        finish_wandb(logger)
+    trainer, vocab = fit_char_lm(args, args.lr, [clip, rec], f"quickstart {args.mode}", seed=args.seed,
+                                 max_epochs=args.epochs, log_every_n_steps=5)
     stats = clip.latest()
     loss = float(trainer.callback_metrics["train_loss"])
     l0, l1 = stats.get("l0l1/L0", math.nan), stats.get("l0l1/L1", math.nan)
