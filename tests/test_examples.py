@@ -286,3 +286,37 @@ def test_ddp(tmp_path: Path) -> None:
     metrics = (out / "ddp_csv" / "version_0" / "metrics.csv").read_text()
     assert "l0l1/grad_norm" in metrics.splitlines()[0]
     assert len([ln for ln in metrics.splitlines()[1:] if ln.strip()]) >= 2
+
+
+# ---------------------------------------------------------------------------------------- Figure 1's line fit
+def _nnls_reference(x: list[float], y: list[float]) -> tuple[float, float]:
+    """Two-variable non-negative least squares by enumeration: the best feasible of the four active sets."""
+    import torch
+
+    xt, yt = torch.tensor(x, dtype=torch.float64), torch.tensor(y, dtype=torch.float64)
+    candidates = [(0.0, 0.0)]
+    full = torch.linalg.lstsq(torch.stack([torch.ones_like(xt), xt], 1), yt[:, None]).solution.flatten().tolist()
+    candidates.append((full[0], full[1]))
+    candidates.append((float(yt.mean()), 0.0))  # L1 = 0
+    candidates.append((0.0, float((xt * yt).sum() / (xt * xt).sum())))  # L0 = 0
+    feasible = [(a, b) for a, b in candidates if a >= 0 and b >= 0]
+    return min(feasible, key=lambda ab: float(((ab[0] + ab[1] * xt - yt) ** 2).sum()))
+
+
+@pytest.mark.parametrize(
+    "line",
+    [(0.3, 2.0), (0.0, 1.5), (-0.5, 3.0), (2.0, -0.4)],  # interior, on the L0 = 0 edge, clipped L0, clipped L1
+)
+def test_figure1_fit_line_is_nonnegative_least_squares(line: tuple[float, float]) -> None:
+    import random
+
+    fit_line = _load("figure1").fit_line
+    rng = random.Random(0)
+    x = [rng.uniform(0.5, 3.0) for _ in range(200)]
+    y = [line[0] + line[1] * v + rng.gauss(0, 0.05) for v in x]
+    got = fit_line(x, y)
+    ref = _nnls_reference(x, y)
+    assert got[0] >= 0 and got[1] >= 0
+    assert got == pytest.approx(ref, rel=1e-9, abs=1e-12)
+    if line[0] > 0 and line[1] > 0:
+        assert got == pytest.approx(line, abs=0.05)  # and it recovers an exact line through the noise
