@@ -18,7 +18,7 @@ from typing import Optional
 
 import pytorch_lightning as pl
 import torch
-from _common import mlp, regression_data
+from _shared import mlp, regression_data
 from pytorch_lightning.cli import LightningCLI
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset

@@ -25,7 +25,7 @@ from typing import Any, Optional
 
 import pytorch_lightning as pl
 import torch
-from _common import add_output_args, finish_wandb, make_logger, mlp, regression_data
+from _shared import add_output_args, finish_wandb, make_logger, mlp, regression_data
 from pytorch_lightning.callbacks import Callback
 from pytorch_lightning.loggers import CSVLogger
 from torch import nn

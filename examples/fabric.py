@@ -16,7 +16,7 @@ import argparse
 from typing import Optional
 
 import torch
-from _common import add_output_args, mlp, progress, regression_data, require_positive, wandb_run
+from _shared import add_output_args, mlp, progress, regression_data, require_positive, wandb_run
 from lightning_fabric import Fabric
 from torch import nn
 from torch.utils.data import DataLoader

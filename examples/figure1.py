@@ -31,7 +31,7 @@ from typing import Any, Optional
 
 import pytorch_lightning as pl
 import torch
-from _common import add_char_lm_args, add_output_args, fit_char_lm, fmt, plain_log_ticks, pyplot, require_positive
+from _shared import add_char_lm_args, add_output_args, fit_char_lm, fmt, plain_log_ticks, pyplot, require_positive
 
 from lightning_l0l1 import L0L1Clipping
 

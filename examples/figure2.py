@@ -25,7 +25,7 @@ import json
 import math
 from typing import Any, Optional
 
-from _common import (
+from _shared import (
     add_char_lm_args,
     add_output_args,
     fit_char_lm,

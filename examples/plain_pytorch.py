@@ -19,7 +19,7 @@ import argparse
 from typing import Optional
 
 import torch
-from _common import add_output_args, mlp, progress, regression_data, require_positive, wandb_run
+from _shared import add_output_args, mlp, progress, regression_data, require_positive, wandb_run
 from torch import nn
 
 from lightning_l0l1 import GradientClipper

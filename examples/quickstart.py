@@ -23,7 +23,7 @@ import argparse
 import math
 from pathlib import Path
 
-from _common import (
+from _shared import (
     add_char_lm_args,
     add_output_args,
     fit_char_lm,

@@ -57,7 +57,7 @@ def _load(name: str) -> ModuleType:
     key = f"_example_{name}"
     if key in sys.modules:
         return sys.modules[key]
-    if str(EXAMPLES) not in sys.path:  # the scripts import their shared helpers from `_common`
+    if str(EXAMPLES) not in sys.path:  # the scripts import their shared helpers from `_shared`
         sys.path.insert(0, str(EXAMPLES))
     spec = importlib.util.spec_from_file_location(key, _path(name))
     assert spec is not None and spec.loader is not None

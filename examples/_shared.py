@@ -1,6 +1,6 @@
 """What the example scripts share: the data, the models, the W&B logger and the plot style.
 
-Not part of the package: the scripts import it as ``from _common import ...`` (Python puts
+Not part of the package: the scripts import it as ``from _shared import ...`` (Python puts
 the script's own folder first on ``sys.path``). Every dataset is made here or ships with
 Python, so nothing is downloaded.
 """
