@@ -1,6 +1,6 @@
 """The paper's Figure 1: local smoothness against gradient norm along the training trajectory.
 
-    python examples/figure1.py                 # two runs of 300 steps, about 2 minutes on 2 CPU cores
+    python examples/figure1.py                 # two runs of 500 steps, about 20 s on 2 CPU cores
     python examples/figure1.py --steps 2000 --hidden 128 --seqs 4096    # closer to the paper's scale
     python examples/figure1.py --help
 

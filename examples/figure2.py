@@ -1,6 +1,6 @@
 """The paper's Figure 2/4: training loss of SGD with and without clipping, and of the `auto` mode.
 
-    python examples/figure2.py                   # four runs of 300 steps, about 2 minutes on 2 CPU cores
+    python examples/figure2.py                   # four runs of 500 steps, about 40 s on 2 CPU cores
     python examples/figure2.py --steps 2000 --hidden 128 --seqs 4096 --seeds 3   # closer to the paper
     python examples/figure2.py --help
 
