@@ -99,7 +99,22 @@ def add_char_lm_args(parser: argparse.ArgumentParser, seqs: int = 2048) -> None:
     parser.add_argument("--hidden", type=int, default=64, help="LSTM width")
     parser.add_argument("--seq-len", type=int, default=64, help="characters per sequence")
     parser.add_argument("--seqs", type=int, default=seqs, help="training sequences")
-    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--batch-size", type=int, default=32, help="sequences per batch")
+
+
+def check_char_lm_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Usage errors for sizes the text cannot supply: too many characters, or fewer sequences than a batch."""
+    require_positive(parser, args, "hidden", "seq_len", "seqs", "batch_size")
+    from pydoc_data.topics import topics
+
+    chars = sum(len(v) for v in topics.values()) + len(topics) - 1
+    most = (chars - 1) // args.seq_len
+    if args.seqs > most:
+        parser.error(f"--seqs {args.seqs} x --seq-len {args.seq_len} needs more text than there is: "
+                     f"at most {most} sequences of {args.seq_len} characters")
+    if args.seqs < args.batch_size:
+        parser.error(f"--seqs ({args.seqs}) must be at least --batch-size ({args.batch_size}): "
+                     "incomplete batches are dropped")
 
 
 def require_positive(parser: argparse.ArgumentParser, args: argparse.Namespace, *names: str) -> None:
@@ -202,8 +217,19 @@ def pyplot():
 
 
 def fmt(x: float) -> str:
-    """A number for a summary line: 4 significant digits, ``n/a`` where it is not a finite positive number."""
-    return f"{x:.4g}" if math.isfinite(x) and x > 0 else "n/a"
+    """A number for a summary line: 4 significant digits, ``n/a`` where it is not finite (no estimate yet)."""
+    return f"{x:.4g}" if math.isfinite(x) else "n/a"
+
+
+def json_safe(obj: Any) -> Any:
+    """``obj`` with every non-finite float replaced by ``None`` (standard JSON has no NaN or Infinity)."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, dict):
+        return {k: json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [json_safe(v) for v in obj]
+    return obj
 
 
 def smooth(values: list[float], window: int) -> list[float]:

@@ -25,7 +25,7 @@ from typing import Any, Optional
 
 import pytorch_lightning as pl
 import torch
-from _shared import add_output_args, finish_wandb, make_logger, mlp, regression_data
+from _shared import add_output_args, finish_wandb, make_logger, mlp, regression_data, require_positive
 from pytorch_lightning.callbacks import Callback
 from pytorch_lightning.loggers import CSVLogger
 from torch import nn
@@ -90,10 +90,11 @@ def main(argv: Optional[list[str]] = None) -> dict[str, float]:
     parser.add_argument("--max-norm", type=float, default=0.5)
     parser.add_argument("--lr", type=float, default=0.5)
     parser.add_argument("--hidden", type=int, default=32)
-    parser.add_argument("--batch-size", type=int, default=16, help="per rank")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--batch-size", type=int, default=16, help="examples per batch on each rank")
+    parser.add_argument("--seed", type=int, default=0, help="random seed (weights and data order)")
     add_output_args(parser)
     args = parser.parse_args(argv)
+    require_positive(parser, args, "steps", "devices", "hidden", "batch_size")
 
     torch.set_num_threads(1)
     accelerator = args.accelerator

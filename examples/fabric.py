@@ -31,8 +31,8 @@ def main(argv: Optional[list[str]] = None) -> dict[str, float]:
     parser.add_argument("--lr", type=float, default=0.5)
     parser.add_argument("--steps", type=int, default=200)
     parser.add_argument("--hidden", type=int, default=64)
-    parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--batch-size", type=int, default=32, help="examples per batch")
+    parser.add_argument("--seed", type=int, default=0, help="random seed (weights and data order)")
     parser.add_argument("--log-every", type=int, default=10, help="W&B logging interval in steps")
     add_output_args(parser)
     args = parser.parse_args(argv)
@@ -51,19 +51,21 @@ def main(argv: Optional[list[str]] = None) -> dict[str, float]:
     run = wandb_run(args, f"fabric {args.mode}", vars(args)) if fabric.is_global_zero else None
 
     norms, after, losses = [], [], []
-    for step, (x, y) in enumerate(progress(loader, len(loader), args, f"Fabric, {args.mode}")):
-        loss = nn.functional.mse_loss(model(x), y)
-        opt.zero_grad(set_to_none=True)
-        fabric.backward(loss)
-        norms.append(clip_gradients_(model.parameters(), args.max_norm, mode=args.mode))
-        after.append(grad_norm(model.parameters()))
-        opt.step()
-        losses.append(loss.detach())
-        if run is not None and (step + 1) % args.log_every == 0:
-            row = {"train_loss": loss.detach(), "grad_norm": norms[-1], "grad_norm_scaled": after[-1]}
-            run.log({k: float(v) for k, v in row.items()}, step=step)
-    if run is not None:
-        run.finish()
+    try:
+        for step, (x, y) in enumerate(progress(loader, len(loader), args, f"Fabric, {args.mode}")):
+            loss = nn.functional.mse_loss(model(x), y)
+            opt.zero_grad(set_to_none=True)
+            fabric.backward(loss)
+            norms.append(clip_gradients_(model.parameters(), args.max_norm, mode=args.mode))
+            after.append(grad_norm(model.parameters()))
+            opt.step()
+            losses.append(loss.detach())
+            if run is not None and (step + 1) % args.log_every == 0:
+                row = {"train_loss": loss.detach(), "grad_norm": norms[-1], "grad_norm_scaled": after[-1]}
+                run.log({k: float(v) for k, v in row.items()}, step=step)
+    finally:
+        if run is not None:
+            run.finish()
 
     norms_t, after_t, losses_t = torch.stack(norms), torch.stack(after), torch.stack(losses)
     tail = max(1, len(losses) // 10)

@@ -31,7 +31,17 @@ from typing import Any, Optional
 
 import pytorch_lightning as pl
 import torch
-from _shared import add_char_lm_args, add_output_args, fit_char_lm, fmt, plain_log_ticks, pyplot, require_positive
+from _shared import (
+    add_char_lm_args,
+    add_output_args,
+    check_char_lm_args,
+    fit_char_lm,
+    fmt,
+    json_safe,
+    plain_log_ticks,
+    pyplot,
+    require_positive,
+)
 
 from lightning_l0l1 import L0L1Clipping
 
@@ -51,21 +61,20 @@ class SmoothnessProbe(pl.Callback):
     def __init__(self, every: int = 1) -> None:
         self.every = every
         self.rows: list[dict[str, float]] = []
-        self._snap: Optional[tuple[list[torch.Tensor], list[torch.Tensor]]] = None
+        self._snap: Optional[tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor]]] = None
 
     def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
         self._snap = None
         if trainer.global_step % self.every:
             return
         params = [p for p in pl_module.parameters() if p.grad is not None]
-        self._snap = ([p.detach().clone() for p in params], [p.grad.detach().clone() for p in params])
+        self._snap = (params, [p.detach().clone() for p in params], [p.grad.detach().clone() for p in params])
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         if self._snap is None:
             return
-        before, grads = self._snap
+        params, before, grads = self._snap  # the same parameters, in the same order, as the snapshot
         self._snap = None
-        params = [p for p in pl_module.parameters() if p.requires_grad]
         with torch.enable_grad():
             new_grads = torch.autograd.grad(pl_module.loss(batch), params)
         step = math.sqrt(_sq_norm([p.detach() - b for p, b in zip(params, before)]))
@@ -166,10 +175,11 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     parser.add_argument("--lr-small", type=float, default=0.5, help="learning rate of the unclipped run")
     add_char_lm_args(parser)
     parser.add_argument("--measure-every", type=int, default=1, help="measure the smoothness every K steps")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0, help="random seed (weights and data order)")
     add_output_args(parser)
     args = parser.parse_args(argv)
-    require_positive(parser, args, "steps", "hidden", "seq_len", "seqs", "batch_size", "measure_every")
+    require_positive(parser, args, "steps", "measure_every")
+    check_char_lm_args(parser, args)
 
     runs = [
         run(args, f"clipped lr {args.lr_large:g}", args.lr_large, clip=True),
@@ -180,7 +190,7 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     args.out.mkdir(parents=True, exist_ok=True)
     png, js = args.out / "figure1.png", args.out / "figure1.json"
     plot(runs, png)
-    js.write_text(json.dumps(runs, indent=1))
+    js.write_text(json.dumps(json_safe(runs), indent=1))
 
     print("\nFigure 1: local smoothness vs gradient norm (same-minibatch secant along each step)")
     print(f"{'run':22s} {'points':>6s} {'corr(log)':>9s} {'fit L0':>9s} {'fit L1':>9s} {'final loss':>10s}")

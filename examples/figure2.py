@@ -28,8 +28,10 @@ from typing import Any, Optional
 from _shared import (
     add_char_lm_args,
     add_output_args,
+    check_char_lm_args,
     fit_char_lm,
     fmt,
+    json_safe,
     plain_log_ticks,
     pyplot,
     recorder,
@@ -80,7 +82,6 @@ def plot(results: dict[str, dict[str, Any]], args: argparse.Namespace, path) -> 
     fig, ax = plt.subplots(figsize=(8, 5))
     colors = {"unclipped_small_lr": "tab:blue", "unclipped_large_lr": "tab:red", "clip": "tab:green",
               "auto": "tab:purple"}
-    top = 0.0
     for key, res in results.items():
         curves = [smooth(r["losses"], args.smooth) for r in res["runs"]]
         n = min(len(c) for c in curves)
@@ -92,8 +93,6 @@ def plot(results: dict[str, dict[str, Any]], args: argparse.Namespace, path) -> 
             lo = [min(v) if all(math.isfinite(x) for x in v) else math.nan for v in cols]
             hi = [max(v) if all(math.isfinite(x) for x in v) else math.nan for v in cols]
             ax.fill_between(steps, lo, hi, color=colors[key], alpha=0.2, lw=0)
-        finite = [m for m in mean if math.isfinite(m)]
-        top = max(top, max(finite[:5], default=0.0))
         bad = next((i for i, m in enumerate(mean) if not math.isfinite(m)), None)
         if bad is not None and bad > 0:
             ax.plot([bad - 1], [mean[bad - 1]], "x", color=colors[key], ms=12, mew=3)
@@ -122,7 +121,8 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     parser.add_argument("--smooth", type=int, default=10, help="plot a trailing mean over this many steps")
     add_output_args(parser)
     args = parser.parse_args(argv)
-    require_positive(parser, args, "steps", "hidden", "seq_len", "seqs", "batch_size", "seeds", "smooth")
+    require_positive(parser, args, "steps", "seeds", "smooth")
+    check_char_lm_args(parser, args)
 
     tail = max(1, args.steps // 10)
     results: dict[str, dict[str, Any]] = {}
@@ -137,15 +137,16 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     args.out.mkdir(parents=True, exist_ok=True)
     png, js = args.out / "figure2.png", args.out / "figure2.json"
     plot(results, args, png)
-    js.write_text(json.dumps(results, indent=1))
+    js.write_text(json.dumps(json_safe(results), indent=1))
 
     print(f"\nFigure 2: training loss after {args.steps} steps (mean of the last {tail}, over {args.seeds} seed(s))")
     for res in results.values():
         note = f"  diverged in {res['diverged']}/{args.seeds}" if res["diverged"] else ""
         extra = ""
-        last = res["runs"][-1]
+        last = res["runs"][-1]  # the callback's statistics: of the last seed
+        which = f" (seed {last['seed']})" if args.seeds > 1 else ""
         if "lr_effective" in last:
-            extra = f"  clip rate {last['clip_rate']:.2f}, last effective lr {last['lr_effective']:.3g}"
+            extra = f"  clip rate{which} {last['clip_rate']:.2f}, last effective lr {last['lr_effective']:.3g}"
         if "L0" in last:
             extra += f", L0 {fmt(last['L0'])}, L1 {fmt(last['L1'])}"
         print(f"  {res['label']:34s} {fmt(res['final_loss']):>8s}{note}{extra}")

@@ -35,8 +35,8 @@ def main(argv: Optional[list[str]] = None) -> dict[str, float]:
     parser.add_argument("--lr", type=float, default=0.5, help="SGD learning rate")
     parser.add_argument("--steps", type=int, default=200)
     parser.add_argument("--hidden", type=int, default=64)
-    parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--batch-size", type=int, default=32, help="examples per batch")
+    parser.add_argument("--seed", type=int, default=0, help="random seed (weights and data order)")
     parser.add_argument("--log-every", type=int, default=10, help="W&B logging interval in steps")
     add_output_args(parser)
     args = parser.parse_args(argv)
@@ -52,30 +52,32 @@ def main(argv: Optional[list[str]] = None) -> dict[str, float]:
     norms, scaled, losses = [], [], []
     gen = torch.Generator().manual_seed(args.seed + 1)
     run = wandb_run(args, f"plain_pytorch {args.mode}", vars(args))
-    for step in progress(range(args.steps), args.steps, args, f"plain PyTorch, {args.mode}"):
-        idx = torch.randint(0, len(x), (args.batch_size,), generator=gen)
-        loss = nn.functional.mse_loss(model(x[idx]), y[idx])
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        if args.mode in ("clip", "adaptive"):
-            norm = clip_gradients_(model.parameters(), args.max_norm, mode=args.mode)
-        elif clipper is not None:
-            out = clipper.step(opt)  # scales in place; out.norm is the norm before scaling
-            assert out is not None
-            norm = out.norm
-        else:
-            norm = grad_norm(model.parameters())
-        after = grad_norm(model.parameters())
-        opt.step()
-        # Kept as tensors: one host read at the end, none per step.
-        norms.append(norm.detach())
-        scaled.append(after)
-        losses.append(loss.detach())
-        if run is not None and (step + 1) % args.log_every == 0:
-            row = {"train_loss": loss.detach(), "grad_norm": norm.detach(), "grad_norm_scaled": after}
-            run.log({k: float(v) for k, v in row.items()}, step=step)
-    if run is not None:
-        run.finish()
+    try:
+        for step in progress(range(args.steps), args.steps, args, f"plain PyTorch, {args.mode}"):
+            idx = torch.randint(0, len(x), (args.batch_size,), generator=gen)
+            loss = nn.functional.mse_loss(model(x[idx]), y[idx])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            if args.mode in ("clip", "adaptive"):
+                norm = clip_gradients_(model.parameters(), args.max_norm, mode=args.mode)
+            elif clipper is not None:
+                out = clipper.step(opt)  # scales in place; out.norm is the norm before scaling
+                assert out is not None
+                norm = out.norm
+            else:
+                norm = grad_norm(model.parameters())
+            after = grad_norm(model.parameters())
+            opt.step()
+            # Kept as tensors: one host read at the end, none per step.
+            norms.append(norm.detach())
+            scaled.append(after)
+            losses.append(loss.detach())
+            if run is not None and (step + 1) % args.log_every == 0:
+                row = {"train_loss": loss.detach(), "grad_norm": norm.detach(), "grad_norm_scaled": after}
+                run.log({k: float(v) for k, v in row.items()}, step=step)
+    finally:
+        if run is not None:
+            run.finish()
 
     norms_t, scaled_t, losses_t = torch.stack(norms), torch.stack(scaled), torch.stack(losses)
     tail = max(1, args.steps // 10)

@@ -26,6 +26,7 @@ from pathlib import Path
 from _shared import (
     add_char_lm_args,
     add_output_args,
+    check_char_lm_args,
     fit_char_lm,
     fmt,
     plain_log_ticks,
@@ -80,10 +81,11 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     parser.add_argument("--lr", type=float, default=30.0, help="SGD learning rate (large on purpose)")
     add_char_lm_args(parser)
     parser.add_argument("--epochs", type=int, default=4)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0, help="random seed (weights and data order)")
     add_output_args(parser)
     args = parser.parse_args(argv)
-    require_positive(parser, args, "hidden", "seq_len", "seqs", "batch_size", "epochs")
+    require_positive(parser, args, "epochs")
+    check_char_lm_args(parser, args)
 
     fixed = {"clip": {"max_norm": args.max_norm}, "adaptive": {"max_norm": args.max_norm},
              "l0l1": {"l0": args.l0, "l1": args.l1}, "auto": {}}[args.mode]

@@ -16,7 +16,6 @@ import re
 import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -167,12 +166,10 @@ def test_runs_tiny(name: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, c
         monkeypatch.setenv("WANDB_SILENT", "true")
     else:
         monkeypatch.setenv("WANDB_MODE", "disabled")
-    t0 = time.monotonic()
     summary = module.main(argv)
-    elapsed = time.monotonic() - t0
     _check_summary(summary, name)
     printed = capsys.readouterr().out
-    assert "nan" not in printed.lower().split(), f"{name} printed a NaN:\n{printed[-2000:]}"
+    assert not re.search(r"\b(nan|inf)\b", printed, re.IGNORECASE), f"{name} printed a non-finite number:\n{printed}"
     pngs = _check_pngs(tmp_path, name)
     expected = {"quickstart": ["quickstart_loss.png", "quickstart_grad_norm.png"], "figure1": ["figure1.png"],
                 "figure2": ["figure2.png"]}.get(name, [])
@@ -180,20 +177,29 @@ def test_runs_tiny(name: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, c
     if with_wandb:
         runs = list((out / "wandb").glob("offline-run-*"))
         assert len(runs) == 1 and list(runs[0].glob("*.wandb")), f"no offline W&B run under {out}"
-    assert elapsed < 60, f"{name} took {elapsed:.0f} s with {argv}"
+
+
+QUIET = ["--no-wandb", "--no-progress"]
 
 
 @pytest.mark.parametrize("mode", ["clip", "adaptive", "l0l1"])
-def test_plain_pytorch_modes(mode: str, capsys) -> None:
-    summary = _load("plain_pytorch").main(["--mode", mode, "--steps", "20", "--hidden", "8"])
+def test_plain_pytorch_modes(mode: str, tmp_path: Path, capsys) -> None:
+    argv = ["--mode", mode, "--steps", "20", "--hidden", "8", "--lr", "0.5", "--out", str(tmp_path), *QUIET]
+    summary = _load("plain_pytorch").main(argv)
     _check_summary(summary, f"plain_pytorch --mode {mode}")
-    if mode == "clip":
+    if mode == "clip":  # min(1, gamma/||g||): never above gamma, and these gradients start above it
         assert summary["max_grad_norm_after"] <= 0.5 * (1 + 1e-5)
+        assert summary["max_grad_norm"] > 0.5
+    elif mode == "adaptive":  # gamma/(||g|| + gamma): strictly below gamma
+        assert summary["max_grad_norm_after"] < 0.5
+    else:  # min(lr, 1/(L0 + L1 ||g||)) with L0 = L1 = 1, lr = 0.5: the lr caps it below ||g|| = 1
+        assert 0 < summary["lr_effective"] <= 0.5
     assert "final_loss" in capsys.readouterr().out
 
 
-def test_fabric_clips(capsys) -> None:
-    summary = _load("fabric").main(["--steps", "10", "--hidden", "8", "--max-norm", "0.1"])
+def test_fabric_clips(tmp_path: Path, capsys) -> None:
+    summary = _load("fabric").main(["--steps", "10", "--hidden", "8", "--max-norm", "0.1", "--out", str(tmp_path),
+                                    *QUIET])
     _check_summary(summary, "fabric")
     assert summary["steps"] == 10
     assert summary["max_grad_norm_after"] <= 0.1 * (1 + 1e-5)
@@ -320,3 +326,44 @@ def test_figure1_fit_line_is_nonnegative_least_squares(line: tuple[float, float]
     assert got == pytest.approx(ref, rel=1e-9, abs=1e-12)
     if line[0] > 0 and line[1] > 0:
         assert got == pytest.approx(line, abs=0.05)  # and it recovers an exact line through the noise
+
+
+# ---------------------------------------------------------------------------------------- Figure 1's probe
+def test_figure1_probe_measures_curvature_of_the_raw_gradient() -> None:
+    """On f(w) = a/2 ||w||^2 the same-batch secant is exactly a, and the norm is the one before clipping."""
+    import pytorch_lightning as pl
+    import torch
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from lightning_l0l1 import L0L1Clipping
+
+    a, lr, gamma = 3.0, 0.1, 0.5
+
+    class Quadratic(pl.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.full((4,), 2.0, dtype=torch.float64))
+            self.frozen = torch.nn.Parameter(torch.ones(3, dtype=torch.float64), requires_grad=False)
+
+        def loss(self, batch):
+            return 0.5 * a * (self.w**2).sum() + 0 * batch[0].sum()
+
+        def training_step(self, batch, batch_idx):
+            return self.loss(batch)
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=lr)
+
+    probe = _load("figure1").SmoothnessProbe()
+    trainer = pl.Trainer(
+        accelerator="cpu", max_steps=5, callbacks=[probe, L0L1Clipping(max_norm=gamma, log_stats=False)],
+        logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+    )
+    trainer.fit(Quadratic(), DataLoader(TensorDataset(torch.zeros(8, 1, dtype=torch.float64)), batch_size=1))
+    assert [r["step"] for r in probe.rows] == [0, 1, 2, 3, 4]
+    w = torch.full((4,), 2.0, dtype=torch.float64)
+    for row in probe.rows:
+        g = a * w
+        assert row["smoothness"] == pytest.approx(a, rel=1e-9)
+        assert row["grad_norm"] == pytest.approx(float(g.norm()), rel=1e-9)  # > gamma: before clipping
+        w = w - lr * g * min(1.0, gamma / (float(g.norm()) + 1e-6))  # torch's clip_grad_norm_ rule, by hand
