@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import sys
+from collections.abc import Callable
 from typing import Any, Literal, Optional, Union
 
 import pytorch_lightning as pl
@@ -70,6 +71,13 @@ class L0L1Clipping(Callback):
             Costs two gradient-sized buffers and, per step, one extra pass over gradients and
             parameters.
         estimate_every: form a secant pair every K steps only (cost divided by about K).
+        probe_loss: the paper's noise-free measurement. ``probe_loss(pl_module, batch)`` returns the
+            loss of ``batch`` (the step's own batch) as ``training_step`` computes it, without logging;
+            after each estimated step the callback evaluates its gradient at the midpoint of the step
+            and forms the secant pair from it, instead of from two different minibatches, whose
+            noise biases the secant upwards. Costs one extra forward and backward pass per estimated
+            step (``estimate_every`` thins it). Implies ``estimate=True``; automatic optimization,
+            ``accumulate_grad_batches=1`` and unsharded gradients (single device, DDP) only.
         snapshot_device: ``"cpu"`` keeps the estimator's snapshot in host memory.
         initial_step: ``auto``: the first update moves the parameters by at most
             ``initial_step * max(||theta||, 1)``; the bound doubles every step.
@@ -109,6 +117,7 @@ class L0L1Clipping(Callback):
         foreach: Optional[bool] = None,
         estimate: Optional[bool] = None,
         estimate_every: int = 1,
+        probe_loss: Optional[Callable[[pl.LightningModule, Any], Tensor]] = None,
         snapshot_device: Optional[Literal["cpu"]] = None,
         initial_step: float = 1e-3,
         fused_handoff: bool = True,
@@ -119,6 +128,15 @@ class L0L1Clipping(Callback):
         wandb_table_every: int = 10,
     ) -> None:
         super().__init__()
+        if probe_loss is not None and not callable(probe_loss):
+            raise ValueError(f"`probe_loss` must be a callable (pl_module, batch) -> loss tensor, got {probe_loss!r}.")
+        if probe_loss is not None and estimate is False:
+            raise ValueError(
+                "`probe_loss` measures the smoothness for the estimator: it cannot go with `estimate=False`."
+            )
+        if probe_loss is not None:
+            estimate = True
+        self.probe_loss = probe_loss
         self._clipper = GradientClipper(
             mode=mode,
             max_norm=max_norm,
@@ -132,6 +150,7 @@ class L0L1Clipping(Callback):
             snapshot_device=snapshot_device,
             initial_step=initial_step,
             fused_handoff=fused_handoff,
+            probe=probe_loss is not None,
         )
         self.estimate = self._clipper.estimate
         self.estimate_every = estimate_every
@@ -190,6 +209,18 @@ class L0L1Clipping(Callback):
                 "the gradients will be clipped twice (first by L0L1Clipping, then by Lightning). "
                 "Remove `gradient_clip_val` from the Trainer to clip once."
             )
+        if self.probe_loss is not None:
+            if not pl_module.automatic_optimization:
+                raise RuntimeError(
+                    "`L0L1Clipping(probe_loss=...)` needs automatic optimization (it probes the batch of the "
+                    "step Lightning just took); with manual optimization call `GradientClipper.probe` yourself."
+                )
+            if trainer.accumulate_grad_batches != 1:
+                raise RuntimeError(
+                    "`L0L1Clipping(probe_loss=...)` needs `accumulate_grad_batches=1`, got "
+                    f"{trainer.accumulate_grad_batches}: the step's gradient is summed over several batches, "
+                    "the probe would see only the last one."
+                )
         self._fsdp1_checked = False
         self._sinks = None  # this trainer's loggers and W&B run, not those of an earlier fit
 
@@ -245,6 +276,8 @@ class L0L1Clipping(Callback):
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
+        if self.probe_loss is not None:
+            self._probe(trainer, pl_module, batch)
         interval = self.log_every_n_steps or max(1, int(getattr(trainer, "log_every_n_steps", 50) or 50))
         if self.log_stats and self._since_log >= interval:
             self._flush(trainer)
@@ -277,6 +310,38 @@ class L0L1Clipping(Callback):
             }
             wb.finish({k: v for k, v in summary.items() if math.isfinite(v)}, trainer.global_step)
 
+    def _probe(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any) -> None:
+        """The gradient of this step's batch at the step's midpoint, averaged over data-parallel ranks."""
+        probe_loss = self.probe_loss
+        assert probe_loss is not None
+
+        def gradient(params: Any) -> Any:
+            with trainer.precision_plugin.forward_context():
+                loss = probe_loss(pl_module, batch)
+            if not isinstance(loss, Tensor) or loss.numel() != 1:
+                raise TypeError(
+                    f"`probe_loss` must return the loss as a one-element tensor, got {type(loss).__name__}."
+                )
+            return torch.autograd.grad(loss.float().reshape(()), params, allow_unused=True)
+
+        reduce = None
+        if trainer.world_size > 1 and torch.distributed.is_available() and torch.distributed.is_initialized():
+            world = trainer.world_size
+
+            def reduce(grads: list[Tensor]) -> None:  # one all-reduce, averaged like DDP's gradients
+                dtype = torch.float32
+                for g in grads:  # at least float32, float64 if any gradient is
+                    dtype = torch.promote_types(dtype, g.dtype)
+                flat = torch.cat([g.reshape(-1).to(dtype) for g in grads])
+                torch.distributed.all_reduce(flat)
+                flat.div_(world)
+                offset = 0
+                for g in grads:
+                    g.copy_(flat[offset : offset + g.numel()].view_as(g))
+                    offset += g.numel()
+
+        self._clipper.probe(0, gradient, reduce)
+
     def _get_sinks(self, trainer: pl.Trainer) -> tuple[LoggerSink, Optional[WandbSink]]:
         if self._sinks is None:
             loggers = list(trainer.loggers)
@@ -288,6 +353,7 @@ class L0L1Clipping(Callback):
                 "mode": self.mode, "max_norm": self.max_norm, "l0": self.l0, "l1": self.l1,
                 "norm_type": self.norm_type, "nonfinite": self.nonfinite, "estimate": self.estimate,
                 "estimate_every": self.estimate_every, "log_every_n_steps": self.log_every_n_steps,
+                "probe": self.probe_loss is not None,
             }
             if wandb_logger is not None:
                 wb = WandbSink(lambda: wandb_logger.experiment, self.prefix, config, log_metrics=False,

@@ -111,6 +111,7 @@ class _OptState:
     snap: Optional[Snapshot] = None  # previous gradients and parameters, for the secant
     snap_step: int = -2  # the step index the snapshot was taken at
     delta: Optional[Tensor] = None  # auto: the first step's length
+    probe_params: list[Tensor] = field(default_factory=list)  # probe mode: the snapshot's parameters, in order
     sharded: bool = False  # gradients are shards (FSDP1/FSDP2): the snapshot is not checkpointed
 
     def ensure(self, like: Tensor, n_groups: int, offload: bool = False) -> None:
@@ -186,6 +187,10 @@ class GradientClipper:
             over them; in the fixed modes it only reports ``smoothness``, ``L0`` and ``L1``.
         estimate_every: form a secant pair every K steps only (the snapshot is refreshed on the
             step before); the estimator's time cost is divided by about K.
+        probe: form the secant pairs with :meth:`probe` (the paper's method: the gradient of the
+            step's own batch at the midpoint of the step, free of minibatch noise) instead of between
+            consecutive steps' gradients. The caller computes that gradient; gradients must not be
+            sharded.
         snapshot_device: ``"cpu"`` keeps the snapshot in (pinned) host memory: no device memory,
             at the price of host-device copies.
         initial_step: ``auto``: the first update moves the parameters by at most
@@ -225,6 +230,7 @@ class GradientClipper:
         snapshot_device: Optional[Literal["cpu"]] = None,
         initial_step: float = 1e-3,
         fused_handoff: bool = True,
+        probe: bool = False,
     ) -> None:
         self.mode: Mode = _choice("mode", mode, _MODES)  # type: ignore[assignment]
         self.nonfinite: NonFinite = _choice("nonfinite", nonfinite, _NONFINITE)  # type: ignore[assignment]
@@ -242,6 +248,11 @@ class GradientClipper:
         self.snapshot_device = snapshot_device
         self.initial_step = _positive("initial_step", initial_step)
         self.fused_handoff = _flag("fused_handoff", fused_handoff)
+        self.probe_enabled = bool(_flag("probe", probe))
+        if self.probe_enabled and not self.estimate:
+            raise ValueError(
+                "`probe=True` forms the estimator's pairs, so it needs the estimator: got `estimate=False`."
+            )
         if mode == "l0l1":
             if l0 is None or l1 is None:
                 raise ValueError(
@@ -440,6 +451,19 @@ class GradientClipper:
         t = state.steps
         snap = state.snap
         layout = tuple(tuple(g.shape) for g in grads)
+        if self.probe_enabled:
+            if any(kind != "r" for kind, _ in kinds):
+                raise RuntimeError(
+                    "The probe (`probe_loss=` / `probe=True`) needs whole gradients; this optimizer's are "
+                    "sharded (FSDP) or DTensors. Use the default minibatch secant (no probe) under sharding."
+                )
+            if (t + 1) % self.estimate_every == 0:
+                snap.take(grads, params, norm)
+                state.snap_step = t
+                state.probe_params = [p for ps in params_per_group for p in ps]
+            else:
+                state.snap_step, state.probe_params = -2, []
+            return
         if state.snap_step == t - 1 and snap.valid and snap.layout == layout:
             dg, dp = snap.differences(grads, params, self.norm_type)
             offloaded = snap.offload
@@ -454,6 +478,69 @@ class GradientClipper:
         if (t + 1) % self.estimate_every == 0:
             snap.take(grads, params, norm)
             state.snap_step = t
+
+    @torch.no_grad()
+    def probe(
+        self,
+        key: int,
+        gradient: Callable[[Sequence[Tensor]], Sequence[Optional[Tensor]]],
+        reduce: Optional[Callable[[list[Tensor]], None]] = None,
+    ) -> bool:
+        r"""The paper's smoothness pair for the step just taken; call it after ``optimizer.step()``.
+
+        With :math:`	heta_t, g_t` the parameters and (unscaled) gradient the last :meth:`step` saw and
+        :math:`	heta_{t+1}` the parameters now, the parameters are moved to the midpoint
+        :math:`ar	heta = (	heta_t + 	heta_{t+1})/2`, ``gradient(params)`` is called there (it
+        must return the gradient of the *same* batch's loss with respect to ``params``, in order;
+        ``None`` for an unused parameter), the parameters are restored bit for bit, and the pair
+        :math:`(\mathrm{LM}(\lVert g_t
+Vert, \lVertar g
+Vert), \lVertar g - g_t
+Vert /
+        \lVertar	heta - 	heta_t
+Vert)` enters the envelope. No minibatch noise enters it: both
+        gradients are of one batch. ``reduce`` averages the probe gradients over processes in place
+        (data parallel), so that every rank forms the same pair.
+
+        Returns:
+            Whether a pair was formed (``False`` when this step took no snapshot: ``estimate_every``,
+            no gradient, or no :meth:`step` since the last probe). A skipped step (no parameter moved)
+            or a non-finite probe gradient gives a pair the envelope ignores.
+        """
+        state = self._states.get(key)
+        if not self.probe_enabled:
+            raise RuntimeError("`probe()` needs a clipper made with `probe=True`.")
+        if (
+            state is None or state.snap is None or not state.snap.valid or state.snap_step != state.steps - 1
+            or not state.probe_params
+        ):
+            return False
+        snap, params = state.snap, state.probe_params
+        state.snap_step, state.probe_params = -2, []  # one probe per snapshot
+        now = [p.detach().clone() for p in params]  # theta_{t+1}, restored exactly afterwards
+        before = [b.to(p.device, non_blocking=True) for b, p in zip(snap.params, params)]
+        try:
+            for p, b in zip(params, before):
+                p.add_(b).mul_(0.5)  # the midpoint
+            with torch.enable_grad():
+                got = list(gradient(params))
+        finally:
+            torch._foreach_copy_(list(params), now)
+        if len(got) != len(params):
+            raise RuntimeError(
+                f"The probe's gradient function returned {len(got)} tensors for {len(params)} parameters."
+            )
+        mid_grads = [torch.zeros_like(p) if g is None else g.detach() for g, p in zip(got, params)]
+        if reduce is not None:
+            reduce(mid_grads)
+        old_grads = [b.to(p.device, non_blocking=True) for b, p in zip(snap.grads, params)]
+        dg = [g - o for g, o in zip(mid_grads, old_grads)]
+        dp = [(n - b) * 0.5 for n, b in zip(now, before)]
+        d = group_norms([GradGroup(replicated=dg), GradGroup(replicated=dp), GradGroup(replicated=mid_grads)],
+                        self.norm_type, foreach=self.foreach)
+        pair_norm, smooth = secant_pair(d[0], d[1], snap.norm, d[2])  # type: ignore[arg-type]
+        state.env = envelope_update(state.env, pair_norm, smooth)  # type: ignore[arg-type]
+        return True
 
     def _apply_nonfinite(
         self, optimizer: Optimizer, groups: Sequence[GradGroup], step_label: Any, outcome: StepOutcome
