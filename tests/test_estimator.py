@@ -755,25 +755,37 @@ def test_state_dict_resume_is_bitwise(through_file, snapshot_device, tmp_path):
         assert fresh.latest() == clipper.latest()
 
 
-def test_lightning_resume_with_auto_is_bitwise(tmp_path):
+def _probe_loss(module, batch):
+    x, y = batch
+    return nn.functional.mse_loss(module.net(x), y)
+
+
+@pytest.mark.parametrize(
+    ("probe_loss", "pairs"),
+    [(None, 23), (_probe_loss, 24)],  # minibatch secants: one pair fewer than steps; the probe: one per step
+    ids=["secant", "probe"],
+)
+def test_lightning_resume_with_auto_is_bitwise(probe_loss, pairs, tmp_path):
+    def cb():
+        return L0L1Clipping(mode="auto", probe_loss=probe_loss)
+
     ds = make_data()
-    cb_full = L0L1Clipping(mode="auto")
+    cb_full = cb()
     full = Regressor(make_net())
     trainer(callbacks=[cb_full], max_epochs=4).fit(full, loader(ds))
 
     ckpt = ModelCheckpoint(dirpath=tmp_path, save_last=True)
-    trainer(callbacks=[L0L1Clipping(mode="auto"), ckpt], max_epochs=2, enable_checkpointing=True).fit(
-        Regressor(make_net()), loader(ds)
-    )
-    cb_resumed = L0L1Clipping(mode="auto")
+    trainer(callbacks=[cb(), ckpt], max_epochs=2, enable_checkpointing=True).fit(Regressor(make_net()), loader(ds))
+    cb_resumed = cb()
     resumed = Regressor(make_net(seed=123))
     trainer(callbacks=[cb_resumed], max_epochs=4).fit(resumed, loader(ds), ckpt_path=tmp_path / "last.ckpt")
     for a, b in zip(params_of(resumed.net), params_of(full.net)):
         assert torch.equal(a, b)
     stats = cb_full.latest()
     assert cb_resumed.latest() == stats
-    assert stats["l0l1/steps"] == 24 and stats["l0l1/smoothness_pairs"] == 23
-    assert stats["l0l1/L1"] > 0
+    assert stats["l0l1/steps"] == 24 and stats["l0l1/smoothness_pairs"] == pairs
+    if probe_loss is None:
+        assert stats["l0l1/L1"] > 0
 
 
 # ---------------------------------------------------------------------------- 8.-10. options

@@ -256,29 +256,3 @@ def test_probe_under_ddp_averages_the_probe_gradient_over_ranks(tmp_path: Path, 
             assert got == pytest.approx(want, rel=1e-10)
     assert outs[0]["latest"] == outs[1]["latest"]  # the same estimate on every rank
 
-
-# ---------------------------------------------------------------------------------------- checkpoints
-def test_lightning_resume_with_auto_and_the_probe_is_bitwise(tmp_path: Path):
-    from _models import Regressor, loader, make_data, make_net, params_of, trainer
-    from pytorch_lightning.callbacks import ModelCheckpoint
-
-    def probe_loss(module, batch):
-        x, y = batch
-        return nn.functional.mse_loss(module.net(x), y)
-
-    ds = make_data()
-    cb_full = L0L1Clipping(mode="auto", probe_loss=probe_loss)
-    full = Regressor(make_net())
-    trainer(callbacks=[cb_full], max_epochs=4).fit(full, loader(ds))
-
-    ckpt = ModelCheckpoint(dirpath=tmp_path, save_last=True)
-    trainer(callbacks=[L0L1Clipping(mode="auto", probe_loss=probe_loss), ckpt], max_epochs=2,
-            enable_checkpointing=True).fit(Regressor(make_net()), loader(ds))
-    cb_resumed = L0L1Clipping(mode="auto", probe_loss=probe_loss)
-    resumed = Regressor(make_net(seed=123))
-    trainer(callbacks=[cb_resumed], max_epochs=4).fit(resumed, loader(ds), ckpt_path=tmp_path / "last.ckpt")
-    for a, b in zip(params_of(resumed.net), params_of(full.net)):
-        assert torch.equal(a, b)
-    stats = cb_full.latest()
-    assert cb_resumed.latest() == stats
-    assert stats["l0l1/steps"] == 24 and stats["l0l1/smoothness_pairs"] == 24  # one probe pair per step
