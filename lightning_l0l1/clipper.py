@@ -22,7 +22,7 @@ from torch.optim import Optimizer
 
 from lightning_l0l1.estimator import EnvelopeState, Snapshot, envelope_init, envelope_update, secant_pair
 from lightning_l0l1.norms import GradGroup, group_norms, is_dtensor, scale_grads_, total_norm, validate_norm_type
-from lightning_l0l1.rules import adaptive_scale, clip_scale, l0l1_scale, l0l1_threshold
+from lightning_l0l1.rules import adaptive_scale, auto_scale, clip_scale, l0l1_scale, l0l1_threshold
 
 __all__ = ["GradientClipper", "Mode", "NonFinite", "NonFiniteGradientError", "StepOutcome"]
 
@@ -396,21 +396,20 @@ class GradientClipper:
         if self.mode == "l0l1":
             scales = [l0l1_scale(norm, lr, self.l0, self.l1) for lr in lrs]  # type: ignore[arg-type]
             return scales, l0l1_threshold(float(lrs[0]), self.l0, self.l1)  # type: ignore[arg-type]
-        # auto: the l0l1 rule with the estimated constants, and a step-length bound that starts at
-        # `delta` and doubles every step (so it only matters before the estimate has data).
+        # auto: clipping at the base step the trajectory allows (rules.auto_scale), and a step-length
+        # bound that starts at `delta` and doubles every step (so it only matters before any estimate).
         env = state.env
-        l0, l1 = env.l0.to(norm.dtype), env.l1.to(norm.dtype)  # type: ignore[union-attr]
         growth = _TRUST_GROWTH ** min(state.steps, 1000)
         radius = state.delta * growth  # type: ignore[operator]
         scales = []
+        gamma = None
         for lr in lrs:
-            rule = l0l1_scale(norm, lr, l0, l1)
+            rule, g = auto_scale(norm, lr, env.l0, env.l1, env.low)  # type: ignore[union-attr]
+            gamma = g if gamma is None else gamma
             # the SGD-equivalent step length is lr * s * ||g||; keep it <= radius
             cap = torch.clamp(radius / (norm * lr + 1e-30), max=1.0)
             scales.append(torch.minimum(rule, cap))
-        inv_lr = 1.0 / float(lrs[0]) if float(lrs[0]) > 0 else math.inf
-        thr = torch.where(l1 > 0, ((inv_lr - l0) / torch.where(l1 > 0, l1, 1.0)).clamp_min(0), math.inf)
-        return scales, thr
+        return scales, gamma
 
     def _estimate(
         self,

@@ -75,6 +75,8 @@ class EnvelopeState:
         pairs: number of valid pairs seen (0-d int64).
         last: the last valid secant smoothness (0-d).
         last_norm: the gradient norm that pair is paired with (the log-mean of its endpoints).
+        low: the smallest valid smoothness seen (``inf`` before the first pair): the curvature the
+            trajectory has shown to be reachable, which ``auto`` turns into its base step.
     """
 
     norms: Tensor
@@ -86,6 +88,7 @@ class EnvelopeState:
     pairs: Tensor
     last: Tensor
     last_norm: Tensor
+    low: Tensor
 
     def to(self, device: torch.device) -> EnvelopeState:
         return EnvelopeState(**{f.name: getattr(self, f.name).to(device) for f in fields(self)})
@@ -95,11 +98,13 @@ class EnvelopeState:
 
     @classmethod
     def from_state_dict(cls, sd: dict[str, Any], device: torch.device) -> EnvelopeState:
-        # explicit dtypes: a list of Python floats would otherwise become float32
+        # explicit dtypes: a list of Python floats would otherwise become float32; a state saved
+        # before `low` existed has not measured it (inf), which is what an empty envelope holds
         return cls(**{
-            f.name: torch.as_tensor(sd.get(f.name, 0.0), dtype=torch.int64 if f.name == "pairs" else torch.float64).to(
-                device
-            )
+            f.name: torch.as_tensor(
+                sd.get(f.name, math.inf if f.name == "low" else 0.0),
+                dtype=torch.int64 if f.name == "pairs" else torch.float64,
+            ).to(device)
             for f in fields(cls)
         })
 
@@ -124,6 +129,7 @@ def envelope_init(device: torch.device | str = "cpu", dtype: torch.dtype = torch
         pairs=torch.zeros((), device=device, dtype=torch.int64),
         last=z.clone(),
         last_norm=z.clone(),
+        low=torch.full((), math.inf, device=device, dtype=dtype),
     )
 
 
@@ -222,6 +228,7 @@ def envelope_update(state: EnvelopeState, norm: Tensor, smooth: Tensor) -> Envel
         pairs=state.pairs + valid.long(),
         last=torch.where(valid, smooth, state.last),
         last_norm=torch.where(valid, norm, state.last_norm),
+        low=torch.where(valid, torch.minimum(state.low, smooth), state.low),
     )
 
 

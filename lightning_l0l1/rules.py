@@ -30,7 +30,7 @@ from typing import Union
 import torch
 from torch import Tensor
 
-__all__ = ["CLIP_EPS", "adaptive_scale", "clip_scale", "l0l1_scale", "l0l1_threshold"]
+__all__ = ["CLIP_EPS", "adaptive_scale", "auto_scale", "clip_scale", "l0l1_scale", "l0l1_threshold"]
 
 #: The constant ``torch.nn.utils.clip_grad_norm_`` adds to the norm; kept equal so
 #: ``clip`` gives the same gradients as torch to float tolerance.
@@ -106,3 +106,57 @@ def l0l1_threshold(lr: float, l0: float, l1: float) -> float:
     if slack < 0:
         return 0.0
     return slack / l1 if l1 > 0 else math.inf
+
+
+def auto_scale(norm: Tensor, lr: Number, l0: Tensor, l1: Tensor, low: Tensor) -> tuple[Tensor, Tensor]:
+    r"""``auto``'s rule from estimated constants: hard clipping at a base step the trajectory allows.
+
+    .. math::
+
+        \eta_b = \min\left(\eta, \frac{1}{\underline L}\right), \qquad
+        \gamma = \frac{\max(\hat L_0, 1/\eta_b)}{\hat L_1}, \qquad
+        \eta_\text{eff} = \eta_b \min\left(1, \frac{\gamma}{\lVert g\rVert}\right)
+
+    with :math:`\underline L` the smallest smoothness measured so far and :math:`(\hat L_0, \hat L_1)`
+    the envelope. Below :math:`\gamma` the step is the descent-lemma step :math:`1/\underline L` of the
+    flattest curvature the trajectory has shown (the learning rate caps it); above it the step
+    *length* :math:`\eta_\text{eff}\lVert g\rVert` is at most :math:`\max(\eta_b\hat L_0, 1)/\hat L_1`,
+    the ``l0l1`` rule's limit :math:`1/\hat L_1` when :math:`\eta_b \hat L_0 \le 1`. With the true
+    constants of a function whose flattest point has been visited (:math:`\underline L = L_0`) and
+    :math:`\eta \ge 1/L_0`, this is :math:`\min(1/L_0, 1/(L_1\lVert g\rVert))`: hard clipping at
+    :math:`\gamma = L_0/L_1`, within a factor 2 of the ``l0l1`` step.
+
+    Why not the ``l0l1`` rule itself: :math:`\underline L` is a running minimum, so the base step
+    never shrinks. On a network the smoothness measured along the trajectory follows the step in use
+    (it settles near :math:`2/\eta_\text{eff}`, the edge of stability), and a rule that sets the step
+    from the *current* estimate feeds back into it: measured on a character LSTM, the ``l0l1`` rule
+    with the envelope's constants shrank its step without bound.
+
+    Args:
+        norm: the global gradient norm, a 0-d tensor.
+        lr: the learning rate :math:`\eta`.
+        l0, l1: the envelope's constants (0-d tensors, ``>= 0``).
+        low: the smallest smoothness seen (0-d; ``inf``: none yet, 0: the learning rate is used).
+
+    Returns:
+        ``(s, gamma)``: the factor with :math:`\eta s = \eta_\text{eff}` and the threshold in use
+        (``inf`` while :math:`\hat L_1 = 0`: nothing is clipped, the base step alone bounds the step).
+
+    Example:
+        >>> s, gamma = auto_scale(torch.tensor(4.0), 10.0, torch.tensor(1.0), torch.tensor(1.0), torch.tensor(2.0))
+        >>> float(s * 10.0), float(gamma)  # eta_b = 1/2, gamma = max(1, 2)/1 = 2: 0.5 * 2/4
+        (0.25, 2.0)
+    """
+    lr_t = torch.as_tensor(lr, dtype=norm.dtype, device=norm.device)
+    l0, l1, low = l0.to(norm.dtype), l1.to(norm.dtype), low.to(norm.dtype)
+    measured = torch.isfinite(low) & (low > 0)
+    base = torch.where(measured, torch.minimum(lr_t, torch.reciprocal(torch.where(measured, low, 1.0))), lr_t)
+    positive = l1 > 0
+    gamma = torch.where(
+        positive, torch.maximum(l0, torch.reciprocal(base)) / torch.where(positive, l1, 1.0), math.inf
+    )
+    # norm 0 -> gamma/0 = inf -> 1; norm inf -> 0; NaN stays NaN (the non-finite policy's business);
+    # no slope (gamma = inf) -> 1 whatever the norm, as l0l1_scale with L1 = 0 (no inf/inf = NaN)
+    factor = torch.where(torch.isinf(gamma), 1.0, torch.clamp(gamma / norm, max=1.0))
+    scale = torch.where(lr_t > 0, base / torch.where(lr_t > 0, lr_t, 1.0), 1.0) * factor
+    return scale, gamma
