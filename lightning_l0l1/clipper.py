@@ -169,8 +169,9 @@ class GradientClipper:
     r"""Global-norm gradient scaling with the ``clip``, ``adaptive`` or ``l0l1`` rule.
 
     Args:
-        mode: ``"auto"``: the ``l0l1`` rule with :math:`(L_0, L_1)` estimated online (see
-            :mod:`lightning_l0l1.estimator`); ``"clip"``: :math:`s=\min(1,\gamma/\lVert g\rVert)`; ``"adaptive"``:
+        mode: ``"auto"``: hard clipping with the threshold and base step set from :math:`(L_0, L_1)`
+            and the smallest smoothness, estimated online (see :func:`lightning_l0l1.rules.auto_scale`
+            and :mod:`lightning_l0l1.estimator`); ``"clip"``: :math:`s=\min(1,\gamma/\lVert g\rVert)`; ``"adaptive"``:
             :math:`s=\gamma/(\lVert g\rVert+\gamma)`; ``"l0l1"``: per parameter group,
             :math:`s=\min(1, 1/(\eta(L_0+L_1\lVert g\rVert)))`.
         max_norm: :math:`\gamma` for ``clip`` and ``adaptive``.
