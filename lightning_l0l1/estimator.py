@@ -43,9 +43,10 @@ two independent noise draws, which does not shrink with the step: the secant is 
 by about :math:`\sqrt{2}\sigma/\lVert\theta_{t+1}-\theta_t\rVert`, and more so for short steps.
 The envelope then over-estimates the constants, which makes the ``l0l1`` rule more conservative;
 but a shorter step raises the bias further, a feedback loop that can shrink the step without
-bound (measured: a character LSTM at SGD lr 20 went from step 1 to 1e-12 in 100 steps). The
-estimates are trustworthy on full-batch or low-noise objectives; on minibatch training, read them
-as upper bounds.
+bound (measured: a character LSTM at SGD lr 20 went from step 1 to 1e-12 in 100 steps under that
+rule). ``auto`` therefore takes its base step from ``low``, a running minimum, which cannot feed
+back that way (:func:`lightning_l0l1.rules.auto_scale`). The estimates are trustworthy on
+full-batch or low-noise objectives; on minibatch training, read them as upper bounds.
 
 References:
     Zhang, He, Sra, Jadbabaie, ICLR 2020. https://arxiv.org/abs/1905.11881
