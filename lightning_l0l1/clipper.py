@@ -402,15 +402,14 @@ class GradientClipper:
         env = state.env
         growth = _TRUST_GROWTH ** min(state.steps, 1000)
         radius = state.delta * growth  # type: ignore[operator]
-        scales = []
-        gamma = None
+        scales, gammas = [], []
         for lr in lrs:
-            rule, g = auto_scale(norm, lr, env.l0, env.l1, env.low)  # type: ignore[union-attr]
-            gamma = g if gamma is None else gamma
+            rule, gamma = auto_scale(norm, lr, env.l0, env.l1, env.low)  # type: ignore[union-attr]
+            gammas.append(gamma)
             # the SGD-equivalent step length is lr * s * ||g||; keep it <= radius
             cap = torch.clamp(radius / (norm * lr + 1e-30), max=1.0)
             scales.append(torch.minimum(rule, cap))
-        return scales, gamma
+        return scales, gammas[0]
 
     def _estimate(
         self,

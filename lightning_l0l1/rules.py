@@ -147,16 +147,19 @@ def auto_scale(norm: Tensor, lr: Number, l0: Tensor, l1: Tensor, low: Tensor) ->
         >>> float(s * 10.0), float(gamma)  # eta_b = 1/2, gamma = max(1, 2)/1 = 2: 0.5 * 2/4
         (0.25, 2.0)
     """
-    lr_t = torch.as_tensor(lr, dtype=norm.dtype, device=norm.device)
+    # A Python lr stays a Python scalar (a kernel argument): `torch.as_tensor(lr, device=cuda)` would be
+    # a blocking host-to-device copy on every step.
+    if isinstance(lr, Tensor):
+        lr = lr.to(norm.device, norm.dtype)
+    elif lr == 0:
+        return torch.ones_like(norm), torch.full_like(norm, math.inf)
     l0, l1, low = l0.to(norm.dtype), l1.to(norm.dtype), low.to(norm.dtype)
-    measured = torch.isfinite(low) & (low > 0)
-    base = torch.where(measured, torch.minimum(lr_t, torch.reciprocal(torch.where(measured, low, 1.0))), lr_t)
-    positive = l1 > 0
-    gamma = torch.where(
-        positive, torch.maximum(l0, torch.reciprocal(base)) / torch.where(positive, l1, 1.0), math.inf
-    )
+    # 1/low: 0 while nothing is measured (low = inf) and inf for a flat pair (low = 0): the lr either way
+    inv = torch.reciprocal(low)
+    base = torch.where((inv > 0) & (inv < lr), inv, lr)
+    gamma = torch.where(l1 > 0, torch.maximum(l0, torch.reciprocal(base)) / l1, math.inf)
     # norm 0 -> gamma/0 = inf -> 1; norm inf -> 0; NaN stays NaN (the non-finite policy's business);
     # no slope (gamma = inf) -> 1 whatever the norm, as l0l1_scale with L1 = 0 (no inf/inf = NaN)
     factor = torch.where(torch.isinf(gamma), 1.0, torch.clamp(gamma / norm, max=1.0))
-    scale = torch.where(lr_t > 0, base / torch.where(lr_t > 0, lr_t, 1.0), 1.0) * factor
+    scale = torch.where(base > 0, base / lr, 1.0) * factor  # base = 0 only for a zero (tensor) lr
     return scale, gamma
