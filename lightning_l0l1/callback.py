@@ -358,8 +358,12 @@ class L0L1Clipping(Callback):
                 "probe": self.probe_loss is not None,
             }
             if wandb_logger is not None:
+                # WandbLogger(prefix="p") logs our rows as "p-l0l1/...": declare their x-axis under that name
+                outer = getattr(wandb_logger, "_prefix", "") or ""
+                join = getattr(wandb_logger, "LOGGER_JOIN_CHAR", "-")
                 wb = WandbSink(lambda: wandb_logger.experiment, self.prefix, config, log_metrics=False,
-                               table_every=self.wandb_table_every)
+                               table_every=self.wandb_table_every,
+                               logged_prefix=f"{outer}{join}{self.prefix}" if outer else None)
             elif "wandb" in sys.modules and getattr(sys.modules["wandb"], "run", None) is not None:
                 wb = WandbSink(lambda: sys.modules["wandb"].run, self.prefix, config, log_metrics=True,
                                table_every=self.wandb_table_every)

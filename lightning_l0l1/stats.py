@@ -149,6 +149,9 @@ class WandbSink:
         table_every: refresh the Figure 1 table at most every this many logging intervals...
         table_min_seconds: ...and at most once per this many seconds.
         max_rows: the table keeps at most this many rows (older ones are thinned out).
+        logged_prefix: the prefix the interval metrics reach the run with, where a logger adds its own
+            (``WandbLogger(prefix="train")`` logs ``train-l0l1/grad_norm``); their x-axis is declared
+            for it too. Default: ``prefix``.
     """
 
     STEP_KEY = "trainer/global_step"
@@ -162,9 +165,11 @@ class WandbSink:
         table_every: int = 10,
         table_min_seconds: float = 30.0,
         max_rows: int = 5000,
+        logged_prefix: Optional[str] = None,
     ) -> None:
         self._get_run = run_getter
         self.prefix = prefix
+        self.logged_prefix = prefix if logged_prefix is None else logged_prefix
         self.config = config
         self.log_metrics = log_metrics
         self.table_every = table_every
@@ -183,7 +188,8 @@ class WandbSink:
         if not self._started:
             self._started = True
             run.define_metric(self.STEP_KEY)
-            run.define_metric(f"{self.prefix}*", step_metric=self.STEP_KEY)
+            for p in dict.fromkeys((self.prefix, self.logged_prefix)):  # once each, in order
+                run.define_metric(f"{p}*", step_metric=self.STEP_KEY)
             run.config.update({"l0l1": self.config}, allow_val_change=True)
         return run
 

@@ -627,6 +627,21 @@ def test_a_wandb_logger_subclass_is_recognised(wandb_env: Path) -> None:
     assert log.config["l0l1"]["mode"] == "clip" and log.rows(P + "grad_norm_hist")
 
 
+def test_a_wandb_logger_prefix_gets_the_trainer_step_axis_too(wandb_env: Path) -> None:
+    """``WandbLogger(prefix="train")`` logs ``train-l0l1/...``: those keys need the step axis declared."""
+    cb = L0L1Clipping(mode="clip", max_norm=MAX_NORM, log_every_n_steps=3)
+    _, ours = _fit(cb, [WandbLogger(project="l0l1-test", save_dir=str(wandb_env), prefix="train")], epochs=1)
+    assert not ours
+    _close_wandb()
+    log = read_wandb_run(find_run_dir(wandb_env))
+    outer = "train-" + P
+    assert [r[STEP_KEY] for r in log.rows(outer + "grad_norm")] == [3, 6]
+    axes = {m.get("glob_name"): m.get("step_metric") for m in log.metrics if m.get("glob_name")}
+    assert axes.get(outer + "*") == STEP_KEY, axes
+    assert axes.get(P + "*") == STEP_KEY, axes  # the sink's own rows (histogram, table) keep theirs
+    assert log.rows(P + "grad_norm_hist")
+
+
 def test_a_reused_callback_publishes_to_the_new_trainers_loggers(tmp_path: Path) -> None:
     """The sinks are found per fit: a second ``fit`` must not write to the first trainer's loggers."""
     cb = L0L1Clipping(mode="clip", max_norm=MAX_NORM, log_every_n_steps=3)
