@@ -249,6 +249,8 @@ class L0L1Clipping(Callback):
             if agg is None or agg.n_values != outcome.values.numel():
                 agg = self._aggs[key] = StepStatistics(outcome.values.numel()).to(outcome.values.device)
                 self._n_groups[key] = len(optimizer.param_groups)
+            elif agg.device != outcome.values.device:  # restored from a checkpoint on the CPU
+                agg = self._aggs[key] = agg.to(outcome.values.device)
             agg.update(outcome.values, outcome.finite_mask, outcome.clipped)
             if key == 0 and self._want_histogram:
                 self._epoch_norms.setdefault(key, []).append(
@@ -438,12 +440,25 @@ class L0L1Clipping(Callback):
 
     @override
     def state_dict(self) -> dict[str, Any]:
-        return {"clipper": self._clipper.state_dict(), "warned_nonfinite": self._warned_nonfinite}
+        # The open logging interval too: a run resumed mid-interval logs at the same steps, with the
+        # same aggregates, as one that was never interrupted.
+        interval = {
+            "since_log": self._since_log,
+            "aggs": {
+                key: {**agg.checkpoint(), "n_groups": self._n_groups.get(key, 1)} for key, agg in self._aggs.items()
+            },
+        }
+        return {"clipper": self._clipper.state_dict(), "warned_nonfinite": self._warned_nonfinite,
+                "interval": interval}
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self._clipper.load_state_dict(state_dict.get("clipper", {}))
         self._warned_nonfinite = bool(state_dict.get("warned_nonfinite", False))
+        interval = state_dict.get("interval") or {}  # absent in older checkpoints: a new interval starts
+        self._since_log = int(interval.get("since_log", 0))
+        self._aggs = {key: StepStatistics.restore(saved) for key, saved in interval.get("aggs", {}).items()}
+        self._n_groups = {key: int(saved.get("n_groups", 1)) for key, saved in interval.get("aggs", {}).items()}
 
     # ------------------------------------------------------------------ helpers
     def _sharding(self, trainer: pl.Trainer) -> tuple[Any, Any]:

@@ -62,6 +62,21 @@ class StepStatistics(Metric):
         self.steps += 1
         self.clipped += (clipped & finite).to(self.sums.dtype)
 
+    STATES = ("sums", "norm_max", "norm_min", "finite", "steps", "clipped")
+
+    def checkpoint(self) -> dict[str, Any]:
+        """The open interval's states, on the CPU (for a callback's ``state_dict``)."""
+        return {"n_values": self.n_values, **{k: getattr(self, k).detach().cpu().clone() for k in self.STATES}}
+
+    @classmethod
+    def restore(cls, saved: dict[str, Any]) -> StepStatistics:
+        """An aggregate holding what :meth:`checkpoint` saved (on the CPU; ``.to(device)`` moves it)."""
+        agg = cls(int(saved["n_values"]))
+        for k in cls.STATES:
+            setattr(agg, k, torch.as_tensor(saved[k], dtype=torch.float64).clone())
+        agg._update_count = int(saved["steps"])  # torchmetrics warns on compute() before any update
+        return agg
+
     def compute(self) -> Tensor:
         """``[means..., grad_norm max, grad_norm min, clip_rate, finite steps, steps]`` (NaN where undefined)."""
         n = self.finite.clamp_min(1)

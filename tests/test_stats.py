@@ -390,6 +390,44 @@ def test_a_second_fit_publishes_to_its_own_trainers_logger(tmp_path):
         assert [int(r["step"]) for r in rows] == [3, 6, 9, 12], run
 
 
+def test_resume_mid_interval_logs_what_an_uninterrupted_run_logs(tmp_path):
+    """A checkpoint taken 2 steps into a 4-step interval: the resumed run must publish at 8 and 12 the
+    rows an uninterrupted run publishes there (the interval's first 2 steps come from the checkpoint)."""
+    from pytorch_lightning.callbacks import ModelCheckpoint
+
+    kw = dict(mode="clip", max_norm=30.0, estimate=True, log_every_n_steps=4)
+    ds = make_data()
+
+    def run(name: str, epochs: int, callbacks: list, ckpt_path: Optional[Path] = None) -> list[dict[str, str]]:
+        tr = trainer(callbacks=callbacks, max_epochs=epochs, enable_checkpointing=ckpt_path is None,
+                     logger=CSVLogger(tmp_path / name, name="csv", version=0))
+        tr.fit(Regressor(make_net()), loader(ds), ckpt_path=ckpt_path)
+        return read_csv(tmp_path / name)[1]
+
+    full = run("full", 2, [L0L1Clipping(**kw)])
+    assert [int(r["step"]) for r in full] == [4, 8, 12]
+    first = run("first", 1, [L0L1Clipping(**kw), ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)])
+    assert [int(r["step"]) for r in first] == [4, 6]  # 6: the partial interval at the end of that fit
+    resumed = run("resumed", 2, [L0L1Clipping(**kw)], ckpt_path=tmp_path / "ckpt" / "last.ckpt")
+    assert [int(r["step"]) for r in resumed] == [8, 12]
+    for got_row, want_row in zip(resumed, full[1:]):
+        # a column some other row of the file has is empty here ("" in the CSV)
+        got = {k: float(v) for k, v in got_row.items() if v != ""}
+        want = {k: float(v) for k, v in want_row.items() if v != ""}
+        assert set(got) == set(want), set(got) ^ set(want)
+        for k in want:
+            assert got[k] == pytest.approx(want[k], rel=1e-12, abs=1e-15), (want["step"], k)
+    # the interval before the checkpoint is in the first row: its extremes cover steps 5-8, not 7-8
+    assert float(resumed[0]["l0l1/grad_norm_max"]) == pytest.approx(float(full[1]["l0l1/grad_norm_max"]), rel=1e-12)
+
+
+def test_checkpoint_without_the_interval_still_loads():
+    """A checkpoint from before the interval was saved: a new interval starts, nothing raises."""
+    cb = L0L1Clipping(mode="clip", max_norm=1.0)
+    cb.load_state_dict({"clipper": {}, "warned_nonfinite": False})
+    assert cb._since_log == 0 and cb._aggs == {}
+
+
 class LoggingRegressor(Regressor):
     def training_step(self, batch, batch_idx):
         loss = super().training_step(batch, batch_idx)
