@@ -166,15 +166,17 @@ class _HostFlag:
 
 
 class GradientClipper:
-    r"""Global-norm gradient scaling with the ``clip``, ``adaptive`` or ``l0l1`` rule.
+    r"""Global-norm gradient scaling with the ``auto``, ``clip``, ``adaptive`` or ``l0l1`` rule.
 
     Args:
-        mode: ``"auto"``: hard clipping with the threshold and base step set from :math:`(L_0, L_1)`
-            and the smallest smoothness, estimated online (see :func:`lightning_l0l1.rules.auto_scale`
-            and :mod:`lightning_l0l1.estimator`); ``"clip"``: :math:`s=\min(1,\gamma/\lVert g\rVert)`; ``"adaptive"``:
+        mode: ``"auto"`` (default): hard clipping with a base step (the smallest smoothness seen) and
+            a step length (twice the inverse median ratio of smoothness to gradient norm over recent
+            pairs), measured online (see :func:`lightning_l0l1.rules.auto_scale` and
+            :mod:`lightning_l0l1.estimator`); it takes no ``max_norm``, ``l0`` or ``l1``.
+            ``"clip"``: :math:`s=\min(1,\gamma/\lVert g\rVert)`; ``"adaptive"``:
             :math:`s=\gamma/(\lVert g\rVert+\gamma)`; ``"l0l1"``: per parameter group,
             :math:`s=\min(1, 1/(\eta(L_0+L_1\lVert g\rVert)))`.
-        max_norm: :math:`\gamma` for ``clip`` and ``adaptive``.
+        max_norm: :math:`\gamma` for ``clip`` and ``adaptive`` (required there).
         l0, l1: the smoothness constants for ``l0l1`` (``>= 0``, not both 0).
         norm_type: p of the p-norm, ``inf`` allowed.
         nonfinite: what a NaN/Inf global norm does: ``"skip"`` sets the step's
@@ -195,8 +197,8 @@ class GradientClipper:
         snapshot_device: ``"cpu"`` keeps the snapshot in (pinned) host memory: no device memory,
             at the price of host-device copies.
         initial_step: ``auto``: the first update moves the parameters by at most
-            ``initial_step * max(||theta||, 1)`` (no estimate exists yet); that bound doubles every
-            step after, so the estimate takes over within a few steps.
+            ``initial_step * max(||theta||, 1)`` (no estimate exists yet, default 1e-2); that bound
+            doubles every step after, so the estimate takes over within a few steps.
         fused_handoff: for torch's fused optimizers (``Adam``/``AdamW``/``SGD(fused=True)``) and one
             scale for the whole optimizer, hand the scale (as ``grad_scale = 1/s``) and, with
             ``nonfinite="skip"``, the non-finite verdict (as ``found_inf``) to the optimizer's own
@@ -219,8 +221,8 @@ class GradientClipper:
 
     def __init__(
         self,
-        mode: Mode = "clip",
-        max_norm: Optional[float] = 1.0,
+        mode: Mode = "auto",
+        max_norm: Optional[float] = None,
         l0: Optional[float] = None,
         l1: Optional[float] = None,
         norm_type: Union[float, str] = 2.0,
@@ -229,7 +231,7 @@ class GradientClipper:
         estimate: Optional[bool] = None,
         estimate_every: int = 1,
         snapshot_device: Optional[Literal["cpu"]] = None,
-        initial_step: float = 1e-3,
+        initial_step: float = 1e-2,
         fused_handoff: bool = True,
         probe: bool = False,
     ) -> None:
@@ -267,10 +269,22 @@ class GradientClipper:
                     f"`l0` and `l1` cannot both be 0 (the step would never be limited), got l0={l0!r}, l1={l1!r}."
                 )
             self.max_norm: Optional[float] = None if max_norm is None else _positive("max_norm", max_norm)
+        elif mode == "auto":
+            given = [(k, v) for k, v in (("max_norm", max_norm), ("l0", l0), ("l1", l1)) if v is not None]
+            if given:
+                got = ", ".join(f"`{k}` = {v!r}" for k, v in given)
+                raise ValueError(
+                    f"`mode='auto'` (the default) sets its own threshold and constants, so it takes no "
+                    f"`max_norm`, `l0` or `l1`; got {got}. For a fixed threshold pass `mode='clip'` (or "
+                    "'adaptive') with `max_norm`; for given constants `mode='l0l1'` with `l0` and `l1`."
+                )
+            self.max_norm, self.l0, self.l1 = None, None, None
         else:
-            if max_norm is None and mode != "auto":
-                raise ValueError(f"`max_norm` is required for `mode={mode!r}`, got None.")
-            self.max_norm = None if max_norm is None else _positive("max_norm", max_norm)
+            if max_norm is None:
+                raise ValueError(
+                    f"`max_norm` is required for `mode={mode!r}`, got None (or use `mode='auto'`, which needs none)."
+                )
+            self.max_norm = _positive("max_norm", max_norm)
             self.l0 = None if l0 is None else _positive("l0", l0, allow_zero=True)
             self.l1 = None if l1 is None else _positive("l1", l1, allow_zero=True)
         self._states: dict[int, _OptState] = {}
@@ -404,7 +418,7 @@ class GradientClipper:
         radius = state.delta * growth  # type: ignore[operator]
         scales, gammas = [], []
         for lr in lrs:
-            rule, gamma = auto_scale(norm, lr, env.l0, env.l1, env.low)  # type: ignore[union-attr]
+            rule, gamma = auto_scale(norm, lr, env.low, env.ratio)  # type: ignore[union-attr]
             gammas.append(gamma)
             # the SGD-equivalent step length is lr * s * ||g||; keep it <= radius
             cap = torch.clamp(radius / (norm * lr + 1e-30), max=1.0)

@@ -339,9 +339,10 @@ def test_deepspeed_is_refused_with_a_pointer_to_its_own_setting():
 @pytest.mark.parametrize(
     ("kwargs", "match"),
     [
-        (dict(max_norm=-1.0), r"`max_norm`.*-1\.0"),
-        (dict(max_norm=0), r"`max_norm`.*0"),
-        (dict(max_norm=float("nan")), r"`max_norm`.*nan"),
+        (dict(mode="clip", max_norm=-1.0), r"`max_norm`.*-1\.0"),
+        (dict(mode="clip", max_norm=0), r"`max_norm`.*0"),
+        (dict(mode="clip", max_norm=float("nan")), r"`max_norm`.*nan"),
+        (dict(max_norm=1.0), r"`mode='auto'` \(the default\).*`max_norm` = 1\.0.*`mode='clip'`"),
         (dict(mode="clip", max_norm=None), r"`max_norm`.*None"),
         (dict(mode="l0l1", l0=1.0), r"`l0`.*`l1`.*None"),
         (dict(mode="l0l1", l0=-1.0, l1=1.0), r"`l0`.*-1\.0"),
@@ -361,9 +362,10 @@ def test_invalid_arguments_name_the_argument_and_value(kwargs, match):
 
 def test_defaults_and_state_key():
     cb = L0L1Clipping()
-    assert (cb.mode, cb.max_norm, cb.nonfinite, cb.norm_type, cb.estimate) == ("clip", 1.0, "skip", 2.0, False)
-    assert L0L1Clipping(mode="auto").estimate is True
-    assert L0L1Clipping(max_norm=1.0).state_key != L0L1Clipping(max_norm=2.0).state_key
+    assert (cb.mode, cb.max_norm, cb.nonfinite, cb.norm_type, cb.estimate) == ("auto", None, "skip", 2.0, True)
+    assert L0L1Clipping(mode="clip", max_norm=1.0).estimate is False
+    assert L0L1Clipping(mode="clip", max_norm=1.0).state_key != L0L1Clipping(mode="clip", max_norm=2.0).state_key
+    assert L0L1Clipping(mode="clip", max_norm=1.0).state_key != cb.state_key
     assert L0L1Clipping(norm_type="inf").norm_type == math.inf
 
 

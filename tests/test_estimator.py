@@ -18,7 +18,10 @@ into a point that dominates both: the line stays above every pair (tested on 100
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
+import random
+import statistics
 from collections.abc import Callable, Sequence
 
 import pytest
@@ -32,6 +35,7 @@ from lightning_l0l1 import L0L1Clipping
 from lightning_l0l1.clipper import GradientClipper
 from lightning_l0l1.estimator import (
     CAPACITY,
+    WINDOW,
     EnvelopeState,
     Snapshot,
     envelope_fit,
@@ -300,9 +304,9 @@ def test_quartic_constants_are_recovered(l0, l1):
 @pytest.mark.parametrize(("x0", "bounds"), [([10.0, 0.5], {0, 1, 2}), ([0.3, -0.2], {0, 2})])
 def test_auto_step_is_the_rule_with_the_estimate_and_the_doubling_bound(x0, bounds):
     """Every step length is min(eta_b min(||g||, gamma), delta 2^t), delta = 1e-3 max(||x0||, 1), with
-    eta_b = min(lr, 1/L_low), L_low the smallest secant of the trajectory so far (computed here from
-    the iterates), gamma = max(L0, 1/eta_b)/L1 and the (L0, L1) the clipper reports after that step
-    (the pair is formed before the scale)."""
+    eta_b = min(lr, 1/L_low), L_low the smallest secant of the trajectory so far, gamma = 2/(r eta_b)
+    and r the (lower) median of secant / log-mean norm over the last WINDOW pairs, all computed here
+    from the iterates (the pair is formed before the scale)."""
     grad_fn, _ = cosh_fn(1.0, 1.0)
     x = nn.Parameter(torch.tensor(x0, dtype=F64))
     lr = 0.9  # below 1/L0: the learning rate binds near the minimum
@@ -310,21 +314,26 @@ def test_auto_step_is_the_rule_with_the_estimate_and_the_doubling_bound(x0, boun
     clipper = GradientClipper(mode="auto", nonfinite="propagate", initial_step=1e-3)
     delta = 1e-3 * max(math.hypot(*x0), 1.0)
     binding = set()
-    low, prev = math.inf, None
+    low, prev, ratios = math.inf, None, []
     for t in range(25):
         g = grad_fn(x.detach())
         n = float(g.norm())
         before = x.detach().clone()
         if prev is not None:
-            low = min(low, float((g - prev[1]).norm() / (before - prev[0]).norm()))
+            secant = float((g - prev[1]).norm() / (before - prev[0]).norm())
+            low = min(low, secant)
+            a, b = float(prev[1].norm()), n
+            log_mean_ab = (a - b) / (math.log(a) - math.log(b)) if abs(math.log(a / b)) > 1e-6 else (a + b) / 2
+            ratios.append(secant / log_mean_ab)
         prev = (before, g.clone())
         x.grad = g.clone()
         clipper.step(opt)
         opt.step()
         stats = clipper.latest()
-        l0, l1 = stats["l0l1/L0"], stats["l0l1/L1"]
+        recent = sorted(ratios[-WINDOW:])
+        r = recent[(len(recent) - 1) // 2] if recent else 0.0
         base = min(lr, 1 / low) if 0 < low < math.inf else lr  # no pair yet: the learning rate
-        gamma = max(l0, 1 / base) / l1 if l1 > 0 else math.inf
+        gamma = 2 / (r * base) if r > 0 else math.inf
         candidates = [base * n if base == lr and n <= gamma else math.inf, base * min(n, gamma), delta * 2**t]
         expected = min(candidates)
         binding.add(candidates.index(expected))
@@ -388,7 +397,11 @@ def test_log_mean_and_secant_pair_closed_forms():
 
 
 def state_equal(x, y) -> bool:
-    return all(torch.equal(getattr(x, k), getattr(y, k)) for k in ("norms", "smooth", "l0", "l1", "pairs", "last"))
+    """Every field equal, NaN (an empty window slot) equal to NaN."""
+    def same(a: Tensor, b: Tensor) -> bool:
+        return torch.equal(a.isnan(), b.isnan()) and torch.equal(a.nan_to_num(0.0), b.nan_to_num(0.0))
+
+    return all(same(getattr(x, f.name), getattr(y, f.name)) for f in dataclasses.fields(EnvelopeState))
 
 
 @pytest.mark.parametrize(
@@ -426,6 +439,32 @@ def test_low_is_the_smallest_valid_smoothness_and_survives_a_state_dict():
     # a state saved before `low` existed has measured nothing: inf, not 0 (which would mean "use the lr")
     del sd["low"]
     assert math.isinf(float(EnvelopeState.from_state_dict(sd, torch.device("cpu")).low))
+
+
+def test_ratio_is_the_median_of_the_recent_valid_ratios_and_survives_a_state_dict():
+    """`ratio` (auto's step length is 2/ratio) is the (lower) median of smooth/norm over the last WINDOW valid
+    pairs; invalid pairs neither enter the window nor push a valid one out."""
+    rng = random.Random(0)
+    state = envelope_init()
+    assert float(state.ratio) == 0.0
+    seen: list[float] = []
+    for k in range(3 * WINDOW + 5):
+        if k % 7 == 3:
+            n, sm = rng.choice([(1.0, math.nan), (0.0, 1.0), (math.inf, 1.0), (1.0, -1.0)])
+        else:
+            n, sm = 10 ** rng.uniform(-3, 3), 10 ** rng.uniform(-2, 2)
+            seen.append(sm / n)
+        state = envelope_update(state, torch.tensor(n, dtype=F64), torch.tensor(sm, dtype=F64))
+        assert float(state.ratio) == pytest.approx(statistics.median_low(seen[-WINDOW:]), rel=1e-15), k
+    restored = EnvelopeState.from_state_dict(state.state_dict(), torch.device("cpu"))
+    assert state_equal(restored, state)
+    # a state saved before the window existed: an empty window, no ratio (nothing is clipped until pairs come)
+    sd = state.state_dict()
+    del sd["window"], sd["ratio"]
+    old = EnvelopeState.from_state_dict(sd, torch.device("cpu"))
+    assert bool(old.window.isnan().all()) and float(old.ratio) == 0.0 and old.window.shape == (WINDOW,)
+    n, sm = 2.0, 3.0
+    assert float(envelope_update(old, torch.tensor(n, dtype=F64), torch.tensor(sm, dtype=F64)).ratio) == sm / n
 
 
 def auto_cosh(nonfinite: str) -> tuple[nn.Parameter, torch.optim.SGD, GradientClipper]:
@@ -734,10 +773,11 @@ def test_invalid_estimator_arguments(cls, kwargs, name, value):
 
 
 def test_valid_estimator_arguments():
-    c = GradientClipper(mode="clip", estimate=False)
+    c = GradientClipper(mode="clip", max_norm=1.0, estimate=False)
     assert c.estimate is False
-    assert GradientClipper(mode="clip").estimate is False
+    assert GradientClipper(mode="clip", max_norm=1.0).estimate is False
     assert GradientClipper(mode="auto").estimate is True
+    assert GradientClipper().mode == "auto"  # the default
     c = GradientClipper(mode="l0l1", l0=1.0, l1=1.0, estimate=True, estimate_every=7, snapshot_device="cpu",
                         initial_step=0.5)
     assert (c.estimate, c.estimate_every, c.snapshot_device, c.initial_step) == (True, 7, "cpu", 0.5)
@@ -849,7 +889,7 @@ def per_tensor_snapshot(monkeypatch):
 @pytest.mark.parametrize("path", ["native", "per_tensor"])
 @pytest.mark.parametrize("mode", ["auto", "clip"])
 def test_cpu_snapshot_gives_the_same_estimates(mode, path, request):
-    kw = dict(mode=mode, max_norm=1.0, estimate=True, nonfinite="propagate")
+    kw = dict(mode=mode, max_norm=1.0 if mode == "clip" else None, estimate=True, nonfinite="propagate")
     a = GradientClipper(**kw)
     net_a, *_ = train(a)
     if path == "per_tensor":

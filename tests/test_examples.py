@@ -356,7 +356,7 @@ def test_figure1_probe_measures_curvature_of_the_raw_gradient() -> None:
 
     probe = _load("figure1").SmoothnessProbe()
     trainer = pl.Trainer(
-        accelerator="cpu", max_steps=5, callbacks=[probe, L0L1Clipping(max_norm=gamma, log_stats=False)],
+        accelerator="cpu", max_steps=5, callbacks=[probe, L0L1Clipping(mode="clip", max_norm=gamma, log_stats=False)],
         logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
     )
     trainer.fit(Quadratic(), DataLoader(TensorDataset(torch.zeros(8, 1, dtype=torch.float64)), batch_size=1))

@@ -206,45 +206,46 @@ def test_l0l1_threshold_returns_python_float():
 
 
 # ---------------------------------------------------------------- auto
-def auto_reference(norm: float, lr: float, l0: float, l1: float, low: float) -> tuple[float, float]:
+def auto_reference(norm: float, lr: float, low: float, ratio: float) -> tuple[float, float]:
     """``auto``'s effective step and threshold in plain Python: eta_b = min(lr, 1/low) (lr when nothing is
-    measured), gamma = max(l0, 1/eta_b)/l1, eta_eff = eta_b min(1, gamma/||g||)."""
+    measured), step length lambda = 2/ratio (none while ratio = 0), eta_eff = min(eta_b, lambda/||g||)."""
     base = min(lr, 1.0 / low) if 0 < low < math.inf else lr
-    gamma = max(l0, 1.0 / base) / l1 if l1 > 0 else math.inf
-    eff = base * (1.0 if norm == 0 or gamma >= norm else gamma / norm)
-    return eff, gamma
+    length = 2.0 / ratio if ratio > 0 else math.inf
+    eff = base if norm == 0 else min(base, length / norm)
+    return eff, length / base
 
 
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES)
 @pytest.mark.parametrize("low", [math.inf, 0.0, 1e-3, 0.5, 2.0, 50.0])
-@pytest.mark.parametrize(("l0", "l1"), [(0.0, 0.0), (1.0, 0.0), (0.0, 1.0), (1.0, 1.0), (0.1, 3.0), (5.0, 0.01)])
+@pytest.mark.parametrize("ratio", [0.0, 1e-3, 0.5, 1.0, 3.0, 100.0])
 @pytest.mark.parametrize("lr", [1e-3, 0.9, 20.0])
-def test_auto_scale_closed_form(lr, l0, l1, low, dtype):
+def test_auto_scale_closed_form(lr, ratio, low, dtype):
     for norm in NORMS:
-        s, gamma = auto_scale(t(norm, dtype), lr, t(l0), t(l1), t(low))
-        eff, ref_gamma = auto_reference(norm, lr, l0, l1, low)
+        s, gamma = auto_scale(t(norm, dtype), lr, t(low), t(ratio))
+        eff, ref_gamma = auto_reference(norm, lr, low, ratio)
         assert float(s) * lr == pytest.approx(eff, rel=1e-5 if dtype == torch.float32 else 1e-12), norm
         assert float(gamma) == pytest.approx(ref_gamma, rel=1e-5 if dtype == torch.float32 else 1e-12)
         assert 0.0 <= float(s) <= 1.0
 
 
 @pytest.mark.parametrize(("l0", "l1"), [(1.0, 1.0), (2.0, 0.5), (0.1, 3.0)])
-def test_auto_scale_with_the_true_constants_is_clipping_at_l0_over_l1(l0, l1):
-    """With L_low = L0 and lr >= 1/L0: eta_eff = min(1/L0, 1/(L1 ||g||)), within a factor 2 above the l0l1 step."""
+def test_auto_scale_with_the_true_constants_is_clipping_at_twice_l0_over_l1(l0, l1):
+    """With L_low = L0, ratio = L1 and lr >= 1/L0: eta_eff = min(1/L0, 2/(L1 ||g||)): hard clipping at
+    gamma = 2 L0/L1, between the l0l1 step and 3 times it (the step length is 2/L1, not 1/L1)."""
     for norm in LOGSPACE:
-        s, gamma = auto_scale(t(norm), 1e3, t(l0), t(l1), t(l0))
+        s, gamma = auto_scale(t(norm), 1e3, t(l0), t(l1))
         eff = float(s) * 1e3
-        assert float(gamma) == pytest.approx(l0 / l1, rel=1e-12)
-        assert eff == pytest.approx(min(1 / l0, 1 / (l1 * norm)), rel=1e-12)
+        assert float(gamma) == pytest.approx(2 * l0 / l1, rel=1e-12)
+        assert eff == pytest.approx(min(1 / l0, 2 / (l1 * norm)), rel=1e-12)
         l0l1_step = 1 / (l0 + l1 * norm)
-        assert l0l1_step * (1 - 1e-12) <= eff <= 2 * l0l1_step * (1 + 1e-12)
+        assert l0l1_step * (1 - 1e-12) <= eff <= 3 * l0l1_step * (1 + 1e-12)
 
 
 def test_auto_scale_nonfinite_norm():
     one = t(1.0)
-    s, _ = auto_scale(t(math.inf), 1.0, one, one, one)
+    s, _ = auto_scale(t(math.inf), 1.0, one, one)
     assert float(s) == 0.0
-    s, _ = auto_scale(t(math.nan), 1.0, one, one, one)
+    s, _ = auto_scale(t(math.nan), 1.0, one, one)
     assert math.isnan(float(s))
-    s, _ = auto_scale(t(math.inf), 1.0, one, t(0.0), one)  # no slope: nothing clipped, the base step alone
+    s, _ = auto_scale(t(math.inf), 1.0, one, t(0.0))  # no ratio yet: nothing clipped, the base step alone
     assert float(s) == 1.0
