@@ -11,6 +11,8 @@ forward and backward pass per step). The loop is plain PyTorch around
     python benchmarks/bench_lstm.py --quick      # smoke test
     python benchmarks/bench_lstm.py --seeds 12 --configs clip=0.1,clip=0.25,clip=1,auto,auto+probe \
         --out benchmarks/results/bench_lstm_12seeds.md    # the spread over more seeds
+    python benchmarks/bench_lstm.py --lrs 5,20,50,100 --out benchmarks/results/bench_lstm_lrs.md
+        # one row per learning rate: the best threshold of a wider grid (it moves with the lr) against auto
 """
 
 from __future__ import annotations
@@ -31,6 +33,8 @@ from _common import emit, machine, table
 from lightning_l0l1 import GradientClipper
 
 GRID = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+#: the learning-rate sweep's grid: wider below, where the best threshold goes at large learning rates
+SWEEP_GRID = (0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
 
 
 def corpus() -> tuple[torch.Tensor, int]:
@@ -104,6 +108,8 @@ def main(argv=None) -> str:
     ap.add_argument("--seq", type=int, default=32)
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--seeds", type=int, default=3)
+    ap.add_argument("--lrs", type=str, default=None,
+                    help="comma-separated learning rates: one summary row each (best of a wider grid vs auto)")
     ap.add_argument("--configs", type=str, default=None,
                     help="comma-separated subset, e.g. clip=0.1,auto (default: unclipped, the grid, auto, auto+probe)")
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "bench_lstm.md")
@@ -113,6 +119,14 @@ def main(argv=None) -> str:
         args.steps, args.hidden, args.seq, args.batch, args.seeds, grid = 6, 16, 16, 4, 1, (0.5,)
     torch.set_num_threads(2)
     ids, vocab = corpus()
+    if args.lrs:
+        try:
+            lrs = [float(x) for x in args.lrs.split(",") if x.strip()]
+        except ValueError:
+            ap.error(f"--lrs takes comma-separated learning rates, got {args.lrs!r}")
+        if not lrs or any(not (lr > 0 and math.isfinite(lr)) for lr in lrs):
+            ap.error(f"--lrs takes positive learning rates, got {args.lrs!r}")
+        return lr_sweep(lrs, grid if args.quick else SWEEP_GRID, ids, vocab, args)
     configs = ["unclipped", *[f"clip={t:g}" for t in grid], "auto", "auto+probe"]
     if args.configs:
         configs = [c.strip() for c in args.configs.split(",") if c.strip()]
@@ -144,6 +158,37 @@ def main(argv=None) -> str:
         + table(["configuration", *[f"seed {s}" for s in range(args.seeds)], "mean", "sd", "/ best clip"], rows)
         + f"\n\nBest clip threshold: {best}"
         + "".join(f"; {c} / best clip = {means[c] / means[best]:.3f}" for c in ("auto", "auto+probe") if c in means)
+        + "\n"
+    )
+    return emit(report, args.out, args.quick)
+
+
+def lr_sweep(lrs: list[float], grid, ids: torch.Tensor, vocab: int, args) -> str:
+    """One row per learning rate: unclipped, the best threshold of ``grid`` and ``auto``, mean over seeds."""
+    t0 = time.time()
+    rows = []
+    for lr in lrs:
+        args.lr = lr
+        configs = ["unclipped", *[f"clip={t:g}" for t in grid], "auto"]
+        res: dict[str, list[float]] = {c: [] for c in configs}
+        for seed in range(args.seeds):
+            for c in configs:
+                res[c].append(train(c, seed, ids, vocab, args)[0])
+        means = {c: statistics.mean(v) if all(math.isfinite(x) for x in v) else math.inf for c, v in res.items()}
+        clips = [c for c in configs if c.startswith("clip=")]
+        best = min(clips, key=lambda c: means[c])
+        edge = " (grid edge)" if best in (clips[0], clips[-1]) else ""
+        fmt = lambda v: f"{v:.4f}" if math.isfinite(v) else "diverged"  # noqa: E731
+        ratio = means["auto"] / means[best] if math.isfinite(means["auto"]) else math.inf
+        rows.append([f"{lr:g}", fmt(means["unclipped"]), best.split("=")[1] + edge, fmt(means[best]),
+                     fmt(means["auto"]), f"{ratio:.3f}", f"{max(a / b for a, b in zip(res['auto'], res[best])):.3f}"])
+        print(f"lr {lr:g}: best {best} {means[best]:.4f}, auto {means['auto']:.4f} ({ratio:.3f}x)", flush=True)
+    report = (
+        f"Machine: {machine()}\n\nChar LSTM (2 layers, hidden {args.hidden}) on pydoc_data.topics, plain SGD, "
+        f"{args.steps} steps of {args.batch} x {args.seq} tokens, {args.seeds} seeds per cell; training loss = mean of "
+        f"the last 10% of steps, averaged over the seeds; thresholds {', '.join(f'{t:g}' for t in grid)}; "
+        f"{time.time() - t0:.0f} s\n\n"
+        + table(["SGD lr", "unclipped", "best threshold", "its loss", "auto", "auto / best", "worst seed"], rows)
         + "\n"
     )
     return emit(report, args.out, args.quick)

@@ -2,14 +2,15 @@
 
     python examples/quickstart.py                    # 256 steps, ~15 seconds on a 2-core CPU
     python examples/quickstart.py --seqs 4096 --hidden 256 --epochs 10  # bigger
-    python examples/quickstart.py --mode auto        # the experimental tuning-free mode
+    python examples/quickstart.py --mode clip --max-norm 0.25   # a hand-tuned threshold instead
     python examples/quickstart.py --help
 
 The text is the English documentation that ships with Python (`pydoc_data.topics`),
 so nothing is downloaded. Plain SGD at a large learning rate (30, where unclipped SGD does
-not train: see examples/figure2.py) with hard clipping at 0.25; the callback also
-estimates the smoothness constants (L0, L1) of the loss along the way (`estimate=True`)
-and the script prints them with the learning rate they suggest.
+not train: see examples/figure2.py) with `L0L1Clipping()`, whose default `mode="auto"` sets
+its threshold and step from the smoothness it measures along the way; the callback also
+fits the smoothness constants (L0, L1) of the loss (`estimate=True`, always on in auto) and
+the script prints them with the learning rate they suggest.
 
 Writes to --out (default examples/out/): quickstart_loss.png (training loss per step) and
 quickstart_grad_norm.png (gradient norm before and after clipping per step). Logs to
@@ -73,8 +74,8 @@ def plot(rows: list[dict[str, float]], out: Path, lr: float, mode: str) -> list[
 
 def main(argv: list[str] | None = None) -> dict[str, float]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--mode", default="clip", choices=["clip", "adaptive", "l0l1", "auto"],
-                        help="the rule (auto: experimental, see the README)")
+    parser.add_argument("--mode", default="auto", choices=["auto", "clip", "adaptive", "l0l1"],
+                        help="the rule (auto: nothing to tune; the others use --max-norm or --l0/--l1)")
     parser.add_argument("--max-norm", type=float, default=0.25, help="gamma for clip/adaptive")
     parser.add_argument("--l0", type=float, default=0.05, help="L0 for mode=l0l1")
     parser.add_argument("--l1", type=float, default=0.2, help="L1 for mode=l0l1")
