@@ -166,7 +166,7 @@ def main(argv=None) -> str:
 def lr_sweep(lrs: list[float], grid, ids: torch.Tensor, vocab: int, args) -> str:
     """One row per learning rate: unclipped, the best threshold of ``grid`` and ``auto``, mean over seeds."""
     t0 = time.time()
-    rows = []
+    rows, every = [], []
     for lr in lrs:
         args.lr = lr
         configs = ["unclipped", *[f"clip={t:g}" for t in grid], "auto"]
@@ -182,6 +182,7 @@ def lr_sweep(lrs: list[float], grid, ids: torch.Tensor, vocab: int, args) -> str
         ratio = means["auto"] / means[best] if math.isfinite(means["auto"]) else math.inf
         rows.append([f"{lr:g}", fmt(means["unclipped"]), best.split("=")[1] + edge, fmt(means[best]),
                      fmt(means["auto"]), f"{ratio:.3f}", f"{max(a / b for a, b in zip(res['auto'], res[best])):.3f}"])
+        every.append([f"{lr:g}", *[fmt(means[c]) + (" *" if c == best else "") for c in clips], fmt(means["auto"])])
         print(f"lr {lr:g}: best {best} {means[best]:.4f}, auto {means['auto']:.4f} ({ratio:.3f}x)", flush=True)
     report = (
         f"Machine: {machine()}\n\nChar LSTM (2 layers, hidden {args.hidden}) on pydoc_data.topics, plain SGD, "
@@ -189,6 +190,8 @@ def lr_sweep(lrs: list[float], grid, ids: torch.Tensor, vocab: int, args) -> str
         f"the last 10% of steps, averaged over the seeds; thresholds {', '.join(f'{t:g}' for t in grid)}; "
         f"{time.time() - t0:.0f} s\n\n"
         + table(["SGD lr", "unclipped", "best threshold", "its loss", "auto", "auto / best", "worst seed"], rows)
+        + "\n\nEvery threshold (mean loss; * the best at that lr):\n\n"
+        + table(["SGD lr", *[f"clip={t:g}" for t in grid], "auto"], every)
         + "\n"
     )
     return emit(report, args.out, args.quick)

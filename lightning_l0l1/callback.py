@@ -58,7 +58,7 @@ class L0L1Clipping(Callback):
             median of smoothness / gradient norm over the last 20 pairs
             (:func:`lightning_l0l1.rules.auto_scale`). On the README's minibatch benchmark (a character
             LSTM at SGD lr 20) it is 1.0% above the best hand-tuned threshold over twelve seeds, and
-            within 1-3% of the best threshold at learning rates 5 to 100, where the best threshold
+            within 0.5-3% of the best threshold at learning rates 5 to 100, where the best threshold
             moves by 25x. ``"clip"``, ``"adaptive"``: the threshold ``max_norm``; ``"l0l1"``: the
             constants ``l0``, ``l1``.
         max_norm: the threshold :math:`\gamma` of ``clip`` and ``adaptive`` (> 0, required there);

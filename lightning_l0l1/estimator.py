@@ -125,8 +125,8 @@ class EnvelopeState:
 CAPACITY = 32
 
 #: Number of recent pairs whose median ratio :math:`\hat L / n` sets ``auto``'s step length. Measured on
-#: the character LSTM of ``benchmarks/bench_lstm.py`` (12 seeds): 10, 20 and 50 give the same loss to
-#: within 0.3%; 20 is about two "turnovers" of the step-length feedback at the learning rates tried.
+#: the character LSTM of ``benchmarks/bench_lstm.py`` (12 seeds, a prototype of the rule): 10, 20 and 50
+#: give the same loss to within 0.5%.
 WINDOW = 20
 
 

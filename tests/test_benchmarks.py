@@ -60,3 +60,18 @@ def test_step_benchmark_counts_host_syncs():
     syncs = {name: r[4] for name, r in rows.items()}
     assert syncs["L0L1 clip"] == "0" and syncs["L0L1 auto"] == "0"
     assert syncs["L0L1 clip, nonfinite=skip"] == "1"
+
+
+def test_lstm_learning_rate_sweep_prints_one_row_per_learning_rate(capsys):
+    report = _load("bench_lstm").main(["--quick", "--lrs", "5,20"])
+    rows = _rows(report)
+    summary = [r for r in rows if r[0] in ("5", "20") and len(r) == 7]
+    every = [r for r in rows if r[0] in ("5", "20") and len(r) == 3]  # lr, the quick grid's one threshold, auto
+    assert [r[0] for r in summary] == ["5", "20"] and [r[0] for r in every] == ["5", "20"]
+    for s, e in zip(summary, every):
+        # the best threshold's loss is the starred cell of the full table, and auto / best is their ratio
+        assert e[1].endswith("*") and float(e[1].rstrip(" *")) == float(s[3])
+        assert float(s[5]) == pytest.approx(float(s[4]) / float(s[3]), abs=5e-4)
+    with pytest.raises(SystemExit):
+        _load("bench_lstm").main(["--quick", "--lrs", "5,-1"])
+    assert "positive learning rates" in capsys.readouterr().err

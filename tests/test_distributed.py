@@ -12,6 +12,8 @@ their start-up overlaps:
   because Lightning's launcher re-executes the command line for rank 1 (inside pytest it
   would re-run pytest);
 * ``dist_scripts/lightning_train.py OUT fsdp2``: ``ModelParallelStrategy`` + ``fully_shard``;
+* ``dist_scripts/lightning_train.py OUT fsdp2 auto``: the same with ``L0L1Clipping()`` (``auto``), whose
+  secant pairs need global norms of the gradient and parameter *differences* over the shards;
 * ``dist_scripts/fsdp1_worker.py`` x 2: torch's ``FullyShardedDataParallel`` on the CPU,
   without Lightning (its ``FSDPStrategy`` needs GPUs).
 
@@ -131,12 +133,16 @@ class _Job:
 @pytest.fixture(scope="module")
 def jobs(tmp_path_factory: pytest.TempPathFactory):
     started: dict[str, _Job] = {}
-    ddp_port, fsdp2_port, fsdp1_port = C.free_ports(3)
+    ddp_port, fsdp2_port, fsdp2_auto_port, fsdp1_port = C.free_ports(4)
     try:
-        for strategy, port in (("ddp", ddp_port), ("fsdp2", fsdp2_port)):
-            out = tmp_path_factory.mktemp(strategy)
-            cmd = [sys.executable, str(SCRIPTS / "lightning_train.py"), str(out), strategy]
-            started[strategy] = _Job(strategy, [cmd], out, port, C.WORLD)
+        for name, args, port in (
+            ("ddp", ["ddp"], ddp_port),
+            ("fsdp2", ["fsdp2"], fsdp2_port),
+            ("fsdp2_auto", ["fsdp2", "auto"], fsdp2_auto_port),
+        ):
+            out = tmp_path_factory.mktemp(name)
+            cmd = [sys.executable, str(SCRIPTS / "lightning_train.py"), str(out), *args]
+            started[name] = _Job(name, [cmd], out, port, C.WORLD)
         out = tmp_path_factory.mktemp("fsdp1")
         port = fsdp1_port
         cmds = [
@@ -219,6 +225,31 @@ def _check_lightning_run(outs: list[dict[str, Any]], *, sharded: bool) -> None:
     assert all(torch.equal(a, b) for a, b in zip(p0, p1)), "parameters differ between ranks"
 
 
+def _check_auto_run(outs: list[dict[str, Any]]) -> None:
+    """``auto`` on every rank against ``GradientClipper()`` in one process over the same global batches:
+    the norm, the estimator (secant smoothness, L0, L1), the threshold and step it chose, the final
+    parameters; and its checkpointed state (the window, the envelope, the snapshot's norm) equal on all ranks."""
+    from lightning_l0l1 import GradientClipper
+
+    seen = [o["seen"] for o in sorted(outs, key=lambda o: o["rank"])]
+    ref = C.reference_auto(C.global_batches(seen), GradientClipper())
+    stats = ref["stats"]
+    assert stats["l0l1/smoothness_pairs"][-1] == C.STEPS - 1  # every step after the first formed a pair
+    assert all(math.isfinite(v) and v > 0 for v in stats["l0l1/smoothness"][1:])
+    for o in outs:
+        r = o["rank"]
+        _close(o["cb_norm"], stats["l0l1/grad_norm"], 1e-4, what=f"rank {r}: l0l1/grad_norm")
+        for key in ("smoothness", "L0", "L1", "max_norm", "lr_effective"):
+            _close(o[f"cb_{key}"], stats[f"l0l1/{key}"], 1e-4, what=f"rank {r}: l0l1/{key}")
+        _params_close(o["params"], ref["params"], f"rank {r}: final parameters")
+    st0, st1 = (o["state"]["clipper"]["optimizers"][0] for o in sorted(outs, key=lambda o: o["rank"]))
+    assert st0["env"].keys() == st1["env"].keys() and "window" in st0["env"]
+    for k in st0["env"]:  # NaN marks the window's empty slots
+        a, b = torch.as_tensor(st0["env"][k]), torch.as_tensor(st1["env"][k])
+        assert torch.equal(a.nan_to_num(-1.0), b.nan_to_num(-1.0)), f"env[{k!r}] differs between ranks"
+    assert (st0["delta"], st0["last"], st0["steps"]) == (st1["delta"], st1["last"], st1["steps"])
+
+
 # ---------------------------------------------------------------------------------------- DDP
 def test_ddp_subprocess_norm_and_params_match_single_process_reference(jobs: dict[str, _Job]) -> None:
     outs = jobs["ddp"].outputs()
@@ -248,12 +279,35 @@ def test_ddp_fork_in_process_matches_reference(tmp_path: Path, monkeypatch: pyte
     _params_close([p.detach() for p in trainer.lightning_module.net.parameters()], ref["params"], "parent module")
 
 
+def test_auto_under_ddp_fork_matches_a_single_process_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    for k in list(os.environ):
+        if k in _DROP_ENV or k.startswith(_DROP_ENV_PREFIXES):
+            monkeypatch.delenv(k)
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", str(C.free_ports(1)[0]))
+    _load("lightning_train").run(str(tmp_path), "ddp_fork", "auto")
+    outs = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(C.WORLD)]
+    _check_auto_run(outs)
+    for out in outs:  # replicated gradients: the estimator's norms need no communication either
+        assert out["all_reduces"] == [0] * C.STEPS
+
+
 # ---------------------------------------------------------------------------------------- FSDP2
 def test_fsdp2_model_parallel_norm_is_global_and_clips_whole_gradient(jobs: dict[str, _Job]) -> None:
     outs = jobs["fsdp2"].outputs()
     _check_lightning_run(outs, sharded=True)
     for out in outs:  # exactly one all-reduce per optimizer step, with two param groups
         assert out["all_reduces"] == [1] * len(out["cb_norm"])
+
+
+def test_fsdp2_auto_estimates_from_global_norms_and_matches_a_single_process_run(jobs: dict[str, _Job]) -> None:
+    outs = jobs["fsdp2_auto"].outputs()
+    _check_auto_run(outs)
+    for out in outs:
+        assert out["dtensor_grads"] == [True] * C.STEPS
+        # one all-reduce for the gradient norm plus one more per step: the parameter norm for the first
+        # step's bound, then the secant's two difference norms (reduced together)
+        assert out["all_reduces"] == [2] * C.STEPS
 
 
 # ---------------------------------------------------------------------------------------- FSDP1

@@ -87,3 +87,20 @@ def reference_training(batches: list[list[int]], max_norm: float = MAX_NORM) -> 
         post.append(float(torch.nn.utils.get_total_norm([p.grad for p in net.parameters()])))
         opt.step()
     return {"norms": norms, "post": post, "params": [p.detach().clone() for p in net.parameters()]}
+
+
+def reference_auto(batches: list[list[int]], clipper: Any) -> dict[str, Any]:
+    """Single process, plain torch: each global batch whole, mean loss, ``clipper.step`` (a
+    ``GradientClipper()``, passed in: this module does not import the library), SGD; what it reports."""
+    x, y = make_data()
+    net = make_net()
+    opt = torch.optim.SGD(net.parameters(), lr=LR)
+    rec: dict[str, list[float]] = {}
+    for idx in batches:
+        opt.zero_grad(set_to_none=True)
+        loss_fn(net, x[idx], y[idx]).backward()
+        clipper.step(opt)
+        for key, value in clipper.latest().items():
+            rec.setdefault(key, []).append(value)
+        opt.step()
+    return {"stats": rec, "params": [p.detach().clone() for p in net.parameters()]}

@@ -132,6 +132,9 @@ class After(Callback):
 
     def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Any) -> None:
         stats = self.clip.latest()
+        for key in ("L0", "L1", "smoothness", "max_norm", "lr_effective"):
+            if f"l0l1/{key}" in stats:
+                self.rec.setdefault(f"cb_{key}", []).append(stats[f"l0l1/{key}"])
         self.rec["cb_norm"].append(stats["l0l1/grad_norm"])
         self.rec["cb_scaled"].append(stats["l0l1/grad_norm_scaled"])
         self.rec["cb_scale"].append(stats["l0l1/scale"])
@@ -142,13 +145,15 @@ class After(Callback):
         params = [_full(p.detach()).clone() for p in pl_module.net.parameters()]
         out = dict(self.rec, params=params, rank=trainer.global_rank, world=trainer.world_size)
         out["latest"] = self.clip.latest()
+        out["state"] = self.clip.state_dict()  # the estimator's (auto's) state: identical on every rank
         out["global_step"] = trainer.global_step
         out["seen"] = pl_module.seen
         torch.save(out, os.path.join(self.rec["out_dir"], f"rank{trainer.global_rank}.pt"))
 
 
-def run(out_dir: str, strategy: str) -> pl.Trainer:
-    """Fit under ``strategy``: ``"ddp"`` (subprocess script launcher), ``"ddp_fork"`` or ``"fsdp2"``."""
+def run(out_dir: str, strategy: str, mode: str = "clip") -> pl.Trainer:
+    """Fit under ``strategy``: ``"ddp"`` (subprocess script launcher), ``"ddp_fork"`` or ``"fsdp2"``,
+    with ``L0L1Clipping(mode="clip", max_norm=MAX_NORM)`` or, for ``mode="auto"``, ``L0L1Clipping()``."""
     from pytorch_lightning.strategies import DDPStrategy, ModelParallelStrategy
 
     timeout = timedelta(seconds=120)  # a rank that dies must not leave the other waiting for 30 min
@@ -168,7 +173,7 @@ def run(out_dir: str, strategy: str) -> pl.Trainer:
         )
     }
     rec["out_dir"] = out_dir
-    clip = L0L1Clipping(mode="clip", max_norm=C.MAX_NORM)
+    clip = L0L1Clipping(mode="clip", max_norm=C.MAX_NORM) if mode == "clip" else L0L1Clipping()
     count_all_reduces(clip, rec)
     trainer = pl.Trainer(
         accelerator="cpu",
@@ -191,4 +196,4 @@ def run(out_dir: str, strategy: str) -> pl.Trainer:
 
 if __name__ == "__main__":
     torch.set_num_threads(1)
-    run(sys.argv[1], sys.argv[2])
+    run(sys.argv[1], sys.argv[2], *sys.argv[3:4])
