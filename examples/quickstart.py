@@ -30,6 +30,7 @@ from _shared import (
     check_char_lm_args,
     fit_char_lm,
     fmt,
+    json_safe,
     plain_log_ticks,
     pyplot,
     recorder,
@@ -72,7 +73,9 @@ def plot(rows: list[dict[str, float]], out: Path, lr: float, mode: str) -> list[
     return paths
 
 
-def main(argv: list[str] | None = None) -> dict[str, float]:
+def main(argv: list[str] | None = None) -> dict[str, float | None]:
+    """Train, plot, print the summary; return it (``None`` for what is not identified yet, e.g. the
+    suggested lr while the fit's L0 is still 0 in a short run)."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--mode", default="auto", choices=["auto", "clip", "adaptive", "l0l1"],
                         help="the rule (auto: nothing to tune; the others use --max-norm or --l0/--l1)")
@@ -107,12 +110,13 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     print(f"  threshold in use     {stats['l0l1/max_norm']:.4g}")
     print(f"  effective lr         {stats['l0l1/lr_effective']:.4g} (lr {args.lr})")
     print(f"  non-finite steps     {int(stats['l0l1/nonfinite_steps'])}")
-    print(f"  estimated L0, L1     {fmt(l0)}, {fmt(l1)}")
+    print(f"  estimated L0, L1     {fmt(l0)}, {fmt(l1)}"
+          + ("  (L0 not identified yet: no small-gradient pair)" if l0 == 0 else ""))
     print(f"  gamma = L0/L1        {fmt(gamma)}")
     print(f"  suggested lr 1/L0    {fmt(stats.get('l0l1/lr_suggested', math.nan))}")
     print(f"  final train loss     {loss:.4f} (uniform guess: {math.log(vocab):.4f})")
     print("  figures              " + ", ".join(str(p) for p in paths))
-    return {**stats, "gamma": gamma, "train_loss": loss}
+    return json_safe({**stats, "gamma": gamma, "train_loss": loss})
 
 
 if __name__ == "__main__":
