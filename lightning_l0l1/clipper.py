@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal, Optional, Union, get_args
@@ -33,6 +34,15 @@ _MODES: tuple[str, ...] = get_args(Mode)
 _NONFINITE: tuple[str, ...] = get_args(NonFinite)
 # The fixed positions of the per-step statistics vector; then one lr_effective per param group.
 _STATS = ("grad_norm", "grad_norm_scaled", "scale", "max_norm")
+# Optimizers whose update does not scale with the gradient (it is normalized by its own running
+# magnitude): a factor s on the gradient barely changes their step, so auto, which sets an SGD step,
+# cannot steer them.
+_SCALE_INVARIANT = tuple(
+    getattr(torch.optim, name)
+    for name in ("Adam", "AdamW", "Adamax", "NAdam", "RAdam", "Adagrad", "Adadelta", "RMSprop", "SparseAdam",
+                 "Adafactor")
+    if hasattr(torch.optim, name)
+)
 # auto: the first update moves the parameters by `initial_step` x max(||theta||, 1); the bound on the
 # (SGD-equivalent) step length then doubles every step, so it stops mattering after a few dozen steps.
 _TRUST_GROWTH = 2.0
@@ -113,6 +123,7 @@ class _OptState:
     delta: Optional[Tensor] = None  # auto: the first step's length
     probe_params: list[Tensor] = field(default_factory=list)  # probe mode: the snapshot's parameters, in order
     sharded: bool = False  # gradients are shards (FSDP1/FSDP2): the snapshot is not checkpointed
+    optimizer_checked: bool = False  # auto: the optimizer's type was looked at (warned at most once)
 
     def ensure(self, like: Tensor, n_groups: int, offload: bool = False) -> None:
         if self.nonfinite is None or self.nonfinite.device != like.device:
@@ -362,6 +373,17 @@ class GradientClipper:
         flag = _HostFlag(finite) if read_host else None
 
         state = self._states.setdefault(key, _OptState())
+        if self.mode == "auto" and not state.optimizer_checked:
+            state.optimizer_checked = True
+            if isinstance(optimizer, _SCALE_INVARIANT):
+                warnings.warn(
+                    f"`mode='auto'` sets the step of SGD (the update lr * s * g), but `{type(optimizer).__name__}` "
+                    "divides the gradient by its own running magnitude, so scaling it barely changes the update: "
+                    "auto will rarely limit this optimizer's steps (on the README's LSTM, AdamW with auto trained "
+                    "exactly as without clipping). For Adam-type optimizers use `mode='clip'` with a `max_norm`.",
+                    UserWarning,
+                    stacklevel=2,
+                )
         state.ensure(norm, len(groups), offload=self.snapshot_device == "cpu")
         state.sharded = any(g.sharded or g.dtensors for g in groups) or is_shard is not None
         if self.estimate:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import math
+import warnings
 from typing import Any
 
 import pytest
@@ -503,3 +504,32 @@ def test_no_host_sync_when_a_grad_scaler_decides(mode):
         for _ in range(20):
             clipper.step(opt, nonfinite_handled=True)
     assert counter.count == 0
+
+
+@pytest.mark.parametrize("opt_cls", [torch.optim.Adam, torch.optim.AdamW, torch.optim.RMSprop, torch.optim.Adagrad])
+def test_auto_warns_once_for_an_optimizer_that_normalizes_the_gradient(opt_cls):
+    """auto sets an SGD step; Adam-type optimizers divide the gradient's scale away, so say so (once)."""
+    model = torch.nn.Linear(3, 2)
+    opt = opt_cls(model.parameters(), lr=1e-3)
+    clipper = GradientClipper()
+    for k in range(3):
+        model(torch.ones(4, 3)).sum().backward()
+        if k == 0:
+            with pytest.warns(UserWarning, match=rf"`mode='auto'`.*`{opt_cls.__name__}`.*`mode='clip'`"):
+                clipper.step(opt)
+        else:
+            with warnings.catch_warnings():
+                warnings.simplefilter("error")
+                clipper.step(opt)
+        opt.step()
+        opt.zero_grad()
+
+
+@pytest.mark.parametrize("kwargs", [dict(), dict(momentum=0.9)])
+def test_auto_does_not_warn_for_sgd_and_clip_does_not_look(kwargs):
+    model = torch.nn.Linear(3, 2)
+    model(torch.ones(4, 3)).sum().backward()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        GradientClipper().step(torch.optim.SGD(model.parameters(), lr=0.1, **kwargs))
+        GradientClipper("clip", max_norm=1.0).step(torch.optim.Adam(model.parameters(), lr=0.1))
