@@ -164,7 +164,8 @@ def main(argv=None) -> str:
                      f"{statistics.stdev(results[c]):.3f}" if math.isfinite(means[c]) and args.seeds > 1 else "-",
                      f"{ratio:.3f}"])
     report = (
-        f"Machine: {machine()}\n\nChar LSTM (2 layers, hidden {args.hidden}) on pydoc_data.topics, {OPTIMIZERS[args.optimizer]} lr {args.lr}, "
+        f"Machine: {machine()}\n\nChar LSTM (2 layers, hidden {args.hidden}) on pydoc_data.topics, "
+        f"{OPTIMIZERS[args.optimizer]} lr {args.lr}, "
         f"{args.steps} steps of {args.batch} x {args.seq} tokens; training loss = mean of the last 10% of steps; "
         f"{time.time() - t0:.0f} s\n\n"
         + table(["configuration", *[f"seed {s}" for s in range(args.seeds)], "mean", "sd", "/ best clip"], rows)
@@ -197,7 +198,8 @@ def lr_sweep(lrs: list[float], grid, ids: torch.Tensor, vocab: int, args) -> str
         every.append([f"{lr:g}", *[fmt(means[c]) + (" *" if c == best else "") for c in clips], fmt(means["auto"])])
         print(f"lr {lr:g}: best {best} {means[best]:.4f}, auto {means['auto']:.4f} ({ratio:.3f}x)", flush=True)
     report = (
-        f"Machine: {machine()}\n\nChar LSTM (2 layers, hidden {args.hidden}) on pydoc_data.topics, {OPTIMIZERS[args.optimizer]}, "
+        f"Machine: {machine()}\n\nChar LSTM (2 layers, hidden {args.hidden}) on pydoc_data.topics, "
+        f"{OPTIMIZERS[args.optimizer]}, "
         f"{args.steps} steps of {args.batch} x {args.seq} tokens, {args.seeds} seeds per cell; training loss = mean of "
         f"the last 10% of steps, averaged over the seeds; thresholds {', '.join(f'{t:g}' for t in grid)}; "
         f"{time.time() - t0:.0f} s\n\n"

@@ -110,9 +110,10 @@ def main(argv: list[str] | None = None) -> dict[str, float | None]:
     print(f"  threshold in use     {stats['l0l1/max_norm']:.4g}")
     print(f"  effective lr         {stats['l0l1/lr_effective']:.4g} (lr {args.lr})")
     print(f"  non-finite steps     {int(stats['l0l1/nonfinite_steps'])}")
-    print(f"  estimated L0, L1     {fmt(l0)}, {fmt(l1)}"
+    # the envelope fit: the constants of the loss (what auto steps by is the threshold above)
+    print(f"  fitted L0, L1        {fmt(l0)}, {fmt(l1)}"
           + ("  (L0 not identified yet: no small-gradient pair)" if l0 == 0 else ""))
-    print(f"  gamma = L0/L1        {fmt(gamma)}")
+    print(f"  their L0/L1          {fmt(gamma)}")
     print(f"  suggested lr 1/L0    {fmt(stats.get('l0l1/lr_suggested', math.nan))}")
     print(f"  final train loss     {loss:.4f} (uniform guess: {math.log(vocab):.4f})")
     print("  figures              " + ", ".join(str(p) for p in paths))

@@ -75,7 +75,8 @@ class L0L1Clipping(Callback):
             it only adds ``l0l1/smoothness``, ``l0l1/L0``, ``l0l1/L1``, ``l0l1/lr_suggested``.
             Costs two gradient-sized buffers and, per step, one extra pass over gradients and
             parameters.
-        estimate_every: form a secant pair every K steps only (cost divided by about K).
+        estimate_every: form a secant pair every K steps only, plus one at step 1 (cost divided by
+            about K).
         probe_loss: the paper's noise-free measurement. ``probe_loss(pl_module, batch)`` returns the
             loss of ``batch`` (the step's own batch) as ``training_step`` computes it, without logging;
             after each estimated step the callback evaluates its gradient at the midpoint of the step
@@ -198,6 +199,18 @@ class L0L1Clipping(Callback):
             mode=self.mode, max_norm=self.max_norm, l0=self.l0, l1=self.l1, norm_type=self.norm_type,
             estimate=self.estimate,
         )
+
+    @property
+    @override
+    def _legacy_state_key(self) -> Any:
+        # Before `auto` became the default it could not refuse `max_norm`, and kept the then default
+        # `max_norm=1.0` in its state key: Lightning looks this key up when `state_key` is not in a
+        # checkpoint, so those checkpoints still resume (their estimator state loads as it is).
+        if self.mode == "auto":
+            return self._generate_state_key(
+                mode="auto", max_norm=1.0, l0=None, l1=None, norm_type=self.norm_type, estimate=True
+            )
+        return super()._legacy_state_key
 
     # ------------------------------------------------------------------ hooks
     @override

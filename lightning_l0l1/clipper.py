@@ -200,7 +200,8 @@ class GradientClipper:
             of the gradients and parameters (two gradient-sized buffers) and adds, per step, one pass
             over them; in the fixed modes it only reports ``smoothness``, ``L0`` and ``L1``.
         estimate_every: form a secant pair every K steps only (the snapshot is refreshed on the
-            step before); the estimator's time cost is divided by about K.
+            step before), plus one at step 1, so that ``auto`` has a measurement before its step
+            bound has grown for K steps; the estimator's time cost is divided by about K.
         probe: form the secant pairs with :meth:`probe` (the paper's method: the gradient of the
             step's own batch at the midpoint of the step, free of minibatch noise) instead of between
             consecutive steps' gradients. The caller computes that gradient; gradients must not be
@@ -382,7 +383,7 @@ class GradientClipper:
                     "auto will rarely limit this optimizer's steps (on the README's LSTM, AdamW with auto trained "
                     "exactly as without clipping). For Adam-type optimizers use `mode='clip'` with a `max_norm`.",
                     UserWarning,
-                    stacklevel=2,
+                    stacklevel=3,  # the caller of step(), past torch.no_grad's wrapper
                 )
         state.ensure(norm, len(groups), offload=self.snapshot_device == "cpu")
         state.sharded = any(g.sharded or g.dtensors for g in groups) or is_shard is not None
@@ -492,7 +493,7 @@ class GradientClipper:
                     "The probe (`probe_loss=` / `probe=True`) needs whole gradients; this optimizer's are "
                     "sharded (FSDP) or DTensors. Use the default minibatch secant (no probe) under sharding."
                 )
-            if (t + 1) % self.estimate_every == 0:
+            if t == 0 or (t + 1) % self.estimate_every == 0:
                 snap.take(grads, params, norm)
                 state.snap_step = t
                 state.probe_params = [p for ps in params_per_group for p in ps]
@@ -510,7 +511,7 @@ class GradientClipper:
             )
             pair_norm, smooth = secant_pair(d[0], d[1], snap.norm, norm)  # type: ignore[arg-type]
             state.env = envelope_update(state.env, pair_norm, smooth)
-        if (t + 1) % self.estimate_every == 0:
+        if t == 0 or (t + 1) % self.estimate_every == 0:
             snap.take(grads, params, norm)
             state.snap_step = t
 

@@ -240,8 +240,11 @@ def envelope_update(state: EnvelopeState, norm: Tensor, smooth: Tensor) -> Envel
     safe_norm = torch.where(valid, norm, torch.ones_like(norm))
     ratio_new = torch.where(valid, smooth / safe_norm, state.window.gather(0, slot)[0])
     window = state.window.scatter(0, slot, ratio_new.view(1))
-    # nanmedian: the lower median of the filled slots; NaN only while the window is empty
-    med = torch.nanmedian(window)
+    # the lower median of the filled slots (NaN sorts last). Not `torch.nanmedian`: on CUDA it reads the
+    # NaN count on the host to pick its index, a sync per step; here the index stays on the device.
+    filled = (~window.isnan()).sum()
+    lower = window.sort().values.gather(0, ((filled - 1) // 2).clamp_min(0).view(1))[0]
+    med = torch.where(filled > 0, lower, zero)
     return EnvelopeState(
         norms=norms,
         smooth=smooths,
@@ -254,7 +257,7 @@ def envelope_update(state: EnvelopeState, norm: Tensor, smooth: Tensor) -> Envel
         last_norm=torch.where(valid, norm, state.last_norm),
         low=torch.where(valid, torch.minimum(state.low, smooth), state.low),
         window=window,
-        ratio=torch.where(torch.isnan(med), zero, med),
+        ratio=med,
     )
 
 

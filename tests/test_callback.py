@@ -397,6 +397,31 @@ def test_resume_from_checkpoint_continues_exactly(tmp_path):
     assert cb_b.latest()["l0l1/nonfinite_steps"] == 1
 
 
+def test_checkpoint_of_auto_from_before_it_was_the_default_still_resumes(tmp_path):
+    """Old `L0L1Clipping(mode="auto")` checkpoints carry `max_norm: 1.0` in their state key (and no ratio
+    window in their estimator state): the callback finds them under that key and continues."""
+    ds = make_data()
+    ckpt = ModelCheckpoint(dirpath=tmp_path, save_last=True)
+    cb_a = L0L1Clipping()
+    trainer(callbacks=[cb_a, ckpt], max_epochs=1, enable_checkpointing=True).fit(Regressor(make_net()), loader(ds))
+    steps = cb_a.latest()["l0l1/steps"]
+    assert steps > 2
+    data = torch.load(tmp_path / "last.ckpt", weights_only=False)
+    state = data["callbacks"].pop(cb_a.state_key)
+    old_key = (
+        "L0L1Clipping{'mode': 'auto', 'max_norm': 1.0, 'l0': None, 'l1': None, 'norm_type': 2.0, 'estimate': True}"
+    )
+    for opt_state in state["clipper"]["optimizers"].values():
+        del opt_state["env"]["window"], opt_state["env"]["ratio"]
+    data["callbacks"][old_key] = state
+    torch.save(data, tmp_path / "old.ckpt")
+
+    cb_b = L0L1Clipping()
+    trainer(callbacks=[cb_b], max_epochs=2).fit(Regressor(make_net()), loader(ds), ckpt_path=tmp_path / "old.ckpt")
+    assert cb_b.latest()["l0l1/steps"] == 2 * steps  # continued from the checkpoint, not from zero
+    assert cb_b.latest()["l0l1/smoothness_pairs"] == 2 * steps - 1  # the estimator's count went on too
+
+
 # ---------------------------------------------------------------------------- host syncs
 
 

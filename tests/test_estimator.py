@@ -737,10 +737,60 @@ def test_no_host_sync_with_the_estimator(kwargs):
         opt.step()
     assert counter.n == 0
     stats = clipper.latest()
-    assert stats["l0l1/steps"] == 20 and stats["l0l1/smoothness_pairs"] == 19 // kwargs.get("estimate_every", 1)
+    every = kwargs.get("estimate_every", 1)
+    assert stats["l0l1/steps"] == 20 and stats["l0l1/smoothness_pairs"] == 19 // every + (every > 1)
     with CountSyncs() as c:  # the counter can see host reads
         clipper.latest()
     assert c.n > 0
+
+
+@pytest.mark.parametrize("every", [10, 50])
+def test_auto_with_estimate_every_measures_at_step_one(every):
+    """auto's step bound doubles every step; with `estimate_every=K` the first pair must not wait K steps
+    (before the fix, on this problem: a peak loss of 18.6 at K=10 and 2.4e25 at K=50; with it, and at K=1,
+    the peak is the initial loss, 7.8)."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(64, 10, generator=g, dtype=F64)
+    y = x @ torch.randn(10, 1, generator=g, dtype=F64)
+
+    def peak_loss(k: int) -> float:
+        w = nn.Parameter(torch.zeros(10, 1, dtype=F64))
+        opt = torch.optim.SGD([w], lr=5.0)  # far above 2/L of this least-squares problem
+        clipper = GradientClipper(nonfinite="propagate", estimate_every=k)
+        peak = 0.0
+        for t in range(3 * every):
+            loss = nn.functional.mse_loss(x @ w, y)
+            peak = max(peak, float(loss))
+            opt.zero_grad()
+            loss.backward()
+            clipper.step(opt)
+            opt.step()
+            if t == 1:
+                assert clipper.latest()["l0l1/smoothness_pairs"] == 1  # the pair (step 0, step 1)
+        return peak
+
+    assert peak_loss(every) <= 1.5 * peak_loss(1)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA: the device's own sync check")
+def test_no_host_sync_on_cuda_with_the_estimator():
+    """On a GPU, CUDA itself says whether a step synchronizes (``set_sync_debug_mode("error")``)."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 1)).cuda()
+    opt = torch.optim.SGD(net.parameters(), lr=0.5)
+    clipper = GradientClipper(nonfinite="propagate")
+    x, y = torch.randn(32, 8, device="cuda"), torch.randn(32, 1, device="cuda")
+    for step in range(6):
+        opt.zero_grad(set_to_none=True)
+        nn.functional.mse_loss(net(x), y).backward()
+        if step >= 2:  # after the first steps' one-time allocations (pinned buffers, state creation)
+            torch.cuda.set_sync_debug_mode("error")
+        try:
+            clipper.step(opt)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+        opt.step()
+    assert clipper.latest()["l0l1/smoothness_pairs"] == 5
 
 
 # ---------------------------------------------------------------------------- 6. arguments
@@ -930,10 +980,10 @@ def test_estimate_every(every):
     clipper = GradientClipper(mode="clip", max_norm=0.5, estimate=True, estimate_every=every, nonfinite="propagate")
     _, raw, params, _ = train(clipper, steps=steps)
     stats = clipper.latest()
-    # a pair at every step t = K, 2K, ... (0-based) between steps t-1 and t
-    pairs = (steps - 1) // every
+    # a pair at step 1 and at every step t = K, 2K, ... (0-based) between steps t-1 and t
+    pairs = (steps - 1) // every + (every > 1)
     assert stats["l0l1/smoothness_pairs"] == pairs
     assert pairs == pytest.approx(steps / every, abs=1)
-    t = pairs * every
+    t = (steps - 1) // every * every
     ref = float((raw[t] - raw[t - 1]).norm() / (params[t] - params[t - 1]).norm())
     assert stats["l0l1/smoothness"] == pytest.approx(ref, rel=1e-10)

@@ -97,8 +97,8 @@ def test_a_skipped_step_or_a_nonfinite_probe_never_enters_the_estimate():
 def test_probe_follows_estimate_every_and_needs_a_step():
     clipper = GradientClipper("clip", max_norm=2.0, estimate=True, probe=True, estimate_every=3)
     out = run_plain(clipper, 9, probe=True)
-    assert out["formed"] == [False, False, True] * 3
-    assert out["latest"]["l0l1/smoothness_pairs"] == 3
+    assert out["formed"] == [True, False, True, False, False, True, False, False, True]  # step 0, then every 3rd
+    assert out["latest"]["l0l1/smoothness_pairs"] == 4
     assert not clipper.probe(0, lambda ps: [torch.zeros_like(ps[0])])  # no step since the last probe
 
 

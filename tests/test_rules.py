@@ -219,9 +219,10 @@ def auto_reference(norm: float, lr: float, low: float, ratio: float) -> tuple[fl
 @pytest.mark.parametrize("low", [math.inf, 0.0, 1e-3, 0.5, 2.0, 50.0])
 @pytest.mark.parametrize("ratio", [0.0, 1e-3, 0.5, 1.0, 3.0, 100.0])
 @pytest.mark.parametrize("lr", [1e-3, 0.9, 20.0])
-def test_auto_scale_closed_form(lr, ratio, low, dtype):
+@pytest.mark.parametrize("lr_tensor", [False, True])
+def test_auto_scale_closed_form(lr, lr_tensor, ratio, low, dtype):
     for norm in NORMS:
-        s, gamma = auto_scale(t(norm, dtype), lr, t(low), t(ratio))
+        s, gamma = auto_scale(t(norm, dtype), t(lr) if lr_tensor else lr, t(low), t(ratio))
         eff, ref_gamma = auto_reference(norm, lr, low, ratio)
         assert float(s) * lr == pytest.approx(eff, rel=1e-5 if dtype == torch.float32 else 1e-12), norm
         assert float(gamma) == pytest.approx(ref_gamma, rel=1e-5 if dtype == torch.float32 else 1e-12)
@@ -249,3 +250,11 @@ def test_auto_scale_nonfinite_norm():
     assert math.isnan(float(s))
     s, _ = auto_scale(t(math.inf), 1.0, one, t(0.0))  # no ratio yet: nothing clipped, the base step alone
     assert float(s) == 1.0
+
+
+@pytest.mark.parametrize("lr", [0.0, t(0.0)])
+def test_auto_scale_zero_lr_scales_nothing(lr):
+    """A zero learning rate moves nothing whatever the scale: s = 1 (as l0l1_scale), never NaN from 0 * inf."""
+    for norm in (0.0, 1.0, 1e30):
+        s, _ = auto_scale(t(norm), lr, t(2.0), t(1.0))
+        assert float(s) == 1.0
