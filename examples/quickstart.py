@@ -58,8 +58,12 @@ def plot(rows: list[dict[str, float]], out: Path, lr: float, mode: str) -> list[
 
     fig, ax = plt.subplots(figsize=(7, 4.5), dpi=100)
     ax.plot(steps, [r["l0l1/grad_norm"] for r in rows], lw=1.5, label="before clipping ||g||")
-    ax.plot(steps, [r["l0l1/grad_norm_scaled"] for r in rows], lw=1.5, ls="--", label="after clipping ||s g||")
-    ax.plot(steps, [r["l0l1/max_norm"] for r in rows], lw=1, color="gray", ls=":", label="threshold")
+    # auto's factor s also carries its base step (s = eta_b / lr below the threshold), so the scaled
+    # norm sits below the raw one even where nothing is clipped: say so in the legend
+    scaled = "after scaling ||s g|| (s includes auto's base step / lr)" if mode == "auto" else "after clipping ||s g||"
+    ax.plot(steps, [r["l0l1/grad_norm_scaled"] for r in rows], lw=1.5, ls="--", label=scaled)
+    ax.plot(steps, [r["l0l1/max_norm"] for r in rows], lw=1, color="gray", ls=":",
+            label="threshold (auto: above it the step length is capped)" if mode == "auto" else "threshold")
     ax.set_yscale("log")
     plain_log_ticks(ax, "y")
     ax.set_xlabel("optimizer step")
