@@ -10,8 +10,8 @@ The same character LSTM language model on Python's own English docs
 1. SGD at a small learning rate, no clipping (``--lr-small``);
 2. SGD at a large learning rate, no clipping (``--lr-large``): the paper's unstable baseline;
 3. SGD at the large learning rate with hard clipping, ``L0L1Clipping(mode="clip", max_norm=...)``;
-4. SGD at the large learning rate with ``L0L1Clipping(mode="auto")``: no threshold, the
-   step is set from L0 and L1 estimated online;
+4. SGD at the large learning rate with ``L0L1Clipping(mode="auto")`` (the default): no threshold,
+   the step is set from the smoothness measured online;
 5. the same with ``probe_loss=``: the estimate from the paper's noise-free measurement (one extra
    forward and backward pass per step).
 
