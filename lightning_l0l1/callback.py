@@ -59,9 +59,9 @@ class L0L1Clipping(Callback):
             (:func:`lightning_l0l1.rules.auto_scale`). On the README's minibatch benchmark (a character
             LSTM at SGD lr 20) it is 1.0% above the best hand-tuned threshold over twelve seeds, and
             within 0.5-3% of the best threshold at learning rates 5 to 100, where the best threshold
-            moves by 25x. It sets a plain-SGD step: with heavy momentum at large learning rates it
-            trains but trails a tuned threshold, and Adam-type optimizers (warned) divide its
-            scaling away (README, "Which optimizers"). It holds a snapshot of the gradients and
+            moves by 25x. It sets a plain-SGD step, corrected under SGD with momentum by the measured
+            ratio of the step taken to the step set; Adam-type optimizers (warned) divide its scaling
+            away (README, "Which optimizers"). It holds a snapshot of the gradients and
             parameters: two gradient-sized buffers (``snapshot_device="cpu"`` keeps them in host memory).
             ``"clip"``, ``"adaptive"``: the threshold ``max_norm``; ``"l0l1"``: the constants ``l0``, ``l1``.
         max_norm: the threshold :math:`\gamma` of ``clip`` and ``adaptive`` (> 0, required there);

@@ -21,7 +21,14 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from lightning_l0l1.estimator import EnvelopeState, Snapshot, envelope_init, envelope_update, secant_pair
+from lightning_l0l1.estimator import (
+    EnvelopeState,
+    Snapshot,
+    amplification_update,
+    envelope_init,
+    envelope_update,
+    secant_pair,
+)
 from lightning_l0l1.norms import GradGroup, group_norms, is_dtensor, scale_grads_, total_norm, validate_norm_type
 from lightning_l0l1.rules import adaptive_scale, auto_scale, clip_scale, l0l1_scale, l0l1_threshold
 
@@ -43,6 +50,13 @@ _SCALE_INVARIANT = tuple(
                  "Adafactor")
     if hasattr(torch.optim, name)
 )
+
+
+def _momentum_sgd(optimizer: Optimizer) -> bool:
+    """SGD with momentum: its step is longer than ``lr * g`` by a factor auto measures (``amp``)."""
+    return isinstance(optimizer, torch.optim.SGD) and any(g.get("momentum", 0) for g in optimizer.param_groups)
+
+
 # auto: the first update moves the parameters by `initial_step` x max(||theta||, 1); the bound on the
 # (SGD-equivalent) step length then doubles every step, so it stops mattering after a few dozen steps.
 _TRUST_GROWTH = 2.0
@@ -387,11 +401,12 @@ class GradientClipper:
                 )
         state.ensure(norm, len(groups), offload=self.snapshot_device == "cpu")
         state.sharded = any(g.sharded or g.dtensors for g in groups) or is_shard is not None
+        amplified = self.mode == "auto" and _momentum_sgd(optimizer)
         if self.estimate:
-            self._estimate(state, groups, params_per_group, norm, process_group, is_shard)
+            self._estimate(state, groups, params_per_group, norm, process_group, is_shard, amplified)
 
         lrs = [g["lr"] for g in optimizer.param_groups]
-        scales, threshold = self._scales(norm, lrs, state)
+        scales, threshold = self._scales(norm, lrs, state, amplified)
         if handoff:
             # The fused kernel divides the gradients by `grad_scale` as it reads them and skips the
             # whole step (parameters, moments, step count) where `found_inf` is nonzero: the same
@@ -412,6 +427,11 @@ class GradientClipper:
         state.steps += 1
         thr = threshold if isinstance(threshold, Tensor) else norm.new_full((), threshold)
         lr_eff = [s * lr for s, lr in zip(per_group, lrs)]
+        if amplified:
+            # the step set (plain SGD's lr * s * g, per group), for the next pair's taken / set ratio
+            set_len = total_norm(torch.stack([e * n for e, n in zip(lr_eff, norms.unbind())]), self.norm_type)
+            env = state.env
+            env.intended = torch.where(finite, set_len.to(env.intended.dtype), math.nan)  # type: ignore[union-attr]
         new = torch.stack([norm, scaled_norm, per_group[0], thr, *lr_eff]).to(state.last.dtype)  # type: ignore[union-attr]
         state.last = torch.where(finite, new, state.last)  # type: ignore[arg-type]
         clipped = finite & (norm > thr)
@@ -425,7 +445,9 @@ class GradientClipper:
                 self._apply_nonfinite(optimizer, groups, step_label, outcome)
         return outcome
 
-    def _scales(self, norm: Tensor, lrs: Sequence[Any], state: _OptState) -> tuple[list[Tensor], Any]:
+    def _scales(
+        self, norm: Tensor, lrs: Sequence[Any], state: _OptState, amplified: bool = False
+    ) -> tuple[list[Tensor], Any]:
         """The scale(s) for this step and the norm threshold in use (host float or 0-d tensor)."""
         if self.mode == "clip":
             return [clip_scale(norm, self.max_norm)], float(self.max_norm)  # type: ignore[arg-type]
@@ -441,7 +463,8 @@ class GradientClipper:
         radius = state.delta * growth  # type: ignore[operator]
         scales, gammas = [], []
         for lr in lrs:
-            rule, gamma = auto_scale(norm, lr, env.low, env.ratio)  # type: ignore[union-attr]
+            amp = env.amp if amplified else None  # type: ignore[union-attr]
+            rule, gamma = auto_scale(norm, lr, env.low, env.ratio, amp)  # type: ignore[union-attr]
             gammas.append(gamma)
             # the SGD-equivalent step length is lr * s * ||g||; keep it <= radius
             cap = torch.clamp(radius / (norm * lr + 1e-30), max=1.0)
@@ -456,8 +479,10 @@ class GradientClipper:
         norm: Tensor,
         process_group: Any,
         is_shard: Optional[Callable[[Tensor], bool]],
+        amplified: bool = False,
     ) -> None:
-        """Secant pair from the snapshot to now, envelope update, and the next snapshot.
+        """Secant pair from the snapshot to now, envelope update, and the next snapshot (and, under
+        momentum, the ratio of the step taken to the step set).
 
         Runs before the gradients are scaled: the secant is between raw gradients.
         """
@@ -511,6 +536,8 @@ class GradientClipper:
             )
             pair_norm, smooth = secant_pair(d[0], d[1], snap.norm, norm)  # type: ignore[arg-type]
             state.env = envelope_update(state.env, pair_norm, smooth)
+            if amplified:
+                state.env = amplification_update(state.env, d[1])
         if t == 0 or (t + 1) % self.estimate_every == 0:
             snap.take(grads, params, norm)
             state.snap_step = t

@@ -56,6 +56,7 @@ References:
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass, fields
 from typing import Any, Optional
@@ -63,7 +64,7 @@ from typing import Any, Optional
 import torch
 from torch import Tensor
 
-__all__ = ["EnvelopeState", "envelope_fit", "envelope_init", "envelope_update", "log_mean"]
+__all__ = ["EnvelopeState", "amplification_update", "envelope_fit", "envelope_init", "envelope_update", "log_mean"]
 
 
 @dataclass
@@ -84,6 +85,10 @@ class EnvelopeState:
             buffer written at ``pairs % WINDOW`` (NaN: empty slot).
         ratio: their median (0 before the first pair): the *typical* recent slope of smoothness
             against gradient norm, from which ``auto`` sets its step length.
+        amp_window, amp_count, amp: ``auto`` under SGD with momentum: the last :data:`WINDOW` ratios of
+            the step taken to the step ``auto`` set (``lr * s * ||g||``; momentum makes the first
+            longer), how many were recorded, and their median (1 before the first).
+        intended: the step length ``auto`` set on the last step (NaN: none recorded).
     """
 
     norms: Tensor
@@ -98,6 +103,10 @@ class EnvelopeState:
     low: Tensor
     window: Tensor
     ratio: Tensor
+    amp_window: Tensor
+    amp_count: Tensor
+    amp: Tensor
+    intended: Tensor
 
     def to(self, device: torch.device) -> EnvelopeState:
         return EnvelopeState(**{f.name: getattr(self, f.name).to(device) for f in fields(self)})
@@ -113,7 +122,7 @@ class EnvelopeState:
         return cls(**{
             f.name: torch.as_tensor(
                 sd[f.name] if f.name in sd else getattr(empty, f.name),
-                dtype=torch.int64 if f.name == "pairs" else torch.float64,
+                dtype=torch.int64 if f.name in ("pairs", "amp_count") else torch.float64,
             ).to(device)
             for f in fields(cls)
         })
@@ -147,6 +156,10 @@ def envelope_init(device: torch.device | str = "cpu", dtype: torch.dtype = torch
         low=torch.full((), math.inf, device=device, dtype=dtype),
         window=torch.full((WINDOW,), math.nan, device=device, dtype=dtype),
         ratio=z.clone(),
+        amp_window=torch.full((WINDOW,), math.nan, device=device, dtype=dtype),
+        amp_count=torch.zeros((), device=device, dtype=torch.int64),
+        amp=torch.ones((), device=device, dtype=dtype),
+        intended=torch.full((), math.nan, device=device, dtype=dtype),
     )
 
 
@@ -235,17 +248,10 @@ def envelope_update(state: EnvelopeState, norm: Tensor, smooth: Tensor) -> Envel
     lo = torch.where(valid, torch.minimum(state.lo, log_n), state.lo)
     hi = torch.where(valid, torch.maximum(state.hi, log_n), state.hi)
     l0, l1 = envelope_fit(norms, smooths, torch.exp((lo + hi) / 2))
-    # the ring buffer of ratios: slot `pairs % W` takes the new one (an invalid pair rewrites the old value)
-    slot = (state.pairs % state.window.numel()).view(1)
     safe_norm = torch.where(valid, norm, torch.ones_like(norm))
-    ratio_new = torch.where(valid, smooth / safe_norm, state.window.gather(0, slot)[0])
-    window = state.window.scatter(0, slot, ratio_new.view(1))
-    # the lower median of the filled slots (NaN sorts last). Not `torch.nanmedian`: on CUDA it reads the
-    # NaN count on the host to pick its index, a sync per step; here the index stays on the device.
-    filled = (~window.isnan()).sum()
-    lower = window.sort().values.gather(0, ((filled - 1) // 2).clamp_min(0).view(1))[0]
-    med = torch.where(filled > 0, lower, zero)
-    return EnvelopeState(
+    window, med = _ring_median(state.window, state.pairs, smooth / safe_norm, valid, zero)
+    return dataclasses.replace(
+        state,
         norms=norms,
         smooth=smooths,
         lo=lo,
@@ -259,6 +265,31 @@ def envelope_update(state: EnvelopeState, norm: Tensor, smooth: Tensor) -> Envel
         window=window,
         ratio=med,
     )
+
+
+def _ring_median(window: Tensor, count: Tensor, value: Tensor, valid: Tensor, empty: Tensor) -> tuple[Tensor, Tensor]:
+    """Write ``value`` at slot ``count % len(window)`` if ``valid`` (else leave the window as it is);
+    return the new window and the lower median of its filled (non-NaN) slots, ``empty`` if none."""
+    slot = (count % window.numel()).view(1)
+    new = torch.where(valid, value, window.gather(0, slot)[0])
+    window = window.scatter(0, slot, new.view(1))
+    # NaN sorts last. Not `torch.nanmedian`: on CUDA it reads the NaN count on the host to pick its
+    # index, a sync per step; here the index stays on the device.
+    filled = (~window.isnan()).sum()
+    lower = window.sort().values.gather(0, ((filled - 1) // 2).clamp_min(0).view(1))[0]
+    return window, torch.where(filled > 0, lower, empty)
+
+
+def amplification_update(state: EnvelopeState, taken: Tensor) -> EnvelopeState:
+    """Record ``taken / state.intended``: how much longer the optimizer's step was than the one set.
+
+    A non-finite or non-positive ratio (no step set yet, a skipped step) changes nothing.
+    """
+    dtype = state.amp.dtype
+    ratio = taken.to(dtype) / state.intended
+    valid = torch.isfinite(ratio) & (ratio > 0)
+    window, med = _ring_median(state.amp_window, state.amp_count, ratio, valid, torch.ones_like(state.amp))
+    return dataclasses.replace(state, amp_window=window, amp_count=state.amp_count + valid.long(), amp=med)
 
 
 def envelope_fit(norms: Tensor, smooth: Tensor, pivot: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:

@@ -25,7 +25,7 @@ References:
 from __future__ import annotations
 
 import math
-from typing import Union
+from typing import Optional, Union
 
 import torch
 from torch import Tensor
@@ -108,7 +108,9 @@ def l0l1_threshold(lr: float, l0: float, l1: float) -> float:
     return slack / l1 if l1 > 0 else math.inf
 
 
-def auto_scale(norm: Tensor, lr: Number, low: Tensor, ratio: Tensor) -> tuple[Tensor, Tensor]:
+def auto_scale(
+    norm: Tensor, lr: Number, low: Tensor, ratio: Tensor, amp: Optional[Tensor] = None
+) -> tuple[Tensor, Tensor]:
     r"""``auto``'s rule: hard clipping, with a base step and a step length measured on the trajectory.
 
     .. math::
@@ -144,11 +146,19 @@ def auto_scale(norm: Tensor, lr: Number, low: Tensor, ratio: Tensor) -> tuple[Te
     :math:`\hat L_0/\hat L_1` ended 11% above the best tuned threshold over 12 seeds, the window's
     median within 1% (README, "LSTM").
 
+    **Momentum.** The rule sets the step of plain SGD, :math:`\eta s\lVert g\rVert`. Under SGD with
+    momentum the step taken is longer by a factor :math:`a` (up to :math:`1/(1-\beta)`), measured as
+    the median ratio of taken to set step lengths (``amp``); the rule then sets :math:`1/a` of its own
+    steps, :math:`\eta_\text{eff} = \min(\eta, \min(1/\underline L, \lambda/\lVert g\rVert)/a)`, so that
+    the steps *taken* are the ones it wants. The learning rate you chose is never raised or lowered by
+    it: only the measured limits are.
+
     Args:
         norm: the global gradient norm, a 0-d tensor.
         lr: the learning rate :math:`\eta`.
         low: the smallest smoothness seen (0-d; ``inf``: none yet, 0: the learning rate is used).
         ratio: the median ratio :math:`\tilde r \ge 0` (0-d; 0: none yet, nothing is clipped).
+        amp: the step amplification :math:`a > 0` of the optimizer (0-d; ``None``: 1, plain SGD).
 
     Returns:
         ``(s, gamma)``: the factor with :math:`\eta s = \eta_\text{eff}` and the threshold in use
@@ -166,6 +176,9 @@ def auto_scale(norm: Tensor, lr: Number, low: Tensor, ratio: Tensor) -> tuple[Te
     elif lr == 0:
         return torch.ones_like(norm), torch.full_like(norm, math.inf)
     low, ratio = low.to(norm.dtype), ratio.to(norm.dtype)
+    if amp is not None:  # both limits are on the step taken, amp times the step set
+        amp = amp.to(norm.dtype)
+        low, ratio = low * amp, ratio * amp
     # 1/low: 0 while nothing is measured (low = inf) and inf for a flat pair (low = 0): the lr either way
     inv = torch.reciprocal(low)
     base = torch.where((inv > 0) & (inv < lr), inv, lr)

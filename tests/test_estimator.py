@@ -22,6 +22,7 @@ import dataclasses
 import math
 import random
 import statistics
+import warnings
 from collections.abc import Callable, Sequence
 
 import pytest
@@ -770,6 +771,46 @@ def test_auto_with_estimate_every_measures_at_step_one(every):
         return peak
 
     assert peak_loss(every) <= 1.5 * peak_loss(1)
+
+
+def test_auto_measures_how_much_longer_momentum_makes_its_steps():
+    """Under SGD with momentum, `amp` is the (lower) median over the last WINDOW steps of the step taken,
+    ||theta_t+1 - theta_t||, over the step auto set, lr_eff * ||g||: both read here from the run itself."""
+    net, opt = mlp_opt(F64, lr=0.05)
+    clipper = GradientClipper(nonfinite="propagate")
+    ratios = []
+    for x, y in batches(3 * WINDOW, F64):
+        backward(net, x, y)
+        before = torch.cat([p.detach().reshape(-1) for p in net.parameters()]).clone()
+        clipper.step(opt)
+        opt.step()
+        stats = clipper.latest()
+        taken = float((torch.cat([p.detach().reshape(-1) for p in net.parameters()]) - before).norm())
+        ratios.append(taken / (stats["l0l1/lr_effective"] * stats["l0l1/grad_norm"]))
+    env = clipper._states[0].env
+    # the pair formed at step t records step t-1: the last step's ratio is not in yet
+    assert int(env.amp_count) == len(ratios) - 1
+    assert float(env.amp) == pytest.approx(statistics.median_low(ratios[:-1][-WINDOW:]), rel=1e-9)
+    assert float(env.amp) > 1.0  # momentum 0.9 carries earlier steps along: here about 1.09
+
+
+@pytest.mark.parametrize("make_opt", [
+    lambda ps: torch.optim.SGD(ps, lr=0.05),  # plain SGD: the step taken is the step set, exactly
+    lambda ps: torch.optim.Adam(ps, lr=1e-3),  # not a momentum SGD: nothing to correct
+])
+def test_auto_amplification_is_left_at_one_without_momentum_sgd(make_opt):
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(5, 8), nn.Tanh(), nn.Linear(8, 1)).to(F64)
+    opt = make_opt(net.parameters())
+    clipper = GradientClipper(nonfinite="propagate")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # Adam's warning is tested elsewhere
+        for x, y in batches(8, F64):
+            backward(net, x, y)
+            clipper.step(opt)
+            opt.step()
+    env = clipper._states[0].env
+    assert int(env.amp_count) == 0 and float(env.amp) == 1.0 and int(env.pairs) == 7
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA: the device's own sync check")
