@@ -57,6 +57,17 @@ def _momentum_sgd(optimizer: Optimizer) -> bool:
     return isinstance(optimizer, torch.optim.SGD) and any(g.get("momentum", 0) for g in optimizer.param_groups)
 
 
+def _max_amplification(optimizer: Optimizer) -> float:
+    """The steady-state bound on momentum's step amplification, ``(1 - dampening) / (1 - momentum)``
+    (Nesterov: ``1 + momentum`` times that), over the param groups; host floats, no tensor read."""
+    bound = 1.0
+    for g in optimizer.param_groups:
+        m, d = float(g.get("momentum", 0.0)), float(g.get("dampening", 0.0))
+        if 0 < m < 1:
+            bound = max(bound, (1 - d) / (1 - m) * ((1 + m) if g.get("nesterov") else 1.0))
+    return bound
+
+
 # auto: the first update moves the parameters by `initial_step` x max(||theta||, 1); the bound on the
 # (SGD-equivalent) step length then doubles every step, so it stops mattering after a few dozen steps.
 _TRUST_GROWTH = 2.0
@@ -138,6 +149,7 @@ class _OptState:
     probe_params: list[Tensor] = field(default_factory=list)  # probe mode: the snapshot's parameters, in order
     sharded: bool = False  # gradients are shards (FSDP1/FSDP2): the snapshot is not checkpointed
     optimizer_checked: bool = False  # auto: the optimizer's type was looked at (warned at most once)
+    amplified: bool = False  # auto under momentum SGD at the last step: the step ratio is measured
 
     def ensure(self, like: Tensor, n_groups: int, offload: bool = False) -> None:
         if self.nonfinite is None or self.nonfinite.device != like.device:
@@ -406,7 +418,9 @@ class GradientClipper:
             self._estimate(state, groups, params_per_group, norm, process_group, is_shard, amplified)
 
         lrs = [g["lr"] for g in optimizer.param_groups]
-        scales, threshold = self._scales(norm, lrs, state, amplified)
+        state.amplified = amplified
+        amp_max = _max_amplification(optimizer) if amplified else 1.0
+        scales, threshold = self._scales(norm, lrs, state, amp_max)
         if handoff:
             # The fused kernel divides the gradients by `grad_scale` as it reads them and skips the
             # whole step (parameters, moments, step count) where `found_inf` is nonzero: the same
@@ -446,7 +460,7 @@ class GradientClipper:
         return outcome
 
     def _scales(
-        self, norm: Tensor, lrs: Sequence[Any], state: _OptState, amplified: bool = False
+        self, norm: Tensor, lrs: Sequence[Any], state: _OptState, amp_max: float = 1.0
     ) -> tuple[list[Tensor], Any]:
         """The scale(s) for this step and the norm threshold in use (host float or 0-d tensor)."""
         if self.mode == "clip":
@@ -463,7 +477,10 @@ class GradientClipper:
         radius = state.delta * growth  # type: ignore[operator]
         scales, gammas = [], []
         for lr in lrs:
-            amp = env.amp if amplified else None  # type: ignore[union-attr]
+            # momentum SGD: the measured ratio, clamped to [1, its steady-state bound] (noise and oscillation
+            # can make it < 1, which would loosen the limit past plain SGD's; a burst of clipping can
+            # make it spike)
+            amp = env.amp.clamp(1.0, amp_max) if amp_max > 1.0 else None  # type: ignore[union-attr]
             rule, gamma = auto_scale(norm, lr, env.low, env.ratio, amp)  # type: ignore[union-attr]
             gammas.append(gamma)
             # the SGD-equivalent step length is lr * s * ||g||; keep it <= radius
@@ -603,8 +620,8 @@ Vert)` enters the envelope. No minibatch noise enters it: both
                         self.norm_type, foreach=self.foreach)
         pair_norm, smooth = secant_pair(d[0], d[1], snap.norm, d[2])  # type: ignore[arg-type]
         state.env = envelope_update(state.env, pair_norm, smooth)  # type: ignore[arg-type]
-        # the whole step taken against the step set (a no-op unless auto recorded one: momentum SGD)
-        state.env = amplification_update(state.env, 2 * d[1])  # type: ignore[arg-type]
+        if state.amplified:  # auto under momentum SGD: the whole step taken against the step set
+            state.env = amplification_update(state.env, 2 * d[1])  # type: ignore[arg-type]
         return True
 
     def _apply_nonfinite(

@@ -147,18 +147,20 @@ def auto_scale(
     median within 1% (README, "LSTM").
 
     **Momentum.** The rule sets the step of plain SGD, :math:`\eta s\lVert g\rVert`. Under SGD with
-    momentum the step taken is longer by a factor :math:`a` (up to :math:`1/(1-\beta)`), measured as
-    the median ratio of taken to set step lengths (``amp``); the rule then sets :math:`1/a` of its own
-    steps, :math:`\eta_\text{eff} = \min(\eta, \min(1/\underline L, \lambda/\lVert g\rVert)/a)`, so that
-    the steps *taken* are the ones it wants. The learning rate you chose is never raised or lowered by
-    it: only the measured limits are.
+    momentum the step taken is longer by a factor :math:`a`, measured as the median ratio of taken
+    to set step lengths (``amp``, which the caller clamps to :math:`[1, 1/(1-\beta)]`). The step
+    *length* limit is on the step taken, so it becomes :math:`\lambda/a`:
+    :math:`\eta_\text{eff} = \min(\eta_b, \lambda/(a\lVert g\rVert))`. The base step is left as it
+    is: longer steps along consistent directions are what momentum is for, and dividing it by
+    :math:`a` slowed heavy ball on a benign quadratic. With :math:`a \ge 1` the correction only ever
+    clips more than plain SGD's rule would.
 
     Args:
         norm: the global gradient norm, a 0-d tensor.
         lr: the learning rate :math:`\eta`.
         low: the smallest smoothness seen (0-d; ``inf``: none yet, 0: the learning rate is used).
         ratio: the median ratio :math:`\tilde r \ge 0` (0-d; 0: none yet, nothing is clipped).
-        amp: the step amplification :math:`a > 0` of the optimizer (0-d; ``None``: 1, plain SGD).
+        amp: the step amplification :math:`a \ge 1` of the optimizer (0-d; ``None``: 1, plain SGD).
 
     Returns:
         ``(s, gamma)``: the factor with :math:`\eta s = \eta_\text{eff}` and the threshold in use
@@ -176,9 +178,8 @@ def auto_scale(
     elif lr == 0:
         return torch.ones_like(norm), torch.full_like(norm, math.inf)
     low, ratio = low.to(norm.dtype), ratio.to(norm.dtype)
-    if amp is not None:  # both limits are on the step taken, amp times the step set
-        amp = amp.to(norm.dtype)
-        low, ratio = low * amp, ratio * amp
+    if amp is not None:  # the length limit is on the step taken, amp times the step set
+        ratio = ratio * amp.to(norm.dtype)
     # 1/low: 0 while nothing is measured (low = inf) and inf for a flat pair (low = 0): the lr either way
     inv = torch.reciprocal(low)
     base = torch.where((inv > 0) & (inv < lr), inv, lr)

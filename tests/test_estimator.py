@@ -779,23 +779,57 @@ def test_auto_measures_how_much_longer_momentum_makes_its_steps(probe):
     ||theta_t+1 - theta_t||, over the step auto set, lr_eff * ||g||: both read here from the run itself."""
     net, opt = mlp_opt(F64, lr=0.05)
     clipper = GradientClipper(nonfinite="propagate", probe=probe)
-    ratios = []
+    ratios, used = [], []
     for x, y in batches(3 * WINDOW, F64):
         backward(net, x, y)
         before = torch.cat([p.detach().reshape(-1) for p in net.parameters()]).clone()
         clipper.step(opt)
+        env = clipper._states[0].env  # what this step's scale was computed from
+        used.append((float(env.low), float(env.ratio), float(env.amp)))
         opt.step()
         if probe:
             clipper.probe(0, lambda ps, x=x, y=y: torch.autograd.grad(nn.functional.mse_loss(net(x), y), ps))
         stats = clipper.latest()
         taken = float((torch.cat([p.detach().reshape(-1) for p in net.parameters()]) - before).norm())
         ratios.append(taken / (stats["l0l1/lr_effective"] * stats["l0l1/grad_norm"]))
+        # the scale used the ratio, clamped to [1, 1/(1 - momentum)] = [1, 10], on the step-length limit only
+        low, r, a = used[-1]
+        if len(ratios) > 20:  # past the first steps' doubling bound
+            base = min(0.05, 1 / low) if 0 < low < math.inf else 0.05
+            want = min(base, 2 / (min(max(a, 1.0), 10.0) * r * stats["l0l1/grad_norm"])) if r > 0 else base
+            assert stats["l0l1/lr_effective"] == pytest.approx(want, rel=1e-9), len(ratios)
     env = clipper._states[0].env
     # a secant pair at step t records step t-1 (the last step's ratio is not in yet); the probe, every step
     recorded = ratios if probe else ratios[:-1]
     assert int(env.amp_count) == len(recorded)
     assert float(env.amp) == pytest.approx(statistics.median_low(recorded[-WINDOW:]), rel=1e-9)
     assert float(env.amp) != 1.0  # measured, not the default (about 1; oscillating gradients cancel in momentum)
+
+
+@pytest.mark.parametrize(("measured", "used"), [(0.5, 1.0), (3.0, 3.0), (50.0, 10.0)])
+def test_auto_clamps_the_momentum_ratio_to_one_and_its_steady_state_bound(measured, used):
+    """A ratio below 1 (noise, oscillation) would loosen the limit past plain SGD's, one above 1/(1 - momentum)
+    (a burst of clipping) is no steady state: the scale uses the ratio clamped to [1, 10] at momentum 0.9."""
+    net, opt = mlp_opt(F64, lr=0.05)
+    clipper = GradientClipper(nonfinite="propagate")
+    data = batches(25, F64)
+    for x, y in data[:-1]:
+        backward(net, x, y)
+        clipper.step(opt)
+        opt.step()
+    st = clipper._states[0]
+    x, y = data[-1]
+    backward(net, x, y)
+    for p in net.parameters():
+        p.grad.mul_(1e3)  # a spike: the step-length limit binds
+    gn = float(torch.cat([p.grad.reshape(-1) for p in net.parameters()]).norm())
+    # the next step's pair will rewrite amp: pin the window so its median is `measured` after that
+    st.env.amp_window.fill_(measured)
+    st.env.intended.fill_(math.nan)  # this step's pair then records nothing new
+    clipper.step(opt)
+    env = st.env
+    assert float(env.amp) == measured
+    assert clipper.latest()["l0l1/lr_effective"] == pytest.approx(2 / (used * float(env.ratio) * gn), rel=1e-9)
 
 
 @pytest.mark.parametrize("make_opt", [
