@@ -250,6 +250,19 @@ def _check_auto_run(outs: list[dict[str, Any]]) -> None:
     assert (st0["delta"], st0["last"], st0["steps"]) == (st1["delta"], st1["last"], st1["steps"])
 
 
+def _fork_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A clean rendezvous environment for ``ddp_fork`` run from this process (skips where fork is missing)."""
+    import multiprocessing
+
+    if "fork" not in multiprocessing.get_all_start_methods():  # pragma: no cover
+        pytest.skip("the fork start method is not available on this platform")
+    for k in list(os.environ):
+        if k in _DROP_ENV or k.startswith(_DROP_ENV_PREFIXES):
+            monkeypatch.delenv(k)
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", str(C.free_ports(1)[0]))
+
+
 # ---------------------------------------------------------------------------------------- DDP
 def test_ddp_subprocess_norm_and_params_match_single_process_reference(jobs: dict[str, _Job]) -> None:
     outs = jobs["ddp"].outputs()
@@ -260,15 +273,7 @@ def test_ddp_subprocess_norm_and_params_match_single_process_reference(jobs: dic
 
 def test_ddp_fork_in_process_matches_reference(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """``ddp_fork`` from this process (workers forked, no re-import); results come back through files."""
-    import multiprocessing
-
-    if "fork" not in multiprocessing.get_all_start_methods():  # pragma: no cover
-        pytest.skip("the fork start method is not available on this platform")
-    for k in list(os.environ):
-        if k in _DROP_ENV or k.startswith(_DROP_ENV_PREFIXES):
-            monkeypatch.delenv(k)
-    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
-    monkeypatch.setenv("MASTER_PORT", str(C.free_ports(1)[0]))
+    _fork_env(monkeypatch)
     lightning_train = _load("lightning_train")
     trainer = lightning_train.run(str(tmp_path), "ddp_fork")
     outs = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(C.WORLD)]
@@ -280,11 +285,7 @@ def test_ddp_fork_in_process_matches_reference(tmp_path: Path, monkeypatch: pyte
 
 
 def test_auto_under_ddp_fork_matches_a_single_process_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    for k in list(os.environ):
-        if k in _DROP_ENV or k.startswith(_DROP_ENV_PREFIXES):
-            monkeypatch.delenv(k)
-    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
-    monkeypatch.setenv("MASTER_PORT", str(C.free_ports(1)[0]))
+    _fork_env(monkeypatch)
     _load("lightning_train").run(str(tmp_path), "ddp_fork", "auto")
     outs = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(C.WORLD)]
     _check_auto_run(outs)
