@@ -475,12 +475,11 @@ class GradientClipper:
         env = state.env
         growth = _TRUST_GROWTH ** min(state.steps, 1000)
         radius = state.delta * growth  # type: ignore[operator]
+        # momentum SGD: the measured ratio, clamped to [1, its steady-state bound] (noise and oscillation
+        # can make it < 1, which would loosen the limit past plain SGD's; a burst of clipping can make it spike)
+        amp = env.amp.clamp(1.0, amp_max) if amp_max > 1.0 else None  # type: ignore[union-attr]
         scales, gammas = [], []
         for lr in lrs:
-            # momentum SGD: the measured ratio, clamped to [1, its steady-state bound] (noise and oscillation
-            # can make it < 1, which would loosen the limit past plain SGD's; a burst of clipping can
-            # make it spike)
-            amp = env.amp.clamp(1.0, amp_max) if amp_max > 1.0 else None  # type: ignore[union-attr]
             rule, gamma = auto_scale(norm, lr, env.low, env.ratio, amp)  # type: ignore[union-attr]
             gammas.append(gamma)
             # the SGD-equivalent step length is lr * s * ||g||; keep it <= radius
