@@ -1,15 +1,15 @@
-"""The Lightning callback: argument checks, hooks, strategy detection, checkpoint state.
+"""The Lightning callback: glue between a trainer's hooks and the clipper and publisher.
 
-All tensor work is in :class:`~lightning_l0l1.clipper.GradientClipper`; this module
-only finds the gradients Lightning is about to step and hands them over.
+All tensor work is in :class:`~lightning_l0l1.clipper.GradientClipper`; publishing is in
+:class:`~lightning_l0l1.publish.Publisher`. This module finds the gradients Lightning is about to
+step (the optimizer, the AMP scaler, the FSDP1 shard group), hands them over, and calls the
+publisher at the trainer's logging points.
 """
 
 from __future__ import annotations
 
-import math
-import sys
 from collections.abc import Callable
-from typing import Any, Literal, Optional, Union
+from typing import Any, Generic, Literal, Optional, TypeVar, Union, overload
 
 import pytorch_lightning as pl
 import torch
@@ -19,10 +19,33 @@ from torch import Tensor
 from torch.optim import Optimizer
 from typing_extensions import override
 
-from lightning_l0l1.clipper import GradientClipper, Mode, NonFinite, _count, _flag
-from lightning_l0l1.stats import LoggerSink, StepStatistics, WandbSink, stat_names
+from lightning_l0l1 import validation
+from lightning_l0l1.clipper import GradientClipper, NonFinite, StepOutcome
+from lightning_l0l1.modes import Mode
+from lightning_l0l1.publish import Publisher
 
 __all__ = ["L0L1Clipping"]
+
+T = TypeVar("T")
+
+
+class _Setting(Generic[T]):
+    """A read-only setting of the callback, kept by one of its parts (``clipper`` or ``publisher``)."""
+
+    def __init__(self, part: str, attr: Optional[str] = None) -> None:
+        self.part, self.attr = part, attr
+
+    def __set_name__(self, owner: type, name: str) -> None:
+        self.attr = self.attr or name
+
+    @overload
+    def __get__(self, obj: None, owner: Any = None) -> _Setting[T]: ...
+    @overload
+    def __get__(self, obj: object, owner: Any = None) -> T: ...
+    def __get__(self, obj: Any, owner: Any = None) -> Any:
+        if obj is None:
+            return self
+        return getattr(getattr(obj, self.part), self.attr)  # type: ignore[arg-type]
 
 
 class L0L1Clipping(Callback):
@@ -52,17 +75,14 @@ class L0L1Clipping(Callback):
     none under an fp16 GradScaler, which skips overflow steps itself).
 
     Args:
-        mode: ``"auto"`` (default): no threshold to tune. Hard clipping with a base step and a step
-            length measured online: :math:`\eta_\text{eff} = \min(\eta, 1/\underline L, 2/(\tilde r\lVert g\rVert))`,
+        mode: ``"auto"`` (default): no threshold to tune. Hard clipping with a base step and a step length
+            measured online, :math:`\eta_\text{eff} = \min(\eta, 1/\underline L, 2/(\tilde r\lVert g\rVert))`,
             with :math:`\underline L` the smallest smoothness measured so far and :math:`\tilde r` the
             median of smoothness / gradient norm over the last 20 pairs
-            (:func:`lightning_l0l1.rules.auto_scale`). On the README's minibatch benchmark (a character
-            LSTM at SGD lr 20) it is 1.0% above the best hand-tuned threshold over twelve seeds, and
-            within 0.5-3% of the best threshold at learning rates 5 to 100, where the best threshold
-            moves by 25x. It sets a plain-SGD step, corrected under SGD with momentum by the measured
-            ratio of the step taken to the step set; Adam-type optimizers (warned) divide its scaling
-            away (README, "Which optimizers"). It holds a snapshot of the gradients and
-            parameters: two gradient-sized buffers (``snapshot_device="cpu"`` keeps them in host memory).
+            (:func:`lightning_l0l1.rules.auto_scale`). It sets a plain-SGD step, corrected under SGD with
+            momentum by the measured ratio of the step taken to the step set; Adam-type optimizers (warned)
+            divide its scaling away. It holds a snapshot of the gradients and parameters: two
+            gradient-sized buffers (``snapshot_device="cpu"`` keeps them in host memory).
             ``"clip"``, ``"adaptive"``: the threshold ``max_norm``; ``"l0l1"``: the constants ``l0``, ``l1``.
         max_norm: the threshold :math:`\gamma` of ``clip`` and ``adaptive`` (> 0, required there);
             ``auto`` refuses one (it sets its own), ``l0l1`` ignores it.
@@ -89,8 +109,7 @@ class L0L1Clipping(Callback):
             ``accumulate_grad_batches=1`` and unsharded gradients (single device, DDP) only.
         snapshot_device: ``"cpu"`` keeps the estimator's snapshot in host memory.
         initial_step: ``auto``: the first update moves the parameters by at most
-            ``initial_step * max(||theta||, 1)``; the bound doubles every step. Default 1e-2 (measured
-            on the LSTM benchmark: 3e-3 to 1e-1 end within 3% of the best threshold, 1e-3 at 4%).
+            ``initial_step * max(||theta||, 1)``; the bound doubles every step.
         fused_handoff: with a fused optimizer (``Adam(fused=True)`` ...), no GradScaler and one scale
             for the optimizer, hand the scale and the skip verdict to the optimizer's kernel instead
             of scaling the gradients: no scaling pass, no host read (see the README).
@@ -98,7 +117,7 @@ class L0L1Clipping(Callback):
             (and W&B) every ``log_every_n_steps`` optimizer steps, rank zero only: one
             device-to-host transfer per interval, none in between.
         log_every_n_steps: the logging interval in optimizer steps (``None``: the trainer's).
-        prefix: the metric-name prefix.
+        prefix: the metric-name prefix (also of :meth:`latest`'s keys).
         prog_bar: show ``grad_norm`` and ``scale`` in the progress bar. This reads both values
             on the host **every step** (a sync): off by default.
         wandb_table_every: refresh the W&B smoothness table (the paper's Figure 1) at most every
@@ -116,6 +135,22 @@ class L0L1Clipping(Callback):
     References:
         Zhang, He, Sra, Jadbabaie, ICLR 2020. https://arxiv.org/abs/1905.11881
     """
+
+    mode = _Setting[Mode]("clipper")
+    max_norm = _Setting[Optional[float]]("clipper")
+    l0 = _Setting[Optional[float]]("clipper")
+    l1 = _Setting[Optional[float]]("clipper")
+    norm_type = _Setting[float]("clipper")
+    nonfinite = _Setting[NonFinite]("clipper")
+    foreach = _Setting[Optional[bool]]("clipper")
+    estimate = _Setting[bool]("clipper")
+    estimate_every = _Setting[int]("clipper")
+    snapshot_device = _Setting[Optional[Literal["cpu"]]]("clipper")
+    initial_step = _Setting[float]("clipper")
+    fused_handoff = _Setting[bool]("clipper")
+    prefix = _Setting[str]("publisher")
+    log_every_n_steps = _Setting[Optional[int]]("publisher", "every")
+    wandb_table_every = _Setting[int]("publisher", "table_every")
 
     def __init__(
         self,
@@ -145,52 +180,19 @@ class L0L1Clipping(Callback):
             raise ValueError(
                 "`probe_loss` measures the smoothness for the estimator: it cannot go with `estimate=False`."
             )
-        if probe_loss is not None:
-            estimate = True
         self.probe_loss = probe_loss
-        self._clipper = GradientClipper(
-            mode=mode,
-            max_norm=max_norm,
-            l0=l0,
-            l1=l1,
-            norm_type=norm_type,
-            nonfinite=nonfinite,
-            foreach=foreach,
-            estimate=estimate,
-            estimate_every=estimate_every,
-            snapshot_device=snapshot_device,
-            initial_step=initial_step,
-            fused_handoff=fused_handoff,
+        self.clipper = GradientClipper(
+            mode=mode, max_norm=max_norm, l0=l0, l1=l1, norm_type=norm_type, nonfinite=nonfinite, foreach=foreach,
+            estimate=True if probe_loss is not None else estimate, estimate_every=estimate_every,
+            snapshot_device=snapshot_device, initial_step=initial_step, fused_handoff=fused_handoff,
             probe=probe_loss is not None,
         )
-        self.estimate = self._clipper.estimate
-        self.estimate_every = estimate_every
-        self.snapshot_device = snapshot_device
-        self.initial_step = self._clipper.initial_step
-        self.fused_handoff = fused_handoff
-        _flag("log_stats", log_stats)
-        _count("log_every_n_steps", log_every_n_steps, allow_none=True)
-        if not isinstance(prefix, str):
-            raise ValueError(f"`prefix` must be a string, got {prefix!r}.")
-        _flag("prog_bar", prog_bar)
-        _count("wandb_table_every", wandb_table_every)
-        self.log_stats = log_stats
-        self.log_every_n_steps = log_every_n_steps
-        self.prefix = prefix
-        self.prog_bar = prog_bar
-        self.wandb_table_every = wandb_table_every
-        self._aggs: dict[int, StepStatistics] = {}
-        self._n_groups: dict[int, int] = {}
-        self._epoch_norms: dict[int, list[Tensor]] = {}
-        self._since_log = 0
-        self._sinks: Optional[tuple[LoggerSink, Optional[WandbSink]]] = None
-        self._want_histogram = False
-        self.mode = self._clipper.mode
-        self.max_norm = self._clipper.max_norm
-        self.l0 = self._clipper.l0
-        self.l1 = self._clipper.l1
-        self.norm_type = self._clipper.norm_type
-        self.nonfinite = self._clipper.nonfinite
+        self.log_stats: bool = validation.flag("log_stats", log_stats)  # type: ignore[assignment]
+        every = validation.count("log_every_n_steps", log_every_n_steps, allow_none=True)
+        prefix = validation.text("prefix", prefix)
+        self.prog_bar: bool = validation.flag("prog_bar", prog_bar)  # type: ignore[assignment]
+        table_every: int = validation.count("wandb_table_every", wandb_table_every)  # type: ignore[assignment]
+        self.publisher = Publisher(prefix, every, table_every, self.clipper.settings())
         self._warned_nonfinite = False
         self._fsdp1: Optional[tuple[Any]] = None  # (process_group,) under FSDP1, else None (checked once per fit)
         self._fsdp1_checked = False
@@ -233,19 +235,9 @@ class L0L1Clipping(Callback):
                 "Remove `gradient_clip_val` from the Trainer to clip once."
             )
         if self.probe_loss is not None:
-            if not pl_module.automatic_optimization:
-                raise RuntimeError(
-                    "`L0L1Clipping(probe_loss=...)` needs automatic optimization (it probes the batch of the "
-                    "step Lightning just took); with manual optimization call `GradientClipper.probe` yourself."
-                )
-            if trainer.accumulate_grad_batches != 1:
-                raise RuntimeError(
-                    "`L0L1Clipping(probe_loss=...)` needs `accumulate_grad_batches=1`, got "
-                    f"{trainer.accumulate_grad_batches}: the step's gradient is summed over several batches, "
-                    "the probe would see only the last one."
-                )
+            _check_probe_setup(trainer, pl_module)
         self._fsdp1_checked = False
-        self._sinks = None  # this trainer's loggers and W&B run, not those of an earlier fit
+        self.publisher.reset()  # this trainer's loggers and W&B run, not those of an earlier fit
 
     @override
     def on_before_optimizer_step(
@@ -256,7 +248,7 @@ class L0L1Clipping(Callback):
         if scaler is not None:
             _unscale_if_fused(scaler, optimizer)
         process_group, is_shard = self._sharding(trainer)
-        outcome = self._clipper.step(
+        outcome = self.clipper.step(
             optimizer,
             key,
             process_group=process_group,
@@ -265,37 +257,23 @@ class L0L1Clipping(Callback):
             step_label=trainer.global_step,
             allow_handoff=not trainer.gradient_clip_val,
         )
-        if outcome is not None and self.log_stats and outcome.values is not None:
-            agg = self._aggs.get(key)
-            if agg is None or agg.n_values != outcome.values.numel():
-                agg = self._aggs[key] = StepStatistics(outcome.values.numel()).to(outcome.values.device)
-                self._n_groups[key] = len(optimizer.param_groups)
-            elif agg.device != outcome.values.device:  # restored from a checkpoint on the CPU
-                agg = self._aggs[key] = agg.to(outcome.values.device)
-            agg.update(outcome.values, outcome.finite_mask, outcome.clipped)
-            if key == 0 and self._want_histogram:
-                self._epoch_norms.setdefault(key, []).append(
-                    torch.where(outcome.finite_mask, outcome.norm, torch.full_like(outcome.norm, float("nan")))  # type: ignore[arg-type]
-                )
-            if key == 0:
-                self._since_log += 1
-        if outcome is not None and self.prog_bar:
-            sfx = f"_opt{key}" if len(trainer.optimizers) > 1 else ""  # as in the logged names
-            pl_module.log(f"{self.prefix}grad_norm{sfx}", outcome.norm, prog_bar=True, logger=False, on_step=True)
-            if outcome.values is not None:
-                pl_module.log(f"{self.prefix}scale{sfx}", outcome.values[2], prog_bar=True, logger=False, on_step=True)
-        if outcome is not None and outcome.finite is False and not self._warned_nonfinite:
-            self._warned_nonfinite = True
-            rank_zero_warn(
-                f"`L0L1Clipping`: the global gradient norm is not finite at step {trainer.global_step}; "
-                f"the step's gradients were {outcome.action} (`nonfinite={self.nonfinite!r}`). "
-                "Further non-finite steps are counted in `l0l1/nonfinite_steps` without a warning."
-            )
+        if outcome is None or outcome.record is None:
+            return
+        if self.log_stats:
+            self.publisher.add(key, outcome.record)
+        if self.prog_bar:
+            norm_name, scale_name = self.publisher.progress_names(key, several=len(trainer.optimizers) > 1)
+            pl_module.log(norm_name, outcome.norm, prog_bar=True, logger=False, on_step=True)
+            pl_module.log(scale_name, outcome.record.scale, prog_bar=True, logger=False, on_step=True)
+        if outcome.finite is False:
+            self._warn_nonfinite(trainer, outcome)
 
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # Per-step norms for the per-epoch W&B histogram are kept only where one will be drawn.
-        self._want_histogram = self.log_stats and trainer.is_global_zero and self._get_sinks(trainer)[1] is not None
+        self.publisher.keep_norms = (
+            self.log_stats and trainer.is_global_zero and self.publisher.sinks(trainer.loggers)[1] is not None
+        )
 
     @override
     def on_train_batch_end(
@@ -303,37 +281,38 @@ class L0L1Clipping(Callback):
     ) -> None:
         if self.probe_loss is not None:
             self._probe(trainer, pl_module, batch)
-        interval = self.log_every_n_steps or max(1, int(getattr(trainer, "log_every_n_steps", 50) or 50))
-        if self.log_stats and self._since_log >= interval:
+        if self.log_stats and self.publisher.due(getattr(trainer, "log_every_n_steps", None)):
             self._flush(trainer)
 
     @override
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        norms, self._epoch_norms = self._epoch_norms, {}
-        if not self.log_stats or not trainer.is_global_zero:
-            return
-        _, wb = self._get_sinks(trainer)
-        if wb is None or not norms.get(0):
-            return
-        values = torch.stack(norms[0]).tolist()  # one transfer per epoch
-        wb.histogram(values, trainer.global_step, trainer.current_epoch)
+        self.publisher.epoch_end(
+            trainer.global_step, trainer.current_epoch, self.log_stats and trainer.is_global_zero, trainer.loggers
+        )
 
     @override
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if not self.log_stats:
             return
-        if self._since_log:
+        if self.publisher.pending:
             self._flush(trainer)
-        if not trainer.is_global_zero:
-            return
-        _, wb = self._get_sinks(trainer)
-        if wb is not None:
-            latest = self.latest()
-            keep = ("L0", "L1", "max_norm", "clip_rate", "nonfinite_steps", "lr_suggested", "steps")
-            summary = {
-                k: v for k, v in latest.items() if any(k[len(self.prefix) :].startswith(p) for p in keep)
-            }
-            wb.finish({k: v for k, v in summary.items() if math.isfinite(v)}, trainer.global_step)
+        if trainer.is_global_zero:
+            self.publisher.finish(trainer.global_step, trainer.loggers, self.latest)
+
+    def _flush(self, trainer: pl.Trainer) -> None:
+        self.publisher.flush(
+            trainer.global_step, trainer.is_global_zero, trainer.loggers, self.clipper.device_counters,
+            self.clipper.estimate,
+        )
+
+    def _warn_nonfinite(self, trainer: pl.Trainer, outcome: StepOutcome) -> None:
+        if not self._warned_nonfinite:
+            self._warned_nonfinite = True
+            rank_zero_warn(
+                f"`L0L1Clipping`: the global gradient norm is not finite at step {trainer.global_step}; "
+                f"the step's gradients were {outcome.action} (`nonfinite={self.nonfinite!r}`). "
+                f"Further non-finite steps are counted in `{self.prefix}nonfinite_steps` without a warning."
+            )
 
     def _probe(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any) -> None:
         """The gradient of this step's batch at the step's midpoint, averaged over data-parallel ranks."""
@@ -349,137 +328,33 @@ class L0L1Clipping(Callback):
                 )
             return torch.autograd.grad(loss.float().reshape(()), params, allow_unused=True)
 
-        reduce = None
-        if trainer.world_size > 1 and torch.distributed.is_available() and torch.distributed.is_initialized():
-            world = trainer.world_size
-
-            def reduce(grads: list[Tensor]) -> None:  # one all-reduce, averaged like DDP's gradients
-                dtype = torch.float32
-                for g in grads:  # at least float32, float64 if any gradient is
-                    dtype = torch.promote_types(dtype, g.dtype)
-                flat = torch.cat([g.reshape(-1).to(dtype) for g in grads])
-                torch.distributed.all_reduce(flat)
-                flat.div_(world)
-                offset = 0
-                for g in grads:
-                    g.copy_(flat[offset : offset + g.numel()].view_as(g))
-                    offset += g.numel()
-
-        self._clipper.probe(0, gradient, reduce)
-
-    def _get_sinks(self, trainer: pl.Trainer) -> tuple[LoggerSink, Optional[WandbSink]]:
-        if self._sinks is None:
-            loggers = list(trainer.loggers)
-            wandb_logger = next(
-                (lg for lg in loggers if any(c.__name__ == "WandbLogger" for c in type(lg).__mro__)), None
-            )  # subclasses too: otherwise the sink would log every row a second time to the same run
-            wb: Optional[WandbSink] = None
-            config = {
-                "mode": self.mode, "max_norm": self.max_norm, "l0": self.l0, "l1": self.l1,
-                "norm_type": self.norm_type, "nonfinite": self.nonfinite, "estimate": self.estimate,
-                "estimate_every": self.estimate_every, "log_every_n_steps": self.log_every_n_steps,
-                "probe": self.probe_loss is not None,
-            }
-            if wandb_logger is not None:
-                # WandbLogger(prefix="p") logs our rows as "p-l0l1/...": declare their x-axis under that name
-                outer = getattr(wandb_logger, "_prefix", "") or ""
-                join = getattr(wandb_logger, "LOGGER_JOIN_CHAR", "-")
-                wb = WandbSink(lambda: wandb_logger.experiment, self.prefix, config, log_metrics=False,
-                               table_every=self.wandb_table_every,
-                               logged_prefix=f"{outer}{join}{self.prefix}" if outer else None)
-            elif "wandb" in sys.modules and getattr(sys.modules["wandb"], "run", None) is not None:
-                wb = WandbSink(lambda: sys.modules["wandb"].run, self.prefix, config, log_metrics=True,
-                               table_every=self.wandb_table_every)
-            owners = {id(wandb_logger): wb} if wandb_logger is not None else None  # one warning per W&B outage
-            self._sinks = (LoggerSink(loggers, owners), wb)
-        return self._sinks
-
-    def _flush(self, trainer: pl.Trainer) -> None:
-        """Publish the interval's aggregates: one device-to-host transfer, rank zero only."""
-        self._since_log = 0
-        aggs = dict(self._aggs)
-        if not trainer.is_global_zero or not aggs:
-            for agg in aggs.values():
-                agg.reset()
-            return
-        keys = sorted(aggs)
-        parts, layout = [], []
-        for key in keys:
-            vec = aggs[key].compute()
-            counters = self._clipper.device_counters(key)
-            parts.append(vec.to(torch.float64))
-            if counters is None:
-                counters = vec.new_full((5,), math.nan)
-            parts.append(counters.to(vec.device, torch.float64))
-            layout.append((key, vec.numel()))
-        flat = torch.cat([p.to(parts[0].device) for p in parts]).tolist()  # the one transfer
-        metrics: dict[str, float] = {}
-        pair_norm = math.nan
-        several = len(keys) > 1
-        i = 0
-        for key, n in layout:
-            sfx = f"_opt{key}" if several else ""
-            names = stat_names(self._n_groups.get(key, 1))
-            values = flat[i : i + n]
-            i += n
-            for name, v in zip(names, values):
-                if name not in ("finite_steps", "steps"):
-                    metrics[f"{self.prefix}{name}{sfx}"] = v
-            nonfinite, smooth, l0, l1, pnorm = flat[i : i + 5]
-            i += 5
-            metrics[f"{self.prefix}nonfinite_steps{sfx}"] = nonfinite
-            if self.estimate:
-                metrics[f"{self.prefix}smoothness{sfx}"] = smooth
-                metrics[f"{self.prefix}L0{sfx}"] = l0
-                metrics[f"{self.prefix}L1{sfx}"] = l1
-                if l0 > 0:
-                    metrics[f"{self.prefix}lr_suggested{sfx}"] = 1.0 / l0
-                if key == keys[0]:
-                    pair_norm = pnorm
-        for agg in aggs.values():
-            agg.reset()
-        metrics = {k: v for k, v in metrics.items() if math.isfinite(v)}  # no NaN/inf reaches a logger
-        if not metrics:
-            return
-        loggers, wb = self._get_sinks(trainer)
-        if wb is not None:  # first: its define_metric must precede the first l0l1 row
-            wb.log(metrics, trainer.global_step, f"{self.prefix}smoothness" if self.estimate else None, pair_norm)
-        loggers.log(metrics, trainer.global_step)
+        distributed = trainer.world_size > 1 and torch.distributed.is_available() and torch.distributed.is_initialized()
+        self.clipper.probe(0, gradient, _averaged_over(trainer.world_size) if distributed else None)
 
     # ------------------------------------------------------------------ results and state
     def latest(self) -> dict[str, float]:
-        """Statistics of the last optimizer step (reads the device: never call it per step).
+        r"""Statistics of the last optimizer step (reads the device: never call it per step).
 
-        Keys: ``l0l1/grad_norm`` (before scaling), ``l0l1/grad_norm_scaled``,
+        Keys (with the default ``prefix``): ``l0l1/grad_norm`` (before scaling), ``l0l1/grad_norm_scaled``,
         ``l0l1/scale``, ``l0l1/max_norm`` (the norm threshold in use: ``max_norm``,
-        or :math:`(1/\\eta - L_0)/L_1` for ``l0l1``), ``l0l1/lr_effective`` (lr x scale of the
+        or :math:`(1/\eta - L_0)/L_1` for ``l0l1``), ``l0l1/lr_effective`` (lr x scale of the
         first param group, ``_pg{j}`` for the others), ``l0l1/steps``,
-        ``l0l1/nonfinite_steps``, ``l0l1/clip_rate``. With several optimizers every key
-        ends in ``_opt{i}``. A non-finite step leaves the values of the last finite one.
+        ``l0l1/nonfinite_steps``, ``l0l1/clip_rate``; with the estimator, ``l0l1/smoothness``,
+        ``l0l1/L0``, ``l0l1/L1``, ``l0l1/lr_suggested``, ``l0l1/smoothness_pairs``. With several
+        optimizers every key ends in ``_opt{i}``. A non-finite step leaves the values of the last finite one.
         """
-        return self._clipper.latest()
+        return self.clipper.latest(self.prefix)
 
     @override
     def state_dict(self) -> dict[str, Any]:
-        # The open logging interval too: a run resumed mid-interval logs at the same steps, with the
-        # same aggregates, as one that was never interrupted.
-        interval = {
-            "since_log": self._since_log,
-            "aggs": {
-                key: {**agg.checkpoint(), "n_groups": self._n_groups.get(key, 1)} for key, agg in self._aggs.items()
-            },
-        }
-        return {"clipper": self._clipper.state_dict(), "warned_nonfinite": self._warned_nonfinite,
-                "interval": interval}
+        return {"clipper": self.clipper.state_dict(), "warned_nonfinite": self._warned_nonfinite,
+                "interval": self.publisher.state_dict()}
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self._clipper.load_state_dict(state_dict.get("clipper", {}))
+        self.clipper.load_state_dict(state_dict.get("clipper", {}))
         self._warned_nonfinite = bool(state_dict.get("warned_nonfinite", False))
-        interval = state_dict.get("interval") or {}  # absent in older checkpoints: a new interval starts
-        self._since_log = int(interval.get("since_log", 0))
-        self._aggs = {key: StepStatistics.restore(saved) for key, saved in interval.get("aggs", {}).items()}
-        self._n_groups = {key: int(saved.get("n_groups", 1)) for key, saved in interval.get("aggs", {}).items()}
+        self.publisher.load_state_dict(state_dict.get("interval") or {})  # absent in older checkpoints
 
     # ------------------------------------------------------------------ helpers
     def _sharding(self, trainer: pl.Trainer) -> tuple[Any, Any]:
@@ -490,6 +365,38 @@ class L0L1Clipping(Callback):
         if self._fsdp1 is None:
             return None, None
         return self._fsdp1[0], _is_fsdp_flattened
+
+
+def _check_probe_setup(trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+    if not pl_module.automatic_optimization:
+        raise RuntimeError(
+            "`L0L1Clipping(probe_loss=...)` needs automatic optimization (it probes the batch of the "
+            "step Lightning just took); with manual optimization call `GradientClipper.probe` yourself."
+        )
+    if trainer.accumulate_grad_batches != 1:
+        raise RuntimeError(
+            "`L0L1Clipping(probe_loss=...)` needs `accumulate_grad_batches=1`, got "
+            f"{trainer.accumulate_grad_batches}: the step's gradient is summed over several batches, "
+            "the probe would see only the last one."
+        )
+
+
+def _averaged_over(world: int) -> Callable[[list[Tensor]], None]:
+    """Averages tensors over the ``world`` processes in place with one all-reduce, like DDP's gradients."""
+
+    def reduce(grads: list[Tensor]) -> None:
+        dtype = torch.float32
+        for g in grads:  # at least float32, float64 if any gradient is
+            dtype = torch.promote_types(dtype, g.dtype)
+        flat = torch.cat([g.reshape(-1).to(dtype) for g in grads])
+        torch.distributed.all_reduce(flat)
+        flat.div_(world)
+        offset = 0
+        for g in grads:
+            g.copy_(flat[offset : offset + g.numel()].view_as(g))
+            offset += g.numel()
+
+    return reduce
 
 
 def _optimizer_index(trainer: pl.Trainer, optimizer: Optimizer) -> int:

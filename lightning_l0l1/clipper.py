@@ -1,114 +1,46 @@
-"""The framework-neutral step: norm -> rule -> in-place scale -> state, for one optimizer.
+r"""The framework-neutral step, for one optimizer at a time.
 
-:class:`GradientClipper` holds the settings and the per-optimizer state; the
-Lightning callback (:mod:`lightning_l0l1.callback`) is thin glue over it, and a
-plain PyTorch or Fabric loop can call :meth:`GradientClipper.step` itself,
-between ``backward()`` (and ``scaler.unscale_``) and ``optimizer.step()``.
+:meth:`GradientClipper.step` runs between ``backward()`` (and ``scaler.unscale_``) and
+``optimizer.step()``, as a short pipeline:
 
-Imports only :mod:`torch`.
+1. collect the optimizer's gradients (:class:`~lightning_l0l1.gradients.Gradients`);
+2. their global norm, per param group and in all (:mod:`~lightning_l0l1.norms`);
+3. the estimator's measurement of the last step, if on (:mod:`~lightning_l0l1.estimator`);
+4. the rule's scale(s) (:mod:`~lightning_l0l1.modes`);
+5. apply: scale the gradients in place, or hand the scale to a fused optimizer's kernel;
+6. record the step (:class:`~lightning_l0l1.stats.StepRecord`) and count it;
+7. the non-finite policy, where a non-finite norm was found.
+
+The Lightning callback (:mod:`lightning_l0l1.callback`) is glue over it; a plain PyTorch or
+Fabric loop calls :meth:`GradientClipper.step` itself. Imports only :mod:`torch`.
 """
 
 from __future__ import annotations
 
-import math
-import numbers
-import warnings
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Literal, Optional, Union, get_args
 
 import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from lightning_l0l1.estimator import (
-    EnvelopeState,
-    Snapshot,
-    amplification_update,
-    envelope_init,
-    envelope_update,
-    secant_pair,
-)
-from lightning_l0l1.norms import GradGroup, group_norms, is_dtensor, scale_grads_, total_norm, validate_norm_type
-from lightning_l0l1.rules import adaptive_scale, auto_scale, clip_scale, l0l1_scale, l0l1_threshold
+from lightning_l0l1 import stats, validation
+from lightning_l0l1.estimator import SecantEstimator
+from lightning_l0l1.gradients import Gradients
+from lightning_l0l1.modes import RULES, Mode, Rule, StepContext, make_rule
+from lightning_l0l1.norms import scale_grads_, total_norm
+from lightning_l0l1.state import VERSION, Counters, OptimizerState
+from lightning_l0l1.stats import StepRecord
 
 __all__ = ["GradientClipper", "Mode", "NonFinite", "NonFiniteGradientError", "StepOutcome"]
 
-Mode = Literal["auto", "clip", "adaptive", "l0l1"]
 NonFinite = Literal["skip", "zero", "raise", "propagate"]
-
-_MODES: tuple[str, ...] = get_args(Mode)
 _NONFINITE: tuple[str, ...] = get_args(NonFinite)
-# The fixed positions of the per-step statistics vector; then one lr_effective per param group.
-_STATS = ("grad_norm", "grad_norm_scaled", "scale", "max_norm")
-# Optimizers whose update does not scale with the gradient (it is normalized by its own running
-# magnitude): a factor s on the gradient barely changes their step, so auto, which sets an SGD step,
-# cannot steer them.
-_SCALE_INVARIANT = tuple(
-    getattr(torch.optim, name)
-    for name in ("Adam", "AdamW", "Adamax", "NAdam", "RAdam", "Adagrad", "Adadelta", "RMSprop", "SparseAdam",
-                 "Adafactor")
-    if hasattr(torch.optim, name)
-)
-
-
-def _momentum_sgd(optimizer: Optimizer) -> bool:
-    """SGD with momentum: its step is longer than ``lr * g`` by a factor auto measures (``amp``)."""
-    return isinstance(optimizer, torch.optim.SGD) and any(g.get("momentum", 0) for g in optimizer.param_groups)
-
-
-def _max_amplification(optimizer: Optimizer) -> float:
-    """The steady-state bound on momentum's step amplification, ``(1 - dampening) / (1 - momentum)``
-    (Nesterov: ``1 + momentum`` times that), over the param groups; host floats, no tensor read."""
-    bound = 1.0
-    for g in optimizer.param_groups:
-        m, d = float(g.get("momentum", 0.0)), float(g.get("dampening", 0.0))
-        if 0 < m < 1:
-            bound = max(bound, (1 - d) / (1 - m) * ((1 + m) if g.get("nesterov") else 1.0))
-    return bound
-
-
-# auto: the first update moves the parameters by `initial_step` x max(||theta||, 1); the bound on the
-# (SGD-equivalent) step length then doubles every step, so it stops mattering after a few dozen steps.
-_TRUST_GROWTH = 2.0
 
 
 class NonFiniteGradientError(RuntimeError):
     """Raised by ``nonfinite="raise"`` when the global gradient norm is NaN or infinite."""
-
-
-def _positive(name: str, value: Any, allow_zero: bool = False) -> float:
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise ValueError(f"`{name}` must be a number, got {value!r}.")
-    v = float(value)
-    if math.isnan(v) or math.isinf(v) or v < 0 or (v == 0 and not allow_zero):
-        kind = "non-negative" if allow_zero else "positive"
-        raise ValueError(f"`{name}` must be a finite {kind} number, got {value!r}.")
-    return v
-
-
-def _choice(name: str, value: Any, choices: Sequence[str]) -> str:
-    if value not in choices:
-        raise ValueError(f"`{name}` must be one of {', '.join(map(repr, choices))}, got {value!r}.")
-    return value
-
-
-def _flag(name: str, value: Any, allow_none: bool = False) -> Optional[bool]:
-    if value is None and allow_none:
-        return None
-    if not isinstance(value, bool):
-        allowed = "True, False or None" if allow_none else "True or False"
-        raise ValueError(f"`{name}` must be {allowed}, got {value!r}.")
-    return value
-
-
-def _count(name: str, value: Any, allow_none: bool = False) -> Optional[int]:
-    if value is None and allow_none:
-        return None
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        allowed = "None or an integer >= 1" if allow_none else "an integer >= 1"
-        raise ValueError(f"`{name}` must be {allowed}, got {value!r}.")
-    return value
 
 
 @dataclass
@@ -120,62 +52,13 @@ class StepOutcome:
         finite: ``True``/``False`` when the non-finite policy read the verdict on the
             host, ``None`` when nothing was read (``propagate``, or a GradScaler decides).
         action: ``"scaled"``, or for a non-finite step ``"skipped"`` or ``"zeroed"``.
+        record: the step's statistics, on the device (:class:`~lightning_l0l1.stats.StepRecord`).
     """
 
     norm: Tensor
     finite: Optional[bool]
     action: str = "scaled"
-    #: this step's statistics on the device: grad_norm, grad_norm_scaled, scale, max_norm, lr_effective...
-    values: Optional[Tensor] = None
-    #: 0-d bool tensors: the norm is finite; the norm exceeded the threshold in use
-    finite_mask: Optional[Tensor] = None
-    clipped: Optional[Tensor] = None
-
-
-@dataclass
-class _OptState:
-    """Per-optimizer runtime state. Tensors live on the gradients' device."""
-
-    steps: int = 0
-    n_groups: int = 0
-    last: Optional[Tensor] = None  # [len(_STATS) + n_groups] float
-    nonfinite: Optional[Tensor] = None  # 0-d int64
-    clipped: Optional[Tensor] = None  # 0-d int64
-    pending: dict[str, Any] = field(default_factory=dict)  # loaded from a checkpoint, not yet on a device
-    env: Optional[EnvelopeState] = None  # the (L0, L1) estimate
-    snap: Optional[Snapshot] = None  # previous gradients and parameters, for the secant
-    snap_step: int = -2  # the step index the snapshot was taken at
-    delta: Optional[Tensor] = None  # auto: the first step's length
-    probe_params: list[Tensor] = field(default_factory=list)  # probe mode: the snapshot's parameters, in order
-    sharded: bool = False  # gradients are shards (FSDP1/FSDP2): the snapshot is not checkpointed
-    optimizer_checked: bool = False  # auto: the optimizer's type was looked at (warned at most once)
-    amplified: bool = False  # auto under momentum SGD at the last step: the step ratio is measured
-
-    def ensure(self, like: Tensor, n_groups: int, offload: bool = False) -> None:
-        if self.nonfinite is None or self.nonfinite.device != like.device:
-            nonfinite = int(self.pending.get("nonfinite_steps", 0))
-            clipped = int(self.pending.get("clipped_steps", 0))
-            if self.nonfinite is not None:  # moved device: carry the counts over
-                nonfinite, clipped = int(self.nonfinite), int(self.clipped)  # type: ignore[arg-type]
-            self.nonfinite = torch.tensor(nonfinite, dtype=torch.int64, device=like.device)
-            self.clipped = torch.tensor(clipped, dtype=torch.int64, device=like.device)
-        if self.last is None or self.n_groups != n_groups or self.last.device != like.device:
-            values = self.pending.get("last") if self.last is None else self.last.tolist()
-            size = len(_STATS) + n_groups
-            if values is None or len(values) != size:
-                values = [0.0] * size
-            self.last = torch.tensor(values, dtype=like.dtype, device=like.device)
-            self.n_groups = n_groups
-        env = self.pending.get("env")
-        if env is not None:
-            self.env = EnvelopeState.from_state_dict(env, like.device)
-        if self.pending.get("delta") is not None:
-            self.delta = torch.tensor(self.pending["delta"], dtype=like.dtype, device=like.device)
-        if self.pending.get("snapshot"):
-            self.snap = Snapshot(offload=offload)
-            self.snap.load(self.pending["snapshot"], like.device)
-            self.snap_step = int(self.pending["snap_step"])
-        self.pending = {}
+    record: Optional[StepRecord] = None
 
 
 class _HostFlag:
@@ -205,14 +88,22 @@ class _HostFlag:
 class GradientClipper:
     r"""Global-norm gradient scaling with the ``auto``, ``clip``, ``adaptive`` or ``l0l1`` rule.
 
+    With :math:`g` the gradient of every parameter the optimizer steps and :math:`\eta` each param
+    group's learning rate, the gradients are multiplied by :math:`0 \le s \le 1`:
+
+    .. math::
+
+        \text{clip}: s = \min\left(1, \frac{\gamma}{\lVert g\rVert + \epsilon}\right) \quad
+        \text{adaptive}: s = \frac{\gamma}{\lVert g\rVert + \gamma} \quad
+        \text{l0l1}: s = \min\left(1, \frac{1}{\eta (L_0 + L_1 \lVert g\rVert)}\right)
+
+    and ``auto`` steps :math:`\eta s = \min(\eta, 1/\underline L, 2/(\tilde r\lVert g\rVert))` from the
+    estimator's smallest smoothness :math:`\underline L` and median ratio :math:`\tilde r`
+    (:func:`~lightning_l0l1.rules.auto_scale`).
+
     Args:
-        mode: ``"auto"`` (default): hard clipping with a base step (the smallest smoothness seen) and
-            a step length (twice the inverse median ratio of smoothness to gradient norm over recent
-            pairs), measured online (see :func:`lightning_l0l1.rules.auto_scale` and
-            :mod:`lightning_l0l1.estimator`); it takes no ``max_norm``, ``l0`` or ``l1``.
-            ``"clip"``: :math:`s=\min(1,\gamma/\lVert g\rVert)`; ``"adaptive"``:
-            :math:`s=\gamma/(\lVert g\rVert+\gamma)`; ``"l0l1"``: per parameter group,
-            :math:`s=\min(1, 1/(\eta(L_0+L_1\lVert g\rVert)))`.
+        mode: ``"auto"`` (default, takes no ``max_norm``, ``l0`` or ``l1``), ``"clip"``, ``"adaptive"``
+            or ``"l0l1"``: a key of :data:`lightning_l0l1.modes.RULES`.
         max_norm: :math:`\gamma` for ``clip`` and ``adaptive`` (required there).
         l0, l1: the smoothness constants for ``l0l1`` (``>= 0``, not both 0).
         norm_type: p of the p-norm, ``inf`` allowed.
@@ -222,27 +113,25 @@ class GradientClipper:
             :class:`NonFiniteGradientError`; ``"propagate"`` checks nothing, like torch.
             The first three read one boolean on the host per step; ``propagate`` reads none.
         foreach: use the ``torch._foreach_*`` kernels (``None``: where supported).
-        estimate: run the smoothness estimator (``None``: only in ``auto``). It keeps one snapshot
-            of the gradients and parameters (two gradient-sized buffers) and adds, per step, one pass
-            over them; in the fixed modes it only reports ``smoothness``, ``L0`` and ``L1``.
-        estimate_every: form a secant pair every K steps only (the snapshot is refreshed on the
-            step before), plus one at step 1, so that ``auto`` has a measurement before its step
-            bound has grown for K steps; the estimator's time cost is divided by about K.
-        probe: form the secant pairs with :meth:`probe` (the paper's method: the gradient of the
-            step's own batch at the midpoint of the step, free of minibatch noise) instead of between
-            consecutive steps' gradients. The caller computes that gradient; gradients must not be
-            sharded.
+        estimate: run the smoothness estimator (``None``: only where the mode needs it, ``auto``). It
+            keeps one snapshot of the gradients and parameters (two gradient-sized buffers) and adds,
+            per step, one pass over them; in the fixed modes it only reports ``smoothness``, ``L0``
+            and ``L1``.
+        estimate_every: form a secant pair every K steps only (plus one at step 1); the estimator's
+            time cost is divided by about K.
         snapshot_device: ``"cpu"`` keeps the snapshot in (pinned) host memory: no device memory,
             at the price of host-device copies.
         initial_step: ``auto``: the first update moves the parameters by at most
-            ``initial_step * max(||theta||, 1)`` (no estimate exists yet, default 1e-2); that bound
-            doubles every step after, so the estimate takes over within a few steps.
+            ``initial_step * max(||theta||, 1)``; that bound doubles every step after.
         fused_handoff: for torch's fused optimizers (``Adam``/``AdamW``/``SGD(fused=True)``) and one
             scale for the whole optimizer, hand the scale (as ``grad_scale = 1/s``) and, with
             ``nonfinite="skip"``, the non-finite verdict (as ``found_inf``) to the optimizer's own
             kernel, the mechanism ``GradScaler`` uses: no scaling pass and no host read. The
             gradients then stay unscaled until the optimizer reads them, and a skipped step is
             counted but not warned about. Not used under a GradScaler or a sharded strategy.
+        probe: form the secant pairs with :meth:`probe` (the gradient of the step's own batch at the
+            midpoint of the step) instead of between consecutive steps' gradients. Gradients must
+            not be sharded.
 
     Raises:
         ValueError: for any invalid argument, naming it and the value received.
@@ -273,59 +162,59 @@ class GradientClipper:
         fused_handoff: bool = True,
         probe: bool = False,
     ) -> None:
-        self.mode: Mode = _choice("mode", mode, _MODES)  # type: ignore[assignment]
-        self.nonfinite: NonFinite = _choice("nonfinite", nonfinite, _NONFINITE)  # type: ignore[assignment]
-        self.norm_type = validate_norm_type(norm_type)
-        self.foreach = _flag("foreach", foreach, allow_none=True)
-        _flag("estimate", estimate, allow_none=True)
-        if mode == "auto" and estimate is False:
-            raise ValueError("`mode='auto'` needs the estimator: got `estimate=False`. Use `estimate=None` or True.")
-        self.estimate = mode == "auto" if estimate is None else estimate
-        self.estimate_every = _count("estimate_every", estimate_every)
+        rule_cls = RULES[validation.choice("mode", mode, tuple(RULES))]
+        self.nonfinite: NonFinite = validation.choice("nonfinite", nonfinite, _NONFINITE)  # type: ignore[assignment]
+        self.norm_type = validation.norm_type(norm_type)
+        self.foreach = validation.flag("foreach", foreach, allow_none=True)
+        validation.flag("estimate", estimate, allow_none=True)
+        if rule_cls.needs_estimate and estimate is False:
+            raise ValueError(
+                f"`mode={mode!r}` needs the estimator: got `estimate=False`. Use `estimate=None` or True."
+            )
+        self.estimate: bool = rule_cls.needs_estimate if estimate is None else estimate
+        self.estimate_every: int = validation.count("estimate_every", estimate_every)  # type: ignore[assignment]
         if snapshot_device not in (None, "cpu"):
             raise ValueError(
                 f"`snapshot_device` must be None (the gradients' device) or 'cpu', got {snapshot_device!r}."
             )
         self.snapshot_device = snapshot_device
-        self.initial_step = _positive("initial_step", initial_step)
-        self.fused_handoff = _flag("fused_handoff", fused_handoff)
-        self.probe_enabled = bool(_flag("probe", probe))
+        self.initial_step = validation.positive("initial_step", initial_step)
+        self.fused_handoff: bool = validation.flag("fused_handoff", fused_handoff)  # type: ignore[assignment]
+        self.probe_enabled: bool = validation.flag("probe", probe)  # type: ignore[assignment]
         if self.probe_enabled and not self.estimate:
             raise ValueError(
                 "`probe=True` forms the estimator's pairs, so it needs the estimator: got `estimate=False`."
             )
-        if mode == "l0l1":
-            if l0 is None or l1 is None:
-                raise ValueError(
-                    f"`mode='l0l1'` needs both `l0` and `l1`, got l0={l0!r}, l1={l1!r}. "
-                    "Give the smoothness constants of your loss, or use `mode='auto'` to estimate them."
-                )
-            self.l0 = _positive("l0", l0, allow_zero=True)
-            self.l1 = _positive("l1", l1, allow_zero=True)
-            if self.l0 == 0 and self.l1 == 0:
-                raise ValueError(
-                    f"`l0` and `l1` cannot both be 0 (the step would never be limited), got l0={l0!r}, l1={l1!r}."
-                )
-            self.max_norm: Optional[float] = None if max_norm is None else _positive("max_norm", max_norm)
-        elif mode == "auto":
-            given = [(k, v) for k, v in (("max_norm", max_norm), ("l0", l0), ("l1", l1)) if v is not None]
-            if given:
-                got = ", ".join(f"`{k}` = {v!r}" for k, v in given)
-                raise ValueError(
-                    f"`mode='auto'` (the default) sets its own threshold and constants, so it takes no "
-                    f"`max_norm`, `l0` or `l1`; got {got}. For a fixed threshold pass `mode='clip'` (or "
-                    "'adaptive') with `max_norm`; for given constants `mode='l0l1'` with `l0` and `l1`."
-                )
-            self.max_norm, self.l0, self.l1 = None, None, None
-        else:
-            if max_norm is None:
-                raise ValueError(
-                    f"`max_norm` is required for `mode={mode!r}`, got None (or use `mode='auto'`, which needs none)."
-                )
-            self.max_norm = _positive("max_norm", max_norm)
-            self.l0 = None if l0 is None else _positive("l0", l0, allow_zero=True)
-            self.l1 = None if l1 is None else _positive("l1", l1, allow_zero=True)
-        self._states: dict[int, _OptState] = {}
+        self.rule: Rule = make_rule(mode, max_norm, l0, l1, self.initial_step)
+        self.estimator: Optional[SecantEstimator] = (
+            SecantEstimator(self.norm_type, self.estimate_every, snapshot_device == "cpu", self.probe_enabled,
+                            self.foreach)
+            if self.estimate else None
+        )
+        self._states: dict[int, OptimizerState] = {}
+
+    # ------------------------------------------------------------------ settings
+    @property
+    def mode(self) -> Mode:
+        return self.rule.name  # type: ignore[return-value]
+
+    @property
+    def max_norm(self) -> Optional[float]:
+        return self.rule.max_norm
+
+    @property
+    def l0(self) -> Optional[float]:
+        return self.rule.l0
+
+    @property
+    def l1(self) -> Optional[float]:
+        return self.rule.l1
+
+    def settings(self) -> dict[str, Any]:
+        """Every setting, as plain values (for a run's configuration)."""
+        names = ("mode", "max_norm", "l0", "l1", "norm_type", "nonfinite", "foreach", "estimate", "estimate_every",
+                 "snapshot_device", "initial_step", "fused_handoff")
+        return {**{k: getattr(self, k) for k in names}, "probe": self.probe_enabled}
 
     # ------------------------------------------------------------------ the step
     @torch.no_grad()
@@ -354,209 +243,115 @@ class GradientClipper:
                 the gradients being scaled (pass False if something reads the gradients between
                 this call and ``optimizer.step()``, e.g. Lightning's own ``gradient_clip_val``).
         """
-        params_per_group = [[p for p in g["params"] if p.grad is not None] for g in optimizer.param_groups]
-        # FSDP1: a rank whose shard holds none of these gradients still joins the all-reduce.
-        if not any(params_per_group) and is_shard is None:
+        grads = Gradients.collect(optimizer, process_group, is_shard)
+        if grads is None:
             return None
-        groups = []
-        for params in params_per_group:
-            group = GradGroup()
-            for p in params:
-                g = p.grad
-                if g.is_sparse:
-                    raise RuntimeError(
-                        "L0L1 clipping does not support sparse gradients; use dense embeddings "
-                        "(`sparse=False`) or clip them yourself."
-                    )
-                if type(g) is not Tensor and is_dtensor(g):
-                    group.dtensors.append(g)
-                elif is_shard is not None and is_shard(p):
-                    group.sharded.append(g)
-                else:
-                    group.replicated.append(g)
-            groups.append(group)
-
-        norms = group_norms(
-            groups,
-            self.norm_type,
-            process_group=process_group,
-            sharded=is_shard is not None,
-            foreach=self.foreach,
-            device=next((p.device for g in optimizer.param_groups for p in g["params"]), None),
-        )
-        norm = total_norm(norms, self.norm_type)
-        finite = torch.isfinite(norm)
+        norms = grads.norms(self.norm_type, self.foreach)
+        ctx = StepContext(optimizer, grads, norms, total_norm(norms, self.norm_type), self.norm_type,
+                          [g["lr"] for g in optimizer.param_groups])
+        finite = torch.isfinite(ctx.norm)
         _clear_handoff(optimizer)
-        handoff = (
-            allow_handoff
-            and self.fused_handoff
-            and not nonfinite_handled
-            and self.nonfinite in ("skip", "propagate")
-            and getattr(optimizer, "_step_supports_amp_scaling", False)
-            and not any(g.sharded or g.dtensors for g in groups)
-            and ((self.mode != "l0l1" and self.mode != "auto") or len(optimizer.param_groups) == 1)
-        )
+        handoff = self._hands_off(ctx, allow_handoff, nonfinite_handled)
         read_host = self.nonfinite != "propagate" and not nonfinite_handled and not handoff
         flag = _HostFlag(finite) if read_host else None
 
-        state = self._states.setdefault(key, _OptState())
-        if self.mode == "auto" and not state.optimizer_checked:
-            state.optimizer_checked = True
-            if isinstance(optimizer, _SCALE_INVARIANT):
-                warnings.warn(
-                    f"`mode='auto'` sets the step of SGD (the update lr * s * g), but `{type(optimizer).__name__}` "
-                    "divides the gradient by its own running magnitude, so scaling it barely changes the update: "
-                    "auto will rarely limit this optimizer's steps (on the README's LSTM, AdamW with auto trained "
-                    "exactly as without clipping). For Adam-type optimizers use `mode='clip'` with a `max_norm`.",
-                    UserWarning,
-                    stacklevel=3,  # the caller of step(), past torch.no_grad's wrapper
-                )
-        state.ensure(norm, len(groups), offload=self.snapshot_device == "cpu")
-        state.sharded = any(g.sharded or g.dtensors for g in groups) or is_shard is not None
-        amplified = self.mode == "auto" and _momentum_sgd(optimizer)
-        if self.estimate:
-            self._estimate(state, groups, params_per_group, norm, process_group, is_shard, amplified)
+        state = self._prepare(key, ctx)
+        self._measure(state, ctx)
+        scales, threshold = self.rule.scales(state.rule, ctx)
+        per_group, scaled_norm = self._apply(ctx, scales, handoff, finite)
+        record = self._record(state, ctx, per_group, scaled_norm, threshold, finite)
 
-        lrs = [g["lr"] for g in optimizer.param_groups]
-        state.amplified = amplified
-        amp_max = _max_amplification(optimizer) if amplified else 1.0
-        scales, threshold = self._scales(norm, lrs, state, amp_max)
+        outcome = StepOutcome(norm=ctx.norm, finite=None, record=record)
+        if flag is not None:
+            outcome.finite = flag.get()
+            if not outcome.finite:
+                self._apply_nonfinite(ctx, step_label, outcome)
+        return outcome
+
+    def _hands_off(self, ctx: StepContext, allow: bool, nonfinite_handled: bool) -> bool:
+        """Whether the scale goes to a fused optimizer's kernel instead of into the gradients."""
+        opt = ctx.optimizer
+        return (
+            allow and self.fused_handoff and not nonfinite_handled and self.nonfinite in ("skip", "propagate")
+            and getattr(opt, "_step_supports_amp_scaling", False) and ctx.grads.whole
+            and (not self.rule.per_group or len(opt.param_groups) == 1)
+        )
+
+    def _prepare(self, key: int, ctx: StepContext) -> OptimizerState:
+        """This optimizer's state, on the gradients' device; the step count into ``ctx``."""
+        state = self._states.get(key)
+        if state is None:
+            state = self._states[key] = OptimizerState(Counters.zeros(ctx.norm.device), rule=self.rule.init())
+        state.to(ctx.norm, ctx.grads.n_groups, self.rule)
+        state.distributed = ctx.grads.distributed
+        ctx.steps = state.counters.steps
+        return state
+
+    def _measure(self, state: OptimizerState, ctx: StepContext) -> None:
+        """The rule's look at the step, then the estimator's measurement (of the raw gradients)."""
+        self.rule.begin(state.rule, ctx)
+        if self.estimator is not None:
+            if state.estimator is None:
+                state.estimator = self.estimator.init(ctx.norm.device)
+            secant = self.estimator.observe(state.estimator, ctx.grads, ctx.norm, ctx.steps)
+            if secant is not None:
+                self.rule.observe(state.rule, secant)
+        if state.estimator is not None:
+            ctx.envelope = state.estimator.envelope
+
+    def _apply(
+        self, ctx: StepContext, scales: list[Tensor], handoff: bool, finite: Tensor
+    ) -> tuple[list[Tensor], Tensor]:
+        """Scale the gradients (or hand the scale off); each group's scale and the scaled global norm."""
+        n_groups = ctx.grads.n_groups
         if handoff:
             # The fused kernel divides the gradients by `grad_scale` as it reads them and skips the
             # whole step (parameters, moments, step count) where `found_inf` is nonzero: the same
             # update as scaling first, without the scaling pass or a host read.
-            _handoff(optimizer, scales[0], finite if self.nonfinite == "skip" else None)
-            scaled_norm = norm * scales[0]
-            per_group = scales * len(groups)
-        elif len(scales) == 1:
-            scale_grads_([t for grp in groups for t in _all(grp)], scales[0], self.foreach)
-            scaled_norm = norm * scales[0]
-            per_group = scales * len(groups)
-        else:
-            for grp, s in zip(groups, scales):
-                scale_grads_(_all(grp), s, self.foreach)
-            scaled_norm = total_norm(norms * torch.stack(scales).to(norms.dtype), self.norm_type)
-            per_group = scales
+            _handoff(ctx.optimizer, scales[0], finite if self.nonfinite == "skip" else None)
+            return scales * n_groups, ctx.norm * scales[0]
+        if len(scales) == 1:
+            scale_grads_(ctx.grads.all(), scales[0], self.foreach)
+            return scales * n_groups, ctx.norm * scales[0]
+        for grp, s in zip(ctx.grads.groups, scales):
+            scale_grads_(grp.tensors(), s, self.foreach)
+        return scales, total_norm(ctx.norms * torch.stack(scales).to(ctx.norms.dtype), self.norm_type)
 
-        state.steps += 1
-        thr = threshold if isinstance(threshold, Tensor) else norm.new_full((), threshold)
-        lr_eff = [s * lr for s, lr in zip(per_group, lrs)]
-        if amplified:
-            # the step set (plain SGD's lr * s * g, per group), for the next pair's taken / set ratio
-            set_len = total_norm(torch.stack([e * n for e, n in zip(lr_eff, norms.unbind())]), self.norm_type)
-            env = state.env
-            env.intended = torch.where(finite, set_len.to(env.intended.dtype), math.nan)  # type: ignore[union-attr]
-        new = torch.stack([norm, scaled_norm, per_group[0], thr, *lr_eff]).to(state.last.dtype)  # type: ignore[union-attr]
-        state.last = torch.where(finite, new, state.last)  # type: ignore[arg-type]
-        clipped = finite & (norm > thr)
-        state.nonfinite.add_(~finite)  # type: ignore[union-attr]
-        state.clipped.add_(clipped)  # type: ignore[union-attr]
+    def _record(
+        self, state: OptimizerState, ctx: StepContext, per_group: Sequence[Tensor], scaled_norm: Tensor,
+        threshold: Union[float, Tensor], finite: Tensor,
+    ) -> StepRecord:
+        """Count the step and keep its record (a non-finite step leaves the last finite one's)."""
+        state.counters.steps += 1
+        lr_eff = [s * lr for s, lr in zip(per_group, ctx.lrs)]
+        self.rule.end(state.rule, ctx, lr_eff, finite)
+        assert state.last is not None
+        record = StepRecord.of(
+            grad_norm=ctx.norm, grad_norm_scaled=scaled_norm, scale=per_group[0],
+            max_norm=threshold if isinstance(threshold, Tensor) else ctx.norm.new_full((), threshold),
+            lr_effective=lr_eff, finite=finite, dtype=state.last.dtype,
+        )
+        state.last = torch.where(finite, record.values, state.last)
+        state.counters.nonfinite.add_(~finite)
+        state.counters.clipped.add_(record.clipped)
+        return record
 
-        outcome = StepOutcome(norm=norm, finite=None, values=new, finite_mask=finite, clipped=clipped)
-        if flag is not None:
-            outcome.finite = flag.get()
-            if not outcome.finite:
-                self._apply_nonfinite(optimizer, groups, step_label, outcome)
-        return outcome
-
-    def _scales(
-        self, norm: Tensor, lrs: Sequence[Any], state: _OptState, amp_max: float = 1.0
-    ) -> tuple[list[Tensor], Any]:
-        """The scale(s) for this step and the norm threshold in use (host float or 0-d tensor)."""
-        if self.mode == "clip":
-            return [clip_scale(norm, self.max_norm)], float(self.max_norm)  # type: ignore[arg-type]
-        if self.mode == "adaptive":
-            return [adaptive_scale(norm, self.max_norm)], float(self.max_norm)  # type: ignore[arg-type]
-        if self.mode == "l0l1":
-            scales = [l0l1_scale(norm, lr, self.l0, self.l1) for lr in lrs]  # type: ignore[arg-type]
-            return scales, l0l1_threshold(float(lrs[0]), self.l0, self.l1)  # type: ignore[arg-type]
-        # auto: clipping at the base step the trajectory allows (rules.auto_scale), and a step-length
-        # bound that starts at `delta` and doubles every step (so it only matters before any estimate).
-        env = state.env
-        growth = _TRUST_GROWTH ** min(state.steps, 1000)
-        radius = state.delta * growth  # type: ignore[operator]
-        # momentum SGD: the measured ratio, clamped to [1, its steady-state bound] (noise and oscillation
-        # can make it < 1, which would loosen the limit past plain SGD's; a burst of clipping can make it spike)
-        amp = env.amp.clamp(1.0, amp_max) if amp_max > 1.0 else None  # type: ignore[union-attr]
-        scales, gammas = [], []
-        for lr in lrs:
-            rule, gamma = auto_scale(norm, lr, env.low, env.ratio, amp)  # type: ignore[union-attr]
-            gammas.append(gamma)
-            # the SGD-equivalent step length is lr * s * ||g||; keep it <= radius
-            cap = torch.clamp(radius / (norm * lr + 1e-30), max=1.0)
-            scales.append(torch.minimum(rule, cap))
-        return scales, gammas[0]
-
-    def _estimate(
-        self,
-        state: _OptState,
-        groups: Sequence[GradGroup],
-        params_per_group: Sequence[Sequence[Tensor]],
-        norm: Tensor,
-        process_group: Any,
-        is_shard: Optional[Callable[[Tensor], bool]],
-        amplified: bool = False,
-    ) -> None:
-        """Secant pair from the snapshot to now, envelope update, and the next snapshot (and, under
-        momentum, the ratio of the step taken to the step set).
-
-        Runs before the gradients are scaled: the secant is between raw gradients.
-        """
-        if state.env is None:
-            state.env = envelope_init(norm.device)
-        if state.snap is None:
-            state.snap = Snapshot(offload=self.snapshot_device == "cpu")
-        # Local tensors in one fixed order: replicated, sharded, DTensor (by their local shards).
-        kinds = []
-        grads: list[Tensor] = []
-        params: list[Tensor] = []
-        for grp, ps in zip(groups, params_per_group):
-            by_grad = {id(p.grad): p for p in ps}
-            for kind, part in (("r", grp.replicated), ("s", grp.sharded), ("d", grp.dtensors)):
-                for g in part:
-                    p = by_grad[id(g)]
-                    kinds.append((kind, g))
-                    grads.append(g.to_local() if kind == "d" else g)
-                    params.append((p.to_local() if kind == "d" else p).detach())
-        if self.mode == "auto" and state.delta is None:
-            pgroup = _regroup(kinds, params, None)
-            pnorm = total_norm(
-                group_norms([pgroup], self.norm_type, process_group=process_group, sharded=is_shard is not None),
-                self.norm_type,
+    def _apply_nonfinite(self, ctx: StepContext, step_label: Any, outcome: StepOutcome) -> None:
+        if self.nonfinite == "raise":
+            where = f" at step {step_label}" if step_label is not None else ""
+            raise NonFiniteGradientError(
+                f"The global gradient norm is {float(outcome.norm)}{where}. Use `nonfinite='skip'` to "
+                "skip such steps, or look for the source of the NaN/Inf (learning rate, loss scale, data)."
             )
-            state.delta = self.initial_step * torch.clamp(pnorm, min=1.0).to(norm.dtype)
-        t = state.steps
-        snap = state.snap
-        layout = tuple(tuple(g.shape) for g in grads)
-        if self.probe_enabled:
-            if any(kind != "r" for kind, _ in kinds):
-                raise RuntimeError(
-                    "The probe (`probe_loss=` / `probe=True`) needs whole gradients; this optimizer's are "
-                    "sharded (FSDP) or DTensors. Use the default minibatch secant (no probe) under sharding."
-                )
-            if t == 0 or (t + 1) % self.estimate_every == 0:
-                snap.take(grads, params, norm)
-                state.snap_step = t
-                state.probe_params = [p for ps in params_per_group for p in ps]
-            else:
-                state.snap_step, state.probe_params = -2, []
-            return
-        if state.snap_step == t - 1 and snap.valid and snap.layout == layout:
-            dg, dp = snap.differences(grads, params, self.norm_type)
-            offloaded = snap.offload
-            diff_groups = [_regroup(kinds, dg, None if not offloaded else "norms"),
-                           _regroup(kinds, dp, None if not offloaded else "norms")]
-            d = group_norms(
-                diff_groups, self.norm_type, process_group=process_group, sharded=is_shard is not None,
-                foreach=self.foreach,
-            )
-            pair_norm, smooth = secant_pair(d[0], d[1], snap.norm, norm)  # type: ignore[arg-type]
-            state.env = envelope_update(state.env, pair_norm, smooth)
-            if amplified:
-                state.env = amplification_update(state.env, d[1])
-        if t == 0 or (t + 1) % self.estimate_every == 0:
-            snap.take(grads, params, norm)
-            state.snap_step = t
+        if self.nonfinite == "zero":
+            for t in ctx.grads.all():
+                t.zero_()
+            outcome.action = "zeroed"
+        else:  # skip
+            for g in ctx.optimizer.param_groups:
+                for p in g["params"]:
+                    p.grad = None
+            outcome.action = "skipped"
 
     @torch.no_grad()
     def probe(
@@ -565,102 +360,53 @@ class GradientClipper:
         gradient: Callable[[Sequence[Tensor]], Sequence[Optional[Tensor]]],
         reduce: Optional[Callable[[list[Tensor]], None]] = None,
     ) -> bool:
-        r"""The paper's smoothness pair for the step just taken; call it after ``optimizer.step()``.
+        r"""The smoothness pair of the step just taken, measured at its midpoint; call it after ``optimizer.step()``.
 
-        With :math:`	heta_t, g_t` the parameters and (unscaled) gradient the last :meth:`step` saw and
-        :math:`	heta_{t+1}` the parameters now, the parameters are moved to the midpoint
-        :math:`ar	heta = (	heta_t + 	heta_{t+1})/2`, ``gradient(params)`` is called there (it
+        With :math:`\theta_t, g_t` the parameters and (unscaled) gradient the last :meth:`step` saw and
+        :math:`\theta_{t+1}` the parameters now, the parameters are moved to the midpoint
+        :math:`\bar\theta = (\theta_t + \theta_{t+1})/2`, ``gradient(params)`` is called there (it
         must return the gradient of the *same* batch's loss with respect to ``params``, in order;
         ``None`` for an unused parameter), the parameters are restored bit for bit, and the pair
-        :math:`(\mathrm{LM}(\lVert g_t
-Vert, \lVertar g
-Vert), \lVertar g - g_t
-Vert /
-        \lVertar	heta - 	heta_t
-Vert)` enters the envelope. No minibatch noise enters it: both
-        gradients are of one batch. ``reduce`` averages the probe gradients over processes in place
-        (data parallel), so that every rank forms the same pair.
+
+        .. math::
+
+            \left(\mathrm{LM}(\lVert g_t\rVert, \lVert\bar g\rVert),\;
+            \frac{\lVert\bar g - g_t\rVert}{\lVert\bar\theta - \theta_t\rVert}\right)
+
+        enters the envelope. ``reduce`` averages the probe gradients over processes in place (data
+        parallel), so that every rank forms the same pair.
 
         Returns:
             Whether a pair was formed (``False`` when this step took no snapshot: ``estimate_every``,
             no gradient, or no :meth:`step` since the last probe). A skipped step (no parameter moved)
             or a non-finite probe gradient gives a pair the envelope ignores.
+
+        Raises:
+            RuntimeError: for a clipper made without ``probe=True``.
         """
         state = self._states.get(key)
-        if not self.probe_enabled:
+        if not self.probe_enabled or self.estimator is None:
             raise RuntimeError("`probe()` needs a clipper made with `probe=True`.")
-        if (
-            state is None or state.snap is None or not state.snap.valid or state.snap_step != state.steps - 1
-            or not state.probe_params
-        ):
+        if state is None or state.estimator is None:
             return False
-        snap, params = state.snap, state.probe_params
-        state.snap_step, state.probe_params = -2, []  # one probe per snapshot
-        now = [p.detach().clone() for p in params]  # theta_{t+1}, restored exactly afterwards
-        before = [b.to(p.device, non_blocking=True) for b, p in zip(snap.params, params)]
-        try:
-            for p, b in zip(params, before):
-                p.add_(b).mul_(0.5)  # the midpoint
-            with torch.enable_grad():
-                got = list(gradient(params))
-        finally:
-            torch._foreach_copy_(list(params), now)
-        if len(got) != len(params):
-            raise RuntimeError(
-                f"The probe's gradient function returned {len(got)} tensors for {len(params)} parameters."
-            )
-        mid_grads = [torch.zeros_like(p) if g is None else g.detach() for g, p in zip(got, params)]
-        if reduce is not None:
-            reduce(mid_grads)
-        old_grads = [b.to(p.device, non_blocking=True) for b, p in zip(snap.grads, params)]
-        dg = [g - o for g, o in zip(mid_grads, old_grads)]
-        dp = [(n - b) * 0.5 for n, b in zip(now, before)]
-        d = group_norms([GradGroup(replicated=dg), GradGroup(replicated=dp), GradGroup(replicated=mid_grads)],
-                        self.norm_type, foreach=self.foreach)
-        pair_norm, smooth = secant_pair(d[0], d[1], snap.norm, d[2])  # type: ignore[arg-type]
-        state.env = envelope_update(state.env, pair_norm, smooth)  # type: ignore[arg-type]
-        if state.amplified:  # auto under momentum SGD: the whole step taken against the step set
-            state.env = amplification_update(state.env, 2 * d[1])  # type: ignore[arg-type]
+        secant = self.estimator.probe(state.estimator, state.counters.steps, gradient, reduce)
+        if secant is None:
+            return False
+        self.rule.observe(state.rule, secant)
         return True
-
-    def _apply_nonfinite(
-        self, optimizer: Optimizer, groups: Sequence[GradGroup], step_label: Any, outcome: StepOutcome
-    ) -> None:
-        if self.nonfinite == "raise":
-            where = f" at step {step_label}" if step_label is not None else ""
-            raise NonFiniteGradientError(
-                f"The global gradient norm is {float(outcome.norm)}{where}. Use `nonfinite='skip'` to "
-                "skip such steps, or look for the source of the NaN/Inf (learning rate, loss scale, data)."
-            )
-        if self.nonfinite == "zero":
-            for grp in groups:
-                for t in _all(grp):
-                    t.zero_()
-            outcome.action = "zeroed"
-        else:  # skip
-            for g in optimizer.param_groups:
-                for p in g["params"]:
-                    p.grad = None
-            outcome.action = "skipped"
 
     # ------------------------------------------------------------------ reading state
     def device_counters(self, key: int) -> Optional[Tensor]:
-        """``[nonfinite_steps, smoothness, L0, L1, pair norm]`` of optimizer ``key`` as one device tensor (no sync).
+        """Optimizer ``key``'s :data:`~lightning_l0l1.stats.COUNTER_FIELDS` as one device tensor (no sync).
 
-        The estimator entries are NaN when the estimator is off. ``None`` before the first step.
+        The estimator's entries are NaN when it is off. ``None`` before the first step.
         """
         st = self._states.get(key)
-        if st is None or st.nonfinite is None:
+        if st is None or st.last is None:
             return None
-        nan = st.last.new_full((), math.nan)  # type: ignore[union-attr]
-        env = st.env
-        parts = [st.nonfinite.to(nan.dtype)]
-        if env is None:
-            parts += [nan, nan, nan, nan]
-        else:
-            parts += [env.last, env.l0, env.l1, env.last_norm]
-            parts = [parts[0]] + [t.to(nan.dtype) for t in parts[1:]]
-        return torch.stack(parts)
+        return stats.counter_vector(
+            st.counters.nonfinite, None if st.estimator is None else st.estimator.envelope, st.last
+        )
 
     def latest(self, prefix: str = "l0l1/") -> dict[str, float]:
         """The statistics of each optimizer's last finite step, as Python floats (syncs).
@@ -669,94 +415,33 @@ Vert)` enters the envelope. No minibatch noise enters it: both
         key ends in ``_opt{i}``. The first param group's effective lr is
         ``lr_effective``, others ``lr_effective_pg{j}``.
         """
-        out: dict[str, float] = {}
-        several = len(self._states) > 1
-        for key in sorted(self._states):
-            st = self._states[key]
-            if st.steps == 0 and not st.pending:
-                continue
-            sfx = f"_opt{key}" if several else ""
-            snap = self._snapshot(st)
-            values = snap["last"] or [0.0] * len(_STATS)
-            for name, v in zip(_STATS, values):
-                out[f"{prefix}{name}{sfx}"] = float(v)
-            for j, v in enumerate(values[len(_STATS) :]):
-                out[f"{prefix}lr_effective{'' if j == 0 else f'_pg{j}'}{sfx}"] = float(v)
-            env = snap.get("env")
-            if env is not None:
-                l0, l1 = float(env["l0"]), float(env["l1"])
-                out[f"{prefix}smoothness{sfx}"] = float(env["last"])
-                out[f"{prefix}L0{sfx}"] = l0
-                out[f"{prefix}L1{sfx}"] = l1
-                out[f"{prefix}lr_suggested{sfx}"] = 1.0 / l0 if l0 > 0 else math.inf
-                out[f"{prefix}smoothness_pairs{sfx}"] = float(env["pairs"])
-            out[f"{prefix}steps{sfx}"] = float(snap["steps"])
-            out[f"{prefix}nonfinite_steps{sfx}"] = float(snap["nonfinite_steps"])
-            finite_steps = snap["steps"] - snap["nonfinite_steps"]
-            out[f"{prefix}clip_rate{sfx}"] = snap["clipped_steps"] / finite_steps if finite_steps > 0 else 0.0
-        return out
-
-    @staticmethod
-    def _snapshot(st: _OptState, with_buffers: bool = False) -> dict[str, Any]:
-        if st.nonfinite is None:  # nothing on a device yet: what was loaded, or nothing
-            out = {
-                "steps": int(st.pending.get("steps", st.steps)),
-                "nonfinite_steps": int(st.pending.get("nonfinite_steps", 0)),
-                "clipped_steps": int(st.pending.get("clipped_steps", 0)),
-                "last": list(st.pending.get("last") or []),
-            }
-            for k in ("env", "delta", "snapshot", "snap_step"):
-                if st.pending.get(k) is not None:
-                    out[k] = st.pending[k]
-            return out
-        # One device-to-host transfer for the counters.
-        counts = torch.stack([st.nonfinite, st.clipped]).tolist()  # type: ignore[list-item]
-        out = {
-            "steps": st.steps,
-            "nonfinite_steps": int(counts[0]),
-            "clipped_steps": int(counts[1]),
-            "last": st.last.tolist(),  # type: ignore[union-attr]
+        shown = {
+            k: st.state_dict(self.rule, with_buffers=False)
+            for k, st in self._states.items() if st.counters.steps or st.restored
         }
-        if st.env is not None:
-            out["env"] = {k: v.tolist() for k, v in st.env.state_dict().items()}
-        if st.delta is not None:
-            out["delta"] = float(st.delta)
-        if with_buffers and st.snap is not None and st.snap.valid:
-            out["snapshot"] = st.snap.state_dict()
-            out["snap_step"] = st.snap_step
-        return out
+        return stats.latest_metrics(prefix, shown, several=len(self._states) > 1)
 
     # ------------------------------------------------------------------ checkpointing
     def state_dict(self) -> dict[str, Any]:
-        """All state, for every optimizer: counters, last statistics and the (L0, L1) envelope as
-        plain Python values; with the estimator on, also the snapshot (two gradient-sized lists of
-        CPU tensors) so that a resumed run forms the same next secant pair as an uninterrupted one.
+        """All state, for every optimizer: counters, last statistics and the estimates as plain
+        Python values; with the estimator on, also the snapshot (two gradient-sized lists of CPU
+        tensors) so that a resumed run forms the same next secant pair as an uninterrupted one.
         Under sharded strategies only rank zero's state is saved by Lightning, so there the snapshot
         is left out: the first step after resuming then forms no pair.
         """
         return {
-            "version": 1,
-            "optimizers": {
-                k: self._snapshot(st, with_buffers=not st.sharded) for k, st in self._states.items()
-            },
+            "version": VERSION,
+            "optimizers": {k: st.state_dict(self.rule, with_buffers=True) for k, st in self._states.items()},
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Restore :meth:`state_dict`; tensors are rebuilt on the gradients' device at the next step."""
-        self._states = {}
-        for k, snap in state_dict.get("optimizers", {}).items():
-            st = _OptState(steps=int(snap.get("steps", 0)))
-            st.pending = {
-                "nonfinite_steps": int(snap.get("nonfinite_steps", 0)),
-                "clipped_steps": int(snap.get("clipped_steps", 0)),
-                "last": list(snap.get("last") or []) or None,
-                "steps": st.steps,
-                "env": snap.get("env"),
-                "delta": snap.get("delta"),
-                "snapshot": snap.get("snapshot"),
-                "snap_step": snap.get("snap_step"),
-            }
-            self._states[int(k)] = st
+        """Restore :meth:`state_dict` (this version or an earlier one); tensors move to the gradients'
+        device at the next step."""
+        offload = self.snapshot_device == "cpu"
+        self._states = {
+            int(k): OptimizerState.from_state_dict(sd, self.rule, offload)
+            for k, sd in state_dict.get("optimizers", {}).items()
+        }
 
 
 _HANDOFF_ATTRS = ("grad_scale", "found_inf")
@@ -777,35 +462,3 @@ def _clear_handoff(optimizer: Optimizer) -> None:
     for name in _HANDOFF_ATTRS:
         if name in optimizer.__dict__ and getattr(optimizer, "_l0l1_handoff_hook", None):
             delattr(optimizer, name)
-
-
-def _regroup(kinds: Sequence[tuple[str, Tensor]], tensors: Sequence[Tensor], how: Optional[str]) -> GradGroup:
-    """A :class:`GradGroup` of ``tensors`` distributed like the gradients in ``kinds``.
-
-    Local tensors of DTensor gradients are wrapped back into DTensors with the same mesh and
-    placements, so the norm reduces them the same way. With ``how="norms"`` the tensors are
-    1-element local norms (the offloaded snapshot): DTensor ones are then treated as shards of a
-    1-d mesh, the only layout the offloaded snapshot supports.
-    """
-    group = GradGroup()
-    for (kind, g), t in zip(kinds, tensors):
-        if kind == "r":
-            group.replicated.append(t)
-        elif kind == "s":
-            group.sharded.append(t)
-        elif how == "norms":
-            raise NotImplementedError(
-                "`snapshot_device='cpu'` does not support DTensor (FSDP2 / tensor-parallel) gradients yet; "
-                "keep the snapshot on the device (`snapshot_device=None`)."
-            )
-        else:
-            from torch.distributed.tensor import DTensor
-
-            group.dtensors.append(
-                DTensor.from_local(t, g.device_mesh, g.placements, run_check=False, shape=g.shape, stride=g.stride())
-            )
-    return group
-
-
-def _all(group: GradGroup) -> list[Tensor]:
-    return group.replicated + group.sharded + group.dtensors

@@ -3,52 +3,27 @@ r"""Online estimation of the (L0, L1) smoothness constants along the training tr
 Pure tensor code: this module imports only :mod:`torch`, keeps all its state in tensors on the
 gradients' device, and never reads a value on the host.
 
-**The measurement.** Between two optimizer steps the secant smoothness
+One measurement per step: the secant smoothness along the step just taken, paired with the
+logarithmic mean of the gradient norms at its two ends,
 
 .. math::
 
-    \hat L_t = \frac{\lVert g_{t+1} - g_t\rVert}{\lVert \theta_{t+1} - \theta_t\rVert}
+    \hat L_t = \frac{\lVert g_{t+1} - g_t\rVert}{\lVert \theta_{t+1} - \theta_t\rVert}, \qquad
+    n_t = \mathrm{LM}(\lVert g_t\rVert, \lVert g_{t+1}\rVert), \quad \mathrm{LM}(a, b) = \frac{a - b}{\ln a - \ln b}.
 
-is the Hessian averaged over the segment :math:`[\theta_t, \theta_{t+1}]`. It is paired with a
-gradient norm representative of the *segment*, the logarithmic mean of the two endpoint norms
-:math:`\mathrm{LM}(a, b) = (a - b)/(\ln a - \ln b)`: where the curvature grows exponentially
-along the segment (the :math:`L_1`-dominated regime, :math:`\nabla^2 f \approx L_1\lVert\nabla f\rVert`)
-the secant is exactly :math:`L_1\,\mathrm{LM}`, whereas pairing with either endpoint biases
-:math:`L_1` when steps are long.
+The pairs feed three estimates, all in :class:`EnvelopeState`:
 
-**The fit.** The definition is an upper bound, :math:`\lVert\nabla^2 f\rVert \le L_0 + L_1\lVert g\rVert`,
-so the fit is an *envelope*, not a regression: :math:`(L_0, L_1) \ge 0` is the line that lies above
-every pair seen and is lowest at the pivot norm :math:`m` (the geometric mean of the smallest and
-largest norm seen). Only pairs that can bind such a line are kept (the vertices of the upper hull
-of the pairs and the origin: a fixed-size buffer), so memory does not grow with the run:
+* the envelope :math:`(L_0, L_1) \ge 0`, the line above every pair that is lowest at the pivot
+  norm :math:`m` (the geometric mean of the smallest and largest norm seen),
+  :math:`\min L_0 + L_1 m` s.t. :math:`L_0 + L_1 n_i \ge \hat L_i`, solved exactly over the
+  pairs that can bind it (:data:`CAPACITY` slots);
+* ``low``, the smallest smoothness seen;
+* ``ratio``, the lower median of :math:`\hat L_i / n_i` over the last :data:`WINDOW` pairs.
 
-.. math::
-
-    \min_{L_0, L_1 \ge 0} L_0 + L_1 m \quad \text{s.t.}\quad L_0 + L_1 n_i \ge \hat L_i \;\; \forall i .
-
-The optimum of this two-variable linear program is at a breakpoint: a line through two kept
-pairs, through one pair and the origin, or a horizontal one; all are evaluated at once in a
-fixed-size batched computation, so the fit is exact and has no data-dependent branch. Ties go to
-the larger slope (the smaller :math:`L_0`), which bounds the step *length*
-:math:`\eta_\text{eff}\lVert g\rVert \le 1/L_1`.
-
-**What it can and cannot know.** :math:`L_0` is only identifiable from pairs at small gradient
-norms (where :math:`L_1\lVert g\rVert \ll L_0`). Until the trajectory has visited them, the envelope
-puts the smallest intercept consistent with the data, often 0: the step is then
-:math:`\min(\eta, 1/(L_1\lVert g\rVert))`, whose length is at most :math:`1/\hat L_1`, and the learning
-rate caps it. Pairs with a non-finite value, a zero step or a zero gradient norm are ignored.
-
-**Minibatch noise.** With stochastic gradients, :math:`g_{t+1} - g_t` also contains the difference of
-two independent noise draws, which does not shrink with the step: the secant is biased upwards
-by about :math:`\sqrt{2}\sigma/\lVert\theta_{t+1}-\theta_t\rVert`, and more so for short steps.
-The envelope then over-estimates the constants, which makes the ``l0l1`` rule more conservative;
-but a shorter step raises the bias further, a feedback loop that can shrink the step without
-bound (measured: a character LSTM at SGD lr 20 went from step 1 to 1e-12 in 100 steps under that
-rule). ``auto`` therefore does not step by the envelope: it takes its base step from ``low``, a
-running minimum, which cannot feed back that way, and its step length from ``ratio``, the median
-of :math:`\hat L_i/n_i` over the last :data:`WINDOW` pairs, at :math:`2/\tilde r`, a length the
-feedback leaves in place (:func:`lightning_l0l1.rules.auto_scale`). The envelope's constants are
-trustworthy on full-batch or low-noise objectives; on minibatch training, read them as upper bounds.
+:class:`SecantEstimator` forms the pairs from a :class:`Snapshot` of the previous step's gradients
+and parameters (or from a midpoint probe, :meth:`SecantEstimator.probe`). Pairs with a non-finite
+value, a zero step or a zero gradient norm are ignored. The documentation's "How it works" page
+explains the choices (the log-mean pairing, the envelope, minibatch noise).
 
 References:
     Zhang, He, Sra, Jadbabaie, ICLR 2020. https://arxiv.org/abs/1905.11881
@@ -58,18 +33,67 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, fields
-from typing import Any, Optional
+from typing import Any, ClassVar, Optional, TypeVar
 
 import torch
 from torch import Tensor
 
-__all__ = ["EnvelopeState", "amplification_update", "envelope_fit", "envelope_init", "envelope_update", "log_mean"]
+from lightning_l0l1.gradients import Gradients
+from lightning_l0l1.norms import GradGroup, group_norms
+
+__all__ = [
+    "CAPACITY",
+    "WINDOW",
+    "EnvelopeState",
+    "EstimatorState",
+    "MomentumState",
+    "Secant",
+    "SecantEstimator",
+    "Snapshot",
+    "amplification_update",
+    "envelope_fit",
+    "envelope_init",
+    "envelope_update",
+    "log_mean",
+    "momentum_init",
+    "secant_pair",
+]
+
+
+_S = TypeVar("_S", bound="_TensorState")
+
+
+class _TensorState:
+    """A dataclass of tensors: moved, saved and restored field by field."""
+
+    #: fields stored as int64 (all others float64)
+    INTEGER_FIELDS: ClassVar[tuple[str, ...]] = ()
+
+    def to(self: _S, device: torch.device) -> _S:
+        return type(self)(**{f.name: getattr(self, f.name).to(device) for f in fields(self)})  # type: ignore[arg-type]
+
+    def state_dict(self) -> dict[str, Tensor]:
+        """Every field as a CPU tensor (a copy)."""
+        return {f.name: getattr(self, f.name).detach().cpu().clone() for f in fields(self)}  # type: ignore[arg-type]
+
+    @classmethod
+    def _restore(cls: type[_S], sd: dict[str, Any], empty: _S, device: torch.device) -> _S:
+        # explicit dtypes: a list of Python floats would otherwise become float32; a field missing
+        # from ``sd`` (saved before it existed) has measured nothing, which is what ``empty`` holds
+        return cls(**{
+            f.name: torch.as_tensor(
+                sd[f.name] if f.name in sd else getattr(empty, f.name),
+                dtype=torch.int64 if f.name in cls.INTEGER_FIELDS else torch.float64,
+            ).to(device)
+            for f in fields(cls)  # type: ignore[arg-type]
+        })
 
 
 @dataclass
-class EnvelopeState:
-    r"""The pairs that can bind an upper envelope, and its fitted line.
+class EnvelopeState(_TensorState):
+    r"""The pairs that can bind an upper envelope, its fitted line, and the recent ratios.
 
     Attributes:
         norms: ``[C]`` gradient norms of the kept pairs (0: empty slot).
@@ -79,17 +103,13 @@ class EnvelopeState:
         pairs: number of valid pairs seen (0-d int64).
         last: the last valid secant smoothness (0-d).
         last_norm: the gradient norm that pair is paired with (the log-mean of its endpoints).
-        low: the smallest valid smoothness seen (``inf`` before the first pair): the curvature the
-            trajectory has shown to be reachable, which ``auto`` turns into its base step.
+        low: the smallest valid smoothness seen (``inf`` before the first pair).
         window: ``[WINDOW]`` the ratios :math:`\hat L_i / n_i` of the most recent valid pairs, a ring
             buffer written at ``pairs % WINDOW`` (NaN: empty slot).
-        ratio: their median (0 before the first pair): the *typical* recent slope of smoothness
-            against gradient norm, from which ``auto`` sets its step length.
-        amp_window, amp_count, amp: ``auto`` under SGD with momentum: the last :data:`WINDOW` ratios of
-            the step taken to the step ``auto`` set (``lr * s * ||g||``; momentum makes the first
-            longer), how many were recorded, and their median (1 before the first).
-        intended: the step length ``auto`` set on the last step (NaN: none recorded).
+        ratio: their lower median (0 before the first pair).
     """
+
+    INTEGER_FIELDS: ClassVar[tuple[str, ...]] = ("pairs",)
 
     norms: Tensor
     smooth: Tensor
@@ -103,29 +123,35 @@ class EnvelopeState:
     low: Tensor
     window: Tensor
     ratio: Tensor
+
+    @classmethod
+    def from_state_dict(cls, sd: dict[str, Any], device: torch.device) -> EnvelopeState:
+        """Restore :meth:`state_dict` (or a plain dict of lists); missing fields start empty."""
+        return cls._restore(sd, envelope_init(), device)
+
+
+@dataclass
+class MomentumState(_TensorState):
+    """How much longer an optimizer's steps are than the steps set for it (SGD with momentum).
+
+    Attributes:
+        amp_window: ``[WINDOW]`` the most recent ratios of the step taken to the step set (NaN: empty).
+        amp_count: how many were recorded (0-d int64).
+        amp: their lower median (1 before the first).
+        intended: the length of the step set at the last step (NaN: none recorded).
+    """
+
+    INTEGER_FIELDS: ClassVar[tuple[str, ...]] = ("amp_count",)
+
     amp_window: Tensor
     amp_count: Tensor
     amp: Tensor
     intended: Tensor
 
-    def to(self, device: torch.device) -> EnvelopeState:
-        return EnvelopeState(**{f.name: getattr(self, f.name).to(device) for f in fields(self)})
-
-    def state_dict(self) -> dict[str, Any]:
-        return {f.name: getattr(self, f.name).detach().cpu().clone() for f in fields(self)}
-
     @classmethod
-    def from_state_dict(cls, sd: dict[str, Any], device: torch.device) -> EnvelopeState:
-        # explicit dtypes: a list of Python floats would otherwise become float32; a state saved
-        # before `low` or `window` existed has not measured them, which is what an empty envelope holds
-        empty = envelope_init()
-        return cls(**{
-            f.name: torch.as_tensor(
-                sd[f.name] if f.name in sd else getattr(empty, f.name),
-                dtype=torch.int64 if f.name in ("pairs", "amp_count") else torch.float64,
-            ).to(device)
-            for f in fields(cls)
-        })
+    def from_state_dict(cls, sd: dict[str, Any], device: torch.device) -> MomentumState:
+        """Restore :meth:`state_dict`; missing fields start empty."""
+        return cls._restore(sd, momentum_init(), device)
 
 
 #: Capacity of the envelope: pairs that can bind it (the vertices of the upper hull of all pairs
@@ -133,9 +159,7 @@ class EnvelopeState:
 #: so the envelope is exact while the hull has at most this many vertices (a handful in practice).
 CAPACITY = 32
 
-#: Number of recent pairs whose median ratio :math:`\hat L / n` sets ``auto``'s step length. Measured on
-#: the character LSTM of ``benchmarks/bench_lstm.py`` (12 seeds, a prototype of the rule): 10, 20 and 50
-#: give the same loss to within 0.5%.
+#: Number of recent pairs whose lower median ratio :math:`\hat L / n` is ``ratio``.
 WINDOW = 20
 
 
@@ -156,6 +180,12 @@ def envelope_init(device: torch.device | str = "cpu", dtype: torch.dtype = torch
         low=torch.full((), math.inf, device=device, dtype=dtype),
         window=torch.full((WINDOW,), math.nan, device=device, dtype=dtype),
         ratio=z.clone(),
+    )
+
+
+def momentum_init(device: torch.device | str = "cpu", dtype: torch.dtype = torch.float64) -> MomentumState:
+    """No ratio measured yet: ``amp`` is 1."""
+    return MomentumState(
         amp_window=torch.full((WINDOW,), math.nan, device=device, dtype=dtype),
         amp_count=torch.zeros((), device=device, dtype=torch.int64),
         amp=torch.ones((), device=device, dtype=dtype),
@@ -280,7 +310,7 @@ def _ring_median(window: Tensor, count: Tensor, value: Tensor, valid: Tensor, em
     return window, torch.where(filled > 0, lower, empty)
 
 
-def amplification_update(state: EnvelopeState, taken: Tensor) -> EnvelopeState:
+def amplification_update(state: MomentumState, taken: Tensor) -> MomentumState:
     """Record ``taken / state.intended``: how much longer the optimizer's step was than the one set.
 
     A non-finite or non-positive ratio (no step set yet, a skipped step) changes nothing.
@@ -424,3 +454,177 @@ class Snapshot:
         self.params = [t.to(target, copy=True) for t in sd["params"]]
         self.layout = tuple(tuple(t.shape) for t in self.grads)
         self.norm = sd["norm"].to(device)
+
+    def to(self, device: torch.device) -> None:
+        """Move the buffers to ``device`` (offloaded ones stay in host memory)."""
+        if not self.offload:
+            self.grads = [t.to(device) for t in self.grads]
+            self.params = [t.to(device) for t in self.params]
+        if self.norm is not None:
+            self.norm = self.norm.to(device)
+
+
+@dataclass
+class Secant:
+    """One measurement: the pair that enters the envelope, and the length of the step it was taken over.
+
+    Attributes:
+        norm: the gradient norm the pair is paired with (the log-mean of the step's end norms).
+        smooth: the secant smoothness :math:`\\lVert\\Delta g\rVert / \\lVert\\Delta\theta\rVert`.
+        step: the length of the whole step taken, :math:`\\lVert\theta_{t+1} - \theta_t\rVert`.
+    """
+
+    norm: Tensor
+    smooth: Tensor
+    step: Tensor
+
+
+@dataclass
+class EstimatorState:
+    """One optimizer's estimator state.
+
+    Attributes:
+        envelope: the estimates (:class:`EnvelopeState`).
+        snapshot: the gradients and parameters of the step a pair starts from.
+        snap_step: the step index the snapshot was taken at (-2: none usable).
+        probe_params: the parameters to probe after the step (the probe only), in snapshot order.
+    """
+
+    envelope: EnvelopeState
+    snapshot: Snapshot
+    snap_step: int = -2
+    probe_params: list[Tensor] = dataclasses.field(default_factory=list)
+
+    def to(self, device: torch.device) -> None:
+        if self.envelope.l0.device != device:
+            self.envelope = self.envelope.to(device)
+            self.snapshot.to(device)
+
+    def state_dict(self, with_buffers: bool) -> dict[str, Any]:
+        """``env`` (plain lists); with ``with_buffers``, also the snapshot and its step, if there is one."""
+        out: dict[str, Any] = {"env": {k: v.tolist() for k, v in self.envelope.state_dict().items()}}
+        if with_buffers and self.snapshot.valid:
+            out["snapshot"] = self.snapshot.state_dict()
+            out["snap_step"] = self.snap_step
+        return out
+
+    @classmethod
+    def from_state_dict(cls, sd: dict[str, Any], offload: bool) -> Optional[EstimatorState]:
+        """What :meth:`state_dict` saved, on the CPU; ``None`` if it holds no estimate."""
+        if sd.get("env") is None:
+            return None
+        snapshot = Snapshot(offload=offload)
+        state = cls(EnvelopeState.from_state_dict(sd["env"], torch.device("cpu")), snapshot)
+        if sd.get("snapshot"):
+            snapshot.load(sd["snapshot"], torch.device("cpu"))
+            state.snap_step = int(sd["snap_step"])
+        return state
+
+
+def _at_midpoint(
+    params: list[Tensor], before: list[Tensor], now: list[Tensor],
+    gradient: Callable[[Sequence[Tensor]], Sequence[Optional[Tensor]]],
+) -> list[Tensor]:
+    """``gradient(params)`` with ``params`` moved halfway from ``now`` back to ``before``, then restored
+    to ``now`` bit for bit; ``None`` gradients (unused parameters) as zeros."""
+    try:
+        for p, b in zip(params, before):
+            p.add_(b).mul_(0.5)  # the midpoint
+        with torch.enable_grad():
+            got = list(gradient(params))
+    finally:
+        torch._foreach_copy_(list(params), now)
+    if len(got) != len(params):
+        raise RuntimeError(f"The probe's gradient function returned {len(got)} tensors for {len(params)} parameters.")
+    return [torch.zeros_like(p) if g is None else g.detach() for g, p in zip(got, params)]
+
+
+class SecantEstimator:
+    """Forms one secant pair per step and adds it to the envelope.
+
+    The pair of step :math:`t` joins the snapshot of step :math:`t-1` (the raw gradient and the
+    parameters there) to the raw gradient and parameters now; the snapshot is then refreshed. With
+    ``every = K`` a snapshot is taken only on the step before every K-th (and at step 0), so a pair
+    forms every K steps. With ``probe``, no pair forms here: :meth:`probe` forms it after the step.
+
+    Args:
+        norm_type: the p of the norms.
+        every: form a pair every this many steps.
+        offload: keep the snapshot in host memory.
+        probe: pairs come from :meth:`probe`.
+        foreach: use the ``_foreach`` kernels (``None``: where supported).
+    """
+
+    def __init__(
+        self, norm_type: float, every: int = 1, offload: bool = False, probe: bool = False,
+        foreach: Optional[bool] = None,
+    ) -> None:
+        self.norm_type, self.every, self.offload, self.probe_enabled, self.foreach = (
+            norm_type, every, offload, probe, foreach
+        )
+
+    def init(self, device: torch.device) -> EstimatorState:
+        return EstimatorState(envelope_init(device), Snapshot(offload=self.offload))
+
+    def observe(self, state: EstimatorState, grads: Gradients, norm: Tensor, t: int) -> Optional[Secant]:
+        """Step ``t``'s measurement from the raw gradients ``grads`` (global norm ``norm``), if one forms.
+
+        Raises:
+            RuntimeError: with ``probe``, for sharded gradients.
+        """
+        local_grads, params = grads.local()
+        snap = state.snapshot
+        take = t == 0 or (t + 1) % self.every == 0
+        if self.probe_enabled:
+            if not grads.whole:
+                raise RuntimeError(
+                    "The probe (`probe_loss=` / `probe=True`) needs whole gradients; this optimizer's are "
+                    "sharded (FSDP) or DTensors. Use the default minibatch secant (no probe) under sharding."
+                )
+            state.snap_step, state.probe_params = -2, []
+            if take:
+                snap.take(local_grads, params, norm)
+                state.snap_step, state.probe_params = t, [p for ps in grads.params for p in ps]
+            return None
+        secant = None
+        if state.snap_step == t - 1 and snap.valid and snap.layout == tuple(tuple(g.shape) for g in local_grads):
+            dg, dp = snap.differences(local_grads, params, self.norm_type)
+            d = grads.norms(self.norm_type, self.foreach,
+                            groups=[grads.like(dg, snap.offload), grads.like(dp, snap.offload)])
+            pair_norm, smooth = secant_pair(d[0], d[1], snap.norm, norm)  # type: ignore[arg-type]
+            state.envelope = envelope_update(state.envelope, pair_norm, smooth)
+            secant = Secant(pair_norm, smooth, d[1])
+        if take:
+            snap.take(local_grads, params, norm)
+            state.snap_step = t
+        return secant
+
+    def probe(
+        self,
+        state: EstimatorState,
+        t: int,
+        gradient: Callable[[Sequence[Tensor]], Sequence[Optional[Tensor]]],
+        reduce: Optional[Callable[[list[Tensor]], None]] = None,
+    ) -> Optional[Secant]:
+        """The midpoint pair of the step just taken (``t`` steps so far), if the last step took a snapshot.
+
+        The parameters are moved to the midpoint of the step, ``gradient(params)`` is evaluated
+        there, and the parameters are restored bit for bit. See :meth:`GradientClipper.probe`.
+        """
+        snap, params = state.snapshot, state.probe_params
+        if not snap.valid or state.snap_step != t - 1 or not params:
+            return None
+        state.snap_step, state.probe_params = -2, []  # one probe per snapshot
+        now = [p.detach().clone() for p in params]  # theta_{t+1}, restored exactly afterwards
+        before = [b.to(p.device, non_blocking=True) for b, p in zip(snap.params, params)]
+        mid_grads = _at_midpoint(params, before, now, gradient)
+        if reduce is not None:
+            reduce(mid_grads)
+        old_grads = [b.to(p.device, non_blocking=True) for b, p in zip(snap.grads, params)]
+        dg = [g - o for g, o in zip(mid_grads, old_grads)]
+        dp = [(n - b) * 0.5 for n, b in zip(now, before)]
+        d = group_norms([GradGroup(replicated=dg), GradGroup(replicated=dp), GradGroup(replicated=mid_grads)],
+                        self.norm_type, foreach=self.foreach)
+        pair_norm, smooth = secant_pair(d[0], d[1], snap.norm, d[2])  # type: ignore[arg-type]
+        state.envelope = envelope_update(state.envelope, pair_norm, smooth)
+        return Secant(pair_norm, smooth, 2 * d[1])  # dp is half the step

@@ -22,9 +22,14 @@ from typing import Any, Literal, Union
 import torch
 from torch import Tensor
 
+from lightning_l0l1 import validation
 from lightning_l0l1.clipper import GradientClipper, NonFiniteGradientError, StepOutcome
+from lightning_l0l1.modes import RULES
 from lightning_l0l1.norms import GradGroup, group_norms, scale_grads_, total_norm, validate_norm_type
 from lightning_l0l1.rules import adaptive_scale, clip_scale, l0l1_scale, l0l1_threshold
+
+#: The modes whose scale needs neither a learning rate nor state: those ``clip_gradients_`` applies.
+_STATELESS = tuple(name for name, rule in RULES.items() if not rule.per_group and not rule.needs_estimate)
 
 __all__ = [
     "GradientClipper",
@@ -128,11 +133,9 @@ def clip_gradients_(
     References:
         Zhang et al., ICLR 2020. https://arxiv.org/abs/1905.11881
     """
-    if mode not in ("clip", "adaptive"):
-        raise ValueError(f"`mode` must be 'clip' or 'adaptive', got {mode!r}.")
-    # Reuse the clipper's argument checks so both APIs word their errors alike.
-    max_norm = GradientClipper(mode=mode, max_norm=max_norm, norm_type=norm_type).max_norm  # type: ignore[assignment]
+    rule: Any = RULES[validation.choice("mode", mode, _STATELESS)]
     p = validate_norm_type(norm_type)
+    rule = rule.from_settings(max_norm=max_norm)
     group, device = _grad_group(parameters, process_group)
     if not len(group) and process_group is None:  # with a group, every rank must join the all-reduce
         return torch.zeros(())
@@ -140,6 +143,5 @@ def clip_gradients_(
         [group], p, process_group=process_group, sharded=process_group is not None, foreach=foreach, device=device
     )
     norm = total_norm(norms, p)
-    scale = clip_scale(norm, max_norm) if mode == "clip" else adaptive_scale(norm, max_norm)
-    scale_grads_(group.replicated + group.sharded + group.dtensors, scale, foreach)
+    scale_grads_(group.replicated + group.sharded + group.dtensors, rule.scale(norm), foreach)
     return norm

@@ -38,6 +38,8 @@ from typing import Any, Union
 import torch
 from torch import Tensor
 
+from lightning_l0l1.validation import norm_type as validate_norm_type
+
 __all__ = [
     "GradGroup",
     "group_norms",
@@ -61,22 +63,6 @@ def is_dtensor(t: Tensor) -> bool:
     """Whether ``t`` is a :class:`~torch.distributed.tensor.DTensor` (no import cost if not)."""
     cls = _dtensor_cls()
     return cls is not None and isinstance(t, cls)
-
-
-def validate_norm_type(norm_type: Any) -> float:
-    """Return ``norm_type`` as a float, or raise ``ValueError`` naming it.
-
-    Accepted: any finite ``p > 0`` and ``inf`` (``float("inf")`` or the string ``"inf"``).
-    """
-    try:
-        p = float(norm_type)
-    except (TypeError, ValueError):
-        raise ValueError(
-            f"`norm_type` must be a positive number or 'inf', got {norm_type!r}."
-        ) from None
-    if isinstance(norm_type, bool) or math.isnan(p) or p <= 0:
-        raise ValueError(f"`norm_type` must be a positive number or 'inf', got {norm_type!r}.")
-    return p
 
 
 class GradGroup:
@@ -112,6 +98,10 @@ class GradGroup:
             else:
                 group.replicated.append(g)
         return group
+
+    def tensors(self) -> list[Tensor]:
+        """Every gradient of the group (DTensors as DTensors): replicated, sharded, DTensor."""
+        return [*self.replicated, *self.sharded, *self.dtensors]
 
     def local_tensors(self) -> list[Tensor]:
         """Every gradient of the group as a plain local tensor (DTensors by their local shard)."""
@@ -221,6 +211,18 @@ def _dtensor_group_norms(
     return torch.stack([_reduce(ns, p, device, acc) for ns in per_group])
 
 
+def _all_reduce_norms(local: Tensor, p: float, process_group: Any) -> Tensor:
+    """The p-norms over ``process_group`` of local p-norms (one ``all_reduce``: ``max`` for ``inf``)."""
+    import torch.distributed as dist
+
+    if math.isinf(p):
+        dist.all_reduce(local, op=dist.ReduceOp.MAX, group=process_group)
+        return local
+    local = local.pow(p)
+    dist.all_reduce(local, op=dist.ReduceOp.SUM, group=process_group)
+    return local.pow(1.0 / p)
+
+
 def group_norms(
     groups: Sequence[GradGroup],
     norm_type: float = 2.0,
@@ -250,32 +252,23 @@ def group_norms(
         float64) on the device of the first gradient. Empty groups have norm 0.
     """
     p = float(norm_type)
-    all_tensors = [t for g in groups for t in (*g.replicated, *g.sharded, *g.dtensors)]
+    all_tensors = [t for g in groups for t in g.tensors()]
     if not all_tensors and not sharded:
         return torch.zeros(len(groups))
     first = next((g.first() for g in groups if len(g)), None)
     # A rank holding no gradient still joins the collective, on the parameters' device.
     device = first.device if first is not None else torch.device(device or "cpu")
     acc = _acc_dtype(all_tensors)
+    replicated, shards = [g.replicated for g in groups], [g.sharded for g in groups]
+    dtensors = [g.dtensors for g in groups]
     parts: list[Tensor] = []
-    if any(g.replicated for g in groups):
-        parts.append(_local_group_norms([g.replicated for g in groups], p, device, acc, foreach))
-    if sharded or any(g.sharded for g in groups):
-        local = _local_group_norms([g.sharded for g in groups], p, device, acc, foreach)
-        import torch.distributed as dist
-
-        if math.isinf(p):
-            dist.all_reduce(local, op=dist.ReduceOp.MAX, group=process_group)
-        else:
-            local = local.pow(p)
-            dist.all_reduce(local, op=dist.ReduceOp.SUM, group=process_group)
-            local = local.pow(1.0 / p)
-        parts.append(local)
-    if any(g.dtensors for g in groups):
-        parts.append(_dtensor_group_norms([g.dtensors for g in groups], p, device, acc))
-    if len(parts) == 1:
-        return parts[0]
-    return torch.linalg.vector_norm(torch.stack(parts), p, dim=0)
+    if any(replicated):
+        parts.append(_local_group_norms(replicated, p, device, acc, foreach))
+    if sharded or any(shards):
+        parts.append(_all_reduce_norms(_local_group_norms(shards, p, device, acc, foreach), p, process_group))
+    if any(dtensors):
+        parts.append(_dtensor_group_norms(dtensors, p, device, acc))
+    return parts[0] if len(parts) == 1 else torch.linalg.vector_norm(torch.stack(parts), p, dim=0)
 
 
 def total_norm(norms: Tensor, norm_type: float = 2.0) -> Tensor:

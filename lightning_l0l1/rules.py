@@ -1,8 +1,9 @@
-r"""Scale factors of the three fixed rules: pure functions of a 0-d norm tensor.
+r"""Scale factors of the four rules: pure functions of a 0-d norm tensor.
 
 Every rule returns the factor ``s`` the gradients are multiplied by, with
 ``0 <= s <= 1`` (``s`` is never above 1: no rule amplifies a gradient). All of
 them are branch-free tensor expressions, so none reads a value on the host.
+:mod:`lightning_l0l1.modes` wraps each in the class its ``mode`` names.
 
 With :math:`g` the global gradient and :math:`\gamma` the threshold:
 
@@ -121,39 +122,14 @@ def auto_scale(
         \quad\Big(= \eta_b \min\big(1, \tfrac{\gamma}{\lVert g\rVert}\big),\ \gamma = \lambda/\eta_b\Big)
 
     with :math:`\underline L` the smallest smoothness measured so far and :math:`\tilde r` the median
-    of :math:`\hat L_i / n_i` over the most recent pairs. It is the clip shape of the
-    :math:`(L_0, L_1)` step with :math:`L_0 = \underline L` and :math:`L_1 = \tilde r/2`: below
-    :math:`\gamma` the descent-lemma step of the flattest curvature the run has shown (the learning
-    rate caps it), above it a step of length :math:`\lambda` (normalized gradient descent).
-
-    Why :math:`2/\tilde r` and not :math:`1/\tilde r`: where the smoothness grows in proportion to the
-    gradient norm, :math:`\nabla^2 f \approx L_1 \lVert\nabla f\rVert`, a step of length
-    :math:`\lambda` has curvature :math:`\approx L_1\lVert g\rVert` along it, and gradient descent is
-    stable for :math:`\eta\,L_1\lVert g\rVert < 2`, i.e. :math:`\lambda < 2/L_1` (the best fixed step of an
-    ill-conditioned quadratic is :math:`2/(L+\mu) \approx 2/L`; :math:`1/L` is the descent lemma's
-    worst case). On a network the measured smoothness follows the step in use and settles near
-    :math:`2/\eta_\text{eff}` (the edge of stability), so :math:`\tilde r \approx 2/\lambda`: a length
-    :math:`c/\tilde r` multiplies itself by about :math:`c/2` each time the window turns over. With
-    :math:`c = 1` it halves until training stalls; with :math:`c = 2` it is a fixed point, and the
-    secant's shortfall below the top curvature and its minibatch noise (up and down respectively)
-    settle it. On exponential-type losses (:math:`\cosh`, :math:`e^{a\cdot x}`) the ratio is exactly
-    :math:`L_1` with the log-mean norm, so :math:`\lambda = 2/L_1` there: twice the true-constant step
-    length, on a function that is monotone along the step.
-
-    Why the window's median and not the envelope's :math:`(\hat L_0, \hat L_1)`: the envelope is an
-    upper bound over the whole run, set by the extremes of the first steps and by minibatch noise;
-    measured on the character LSTM of ``benchmarks/bench_lstm.py``, clipping at its
-    :math:`\hat L_0/\hat L_1` ended 11% above the best tuned threshold over 12 seeds, the window's
-    median within 1% (README, "LSTM").
-
-    **Momentum.** The rule sets the step of plain SGD, :math:`\eta s\lVert g\rVert`. Under SGD with
-    momentum the step taken is longer by a factor :math:`a`, measured as the median ratio of taken
-    to set step lengths (``amp``, which the caller clamps to :math:`[1, 1/(1-\beta)]`). The step
-    *length* limit is on the step taken, so it becomes :math:`\lambda/a`:
-    :math:`\eta_\text{eff} = \min(\eta_b, \lambda/(a\lVert g\rVert))`. The base step is left as it
-    is: longer steps along consistent directions are what momentum is for, and dividing it by
-    :math:`a` slowed heavy ball on a benign quadratic. With :math:`a \ge 1` the correction only ever
-    clips more than plain SGD's rule would.
+    of :math:`\hat L_i / n_i` over the most recent pairs (:class:`~lightning_l0l1.estimator.EnvelopeState`).
+    It is the clip shape of the :math:`(L_0, L_1)` step with :math:`L_0 = \underline L` and
+    :math:`L_1 = \tilde r/2`: below :math:`\gamma` the descent-lemma step of the flattest curvature
+    seen (the learning rate caps it), above it a step of length :math:`\lambda`. With a step
+    amplification :math:`a` (SGD with momentum takes steps :math:`a` times longer than
+    :math:`\eta s\lVert g\rVert`), the length limit is on the step taken:
+    :math:`\eta_\text{eff} = \min(\eta_b, \lambda/(a\lVert g\rVert))`. The documentation's
+    "How it works" page gives the reasons for each choice and their measurements.
 
     Args:
         norm: the global gradient norm, a 0-d tensor.

@@ -1,276 +1,208 @@
-"""Statistics: aggregation on the device between logging steps, and the sinks that publish them.
+"""The statistics of a step and of a logging interval: their names, layouts and derived values.
 
-:class:`StepStatistics` is a torchmetrics ``Metric`` whose ``update`` only accumulates (masked
-so that a non-finite step never reaches an aggregate) and whose ``compute`` returns every
-aggregate as one tensor, so publishing an interval costs one device-to-host transfer.
+This module alone decides what a metric is called (``{prefix}{name}{suffix}``, the suffix
+``_opt{k}`` when several optimizers are clipped, ``lr_effective_pg{j}`` for param group ``j``)
+and where each value sits in the vectors that travel from the device in one transfer:
 
-The sinks only receive Python floats: :class:`LoggerSink` writes to ``trainer.loggers`` (CSV,
-TensorBoard, W&B...), :class:`WandbSink` adds what only W&B can show (metric axes, the run
-config and summary, the paper's Figure 1 as a live table and scatter plot, a per-epoch histogram).
-``wandb`` is imported inside :class:`WandbSink` only. A failing sink warns once and is switched
-off: logging never stops a run.
+* :class:`StepRecord`, one step: :data:`RECORD_FIELDS`, then one ``lr_effective`` per param group;
+* an interval's aggregate (:class:`~lightning_l0l1.publish.StepStatistics`): the record's means,
+  then :data:`INTERVAL_FIELDS`;
+* the clipper's counters: :data:`COUNTER_FIELDS`.
+
+Imports only :mod:`torch`.
 """
 
 from __future__ import annotations
 
 import math
-import time
-import warnings
-from collections.abc import Sequence
-from typing import Any, Callable, Optional
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, overload
 
 import torch
 from torch import Tensor
-from torchmetrics import Metric
 
-__all__ = ["LoggerSink", "StepStatistics", "WandbSink"]
+__all__ = [
+    "COUNTER_FIELDS",
+    "INTERVAL_FIELDS",
+    "RECORD_FIELDS",
+    "StepRecord",
+    "clip_rate",
+    "counter_vector",
+    "interval_metrics",
+    "latest_metrics",
+    "lr_suggested",
+    "metric_name",
+    "record_names",
+    "stat_names",
+    "summary_metrics",
+]
+
+#: A step's record, before its ``lr_effective`` entries: the norm before and after scaling, the
+#: scale (of the first param group), and the norm threshold in use.
+RECORD_FIELDS = ("grad_norm", "grad_norm_scaled", "scale", "max_norm")
+#: What an interval's aggregate adds after the record's means.
+INTERVAL_FIELDS = ("grad_norm_max", "grad_norm_min", "clip_rate", "finite_steps", "steps")
+#: The clipper's running counters and latest estimates, read at each flush.
+COUNTER_FIELDS = ("nonfinite_steps", "smoothness", "L0", "L1", "pair_norm")
+#: The estimator's metrics (published only with the estimator on).
+ESTIMATE_FIELDS = ("smoothness", "L0", "L1", "lr_suggested")
 
 
-class StepStatistics(Metric):
-    """Aggregates one optimizer's per-step statistics over a logging interval, on the device.
+def lr_names(n_groups: int) -> list[str]:
+    """``lr_effective`` for the first param group, ``lr_effective_pg{j}`` for the others."""
+    return [f"lr_effective_pg{j}" if j else "lr_effective" for j in range(n_groups)]
 
-    ``update(values, finite, clipped)`` takes the step's vector
-    ``[grad_norm, grad_norm_scaled, scale, max_norm, lr_effective...]`` and two 0-d bools. The
-    states are sums (means are formed in ``compute``), the extremes of ``grad_norm``, and the
-    counts of steps, finite steps and clipped steps. Nothing is read on the host.
 
-    The values are already global (the norm is all-reduced where it needs to be), so no
-    distributed synchronisation happens in ``compute``.
-    """
-
-    full_state_update = False
-    is_differentiable = False
-    higher_is_better = None
-
-    def __init__(self, n_values: int) -> None:
-        super().__init__(sync_on_compute=False, dist_sync_on_step=False)
-        self.n_values = n_values
-        self.add_state("sums", torch.zeros(n_values, dtype=torch.float64), dist_reduce_fx="sum")
-        self.add_state("norm_max", torch.tensor(-math.inf, dtype=torch.float64), dist_reduce_fx="max")
-        self.add_state("norm_min", torch.tensor(math.inf, dtype=torch.float64), dist_reduce_fx="min")
-        self.add_state("finite", torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
-        self.add_state("steps", torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
-        self.add_state("clipped", torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
-
-    def update(self, values: Tensor, finite: Tensor, clipped: Tensor) -> None:  # type: ignore[override]
-        v = values.to(self.sums.dtype)
-        f = finite.to(self.sums.dtype)
-        self.sums += torch.where(finite, v, torch.zeros_like(v))
-        self.norm_max = torch.maximum(self.norm_max, torch.where(finite, v[0], self.norm_max))
-        self.norm_min = torch.minimum(self.norm_min, torch.where(finite, v[0], self.norm_min))
-        self.finite += f
-        self.steps += 1
-        self.clipped += (clipped & finite).to(self.sums.dtype)
-
-    STATES = ("sums", "norm_max", "norm_min", "finite", "steps", "clipped")
-
-    def checkpoint(self) -> dict[str, Any]:
-        """The open interval's states, on the CPU (for a callback's ``state_dict``)."""
-        return {"n_values": self.n_values, **{k: getattr(self, k).detach().cpu().clone() for k in self.STATES}}
-
-    @classmethod
-    def restore(cls, saved: dict[str, Any]) -> StepStatistics:
-        """An aggregate holding what :meth:`checkpoint` saved (on the CPU; ``.to(device)`` moves it)."""
-        agg = cls(int(saved["n_values"]))
-        for k in cls.STATES:
-            setattr(agg, k, torch.as_tensor(saved[k], dtype=torch.float64).clone())
-        agg._update_count = int(saved["steps"])  # torchmetrics warns on compute() before any update
-        return agg
-
-    def compute(self) -> Tensor:
-        """``[means..., grad_norm max, grad_norm min, clip_rate, finite steps, steps]`` (NaN where undefined)."""
-        n = self.finite.clamp_min(1)
-        none = self.finite == 0
-        nan = torch.full_like(self.norm_max, math.nan)
-        means = torch.where(none, torch.full_like(self.sums, math.nan), self.sums / n)
-        return torch.cat(
-            [
-                means,
-                torch.stack(
-                    [
-                        torch.where(none, nan, self.norm_max),
-                        torch.where(none, nan, self.norm_min),
-                        torch.where(none, nan, self.clipped / n),
-                        self.finite,
-                        self.steps,
-                    ]
-                ),
-            ]
-        )
+def record_names(n_groups: int) -> list[str]:
+    """The entries of :attr:`StepRecord.values`."""
+    return [*RECORD_FIELDS, *lr_names(n_groups)]
 
 
 def stat_names(n_groups: int) -> list[str]:
-    """Names of :meth:`StepStatistics.compute`'s entries (before prefix and optimizer suffix)."""
-    lr = ["lr_effective"] + [f"lr_effective_pg{j}" for j in range(1, n_groups)]
-    return [
-        "grad_norm",
-        "grad_norm_scaled",
-        "scale",
-        "max_norm",
-        *lr,
-        "grad_norm_max",
-        "grad_norm_min",
-        "clip_rate",
-        "finite_steps",
-        "steps",
-    ]
+    """The entries of an interval's aggregate vector (before prefix and optimizer suffix)."""
+    return [*record_names(n_groups), *INTERVAL_FIELDS]
 
 
-def _warn_once(owner: Any, what: str, err: BaseException) -> None:
-    if not getattr(owner, "_warned", False):
-        owner._warned = True
-        warnings.warn(
-            f"`L0L1Clipping`: {what} failed ({type(err).__name__}: {err}); it is switched off for the rest "
-            "of the run. Training goes on.",
-            RuntimeWarning,
-            stacklevel=3,
-        )
+def metric_name(prefix: str, name: str, key: int = 0, several: bool = False) -> str:
+    """``{prefix}{name}``, with ``_opt{key}`` when several optimizers are clipped."""
+    return f"{prefix}{name}_opt{key}" if several else f"{prefix}{name}"
 
 
-class LoggerSink:
-    """Writes metric dicts to a list of Lightning loggers; a logger that raises is dropped with one warning.
+def lr_suggested(l0: float) -> float:
+    """The descent-lemma learning rate of the fitted constants, :math:`1/L_0` (``inf`` while :math:`L_0 = 0`)."""
+    return 1.0 / l0 if l0 > 0 else math.inf
 
-    ``warn_owners`` maps ``id(logger)`` to the object whose warn-once flag that logger's failure
-    shares (the :class:`WandbSink` for a ``WandbLogger``: one W&B outage, one warning).
+
+@overload
+def clip_rate(clipped: Tensor, finite: Tensor, empty: float = ...) -> Tensor: ...
+@overload
+def clip_rate(clipped: float, finite: float, empty: float = ...) -> float: ...
+def clip_rate(clipped: Any, finite: Any, empty: float = math.nan) -> Any:
+    """The fraction of finite steps that were clipped (``empty`` where there was none), on the device
+    for tensors (no host read), in Python for numbers."""
+    if isinstance(finite, Tensor):
+        return torch.where(finite > 0, clipped / finite.clamp_min(1), torch.full_like(clipped, empty))
+    return clipped / finite if finite > 0 else empty
+
+
+@dataclass(frozen=True)
+class StepRecord:
+    """What one step did, as one device vector (:func:`record_names` gives its layout), read by name.
+
+    Attributes:
+        values: ``[grad_norm, grad_norm_scaled, scale, max_norm, lr_effective...]``.
+        finite: the norm was finite (0-d bool).
+        clipped: the norm exceeded the threshold in use (0-d bool; never for a non-finite norm).
     """
 
-    def __init__(self, loggers: Sequence[Any], warn_owners: Optional[dict[int, Any]] = None) -> None:
-        self.loggers = list(loggers)
-        self.warn_owners = dict(warn_owners or {})
+    values: Tensor
+    finite: Tensor
+    clipped: Tensor
 
-    def log(self, metrics: dict[str, float], step: int) -> None:
-        for logger in list(self.loggers):
-            try:
-                logger.log_metrics(metrics, step=step)
-            except Exception as err:
-                self.loggers.remove(logger)
-                owner = self.warn_owners.get(id(logger)) or self._owner_for(logger)
-                _warn_once(owner, f"logging to {type(logger).__name__}", err)
+    @classmethod
+    def of(
+        cls, *, grad_norm: Tensor, grad_norm_scaled: Tensor, scale: Tensor, max_norm: Tensor,
+        lr_effective: Sequence[Tensor], finite: Tensor, dtype: torch.dtype,
+    ) -> StepRecord:
+        values = torch.stack([grad_norm, grad_norm_scaled, scale, max_norm, *lr_effective]).to(dtype)
+        return cls(values, finite, finite & (grad_norm > max_norm))
 
-    def _owner_for(self, logger: Any) -> Any:
-        """A warn-once flag per logger: a second failing logger is warned about too."""
-        flags = self.__dict__.setdefault("_flags", {})
-        return flags.setdefault(id(logger), type("_Flag", (), {})())
+    @property
+    def grad_norm(self) -> Tensor:
+        """The global norm before scaling (0-d)."""
+        return self.values[0]
+
+    @property
+    def grad_norm_scaled(self) -> Tensor:
+        """The global norm after scaling (0-d)."""
+        return self.values[1]
+
+    @property
+    def scale(self) -> Tensor:
+        """The factor of the first param group (0-d)."""
+        return self.values[2]
+
+    @property
+    def max_norm(self) -> Tensor:
+        """The norm threshold in use (0-d)."""
+        return self.values[3]
+
+    @property
+    def lr_effective(self) -> Tensor:
+        """``lr * s`` of each param group (1-d)."""
+        return self.values[len(RECORD_FIELDS) :]
 
 
-class WandbSink:
-    """What W&B adds: metric axes, config, summary, the Figure 1 table and scatter, histograms.
+def counter_vector(nonfinite: Tensor, envelope: Any, like: Tensor) -> Tensor:
+    """The :data:`COUNTER_FIELDS` as one device vector (NaN for the estimates without an estimator)."""
+    nan = like.new_full((), math.nan)
+    estimates = [nan] * 4 if envelope is None else [envelope.last, envelope.l0, envelope.l1, envelope.last_norm]
+    return torch.stack([nonfinite.to(nan.dtype), *(t.to(nan.dtype) for t in estimates)])
+
+
+def latest_metrics(prefix: str, optimizers: Mapping[int, Mapping[str, Any]], several: bool) -> dict[str, float]:
+    """:meth:`GradientClipper.latest` from each optimizer's saved state (its ``state_dict`` entry)."""
+    out: dict[str, float] = {}
+    for key in sorted(optimizers):
+        st = optimizers[key]
+
+        def put(name: str, value: float, key: int = key) -> None:
+            out[metric_name(prefix, name, key, several)] = float(value)
+
+        values = st["last"] or [0.0] * len(RECORD_FIELDS)
+        for name, v in zip(record_names(len(values) - len(RECORD_FIELDS)), values):
+            put(name, v)
+        env = st.get("env")
+        if env is not None:
+            put("smoothness", env["last"])
+            put("L0", env["l0"])
+            put("L1", env["l1"])
+            put("lr_suggested", lr_suggested(float(env["l0"])))
+            put("smoothness_pairs", env["pairs"])
+        finite = st["steps"] - st["nonfinite_steps"]
+        put("steps", st["steps"])
+        put("nonfinite_steps", st["nonfinite_steps"])
+        put("clip_rate", clip_rate(st["clipped_steps"], finite, empty=0.0))
+    return out
+
+
+def interval_metrics(
+    prefix: str, blocks: Sequence[tuple[int, int, Sequence[float], Sequence[float]]], estimate: bool
+) -> tuple[dict[str, float], float]:
+    """The metrics of one logging interval, and the norm the first optimizer's last pair is paired with.
 
     Args:
-        run_getter: returns the ``wandb`` run (e.g. ``WandbLogger.experiment``), called lazily.
-        prefix: the metric prefix (``"l0l1/"``).
-        config: the callback's settings, stored under ``config["l0l1"]``.
-        log_metrics: also log the interval metrics (when no ``WandbLogger`` does it already).
-        table_every: refresh the Figure 1 table at most every this many logging intervals...
-        table_min_seconds: ...and at most once per this many seconds.
-        max_rows: the table keeps at most this many rows (older ones are thinned out).
-        logged_prefix: the prefix the interval metrics reach the run with, where a logger adds its own
-            (``WandbLogger(prefix="train")`` logs ``train-l0l1/grad_norm``); their x-axis is declared
-            for it too. Default: ``prefix``.
+        prefix: the metric-name prefix.
+        blocks: per optimizer ``(key, n_groups, aggregate values, counter values)``.
+        estimate: the estimator is on (its metrics are published).
+
+    Returns:
+        Only finite values: a NaN or infinite aggregate (an interval without a finite step) reaches
+        no logger.
     """
+    metrics: dict[str, float] = {}
+    several = len(blocks) > 1
+    pair_norm = math.nan
+    for i, (key, n_groups, values, counters) in enumerate(blocks):
+        named = dict(zip(stat_names(n_groups), values))
+        named.pop("finite_steps")
+        named.pop("steps")
+        c = dict(zip(COUNTER_FIELDS, counters))
+        named["nonfinite_steps"] = c["nonfinite_steps"]
+        if estimate:
+            named.update(smoothness=c["smoothness"], L0=c["L0"], L1=c["L1"], lr_suggested=lr_suggested(c["L0"]))
+            if i == 0:
+                pair_norm = c["pair_norm"]
+        metrics.update({metric_name(prefix, name, key, several): v for name, v in named.items()})
+    return {k: v for k, v in metrics.items() if math.isfinite(v)}, pair_norm
 
-    STEP_KEY = "trainer/global_step"
 
-    def __init__(
-        self,
-        run_getter: Callable[[], Any],
-        prefix: str,
-        config: dict[str, Any],
-        log_metrics: bool,
-        table_every: int = 10,
-        table_min_seconds: float = 30.0,
-        max_rows: int = 5000,
-        logged_prefix: Optional[str] = None,
-    ) -> None:
-        self._get_run = run_getter
-        self.prefix = prefix
-        self.logged_prefix = prefix if logged_prefix is None else logged_prefix
-        self.config = config
-        self.log_metrics = log_metrics
-        self.table_every = table_every
-        self.table_min_seconds = table_min_seconds
-        self.max_rows = max_rows
-        self.rows: list[list[float]] = []
-        self.enabled = True
-        self._started = False
-        self._intervals = 0
-        self._last_table = -math.inf
+def summary_metrics(prefix: str, latest: Mapping[str, float]) -> dict[str, float]:
+    """The run's final figures for a summary: the constants, threshold, rates and counts (finite ones)."""
+    keep = ("L0", "L1", "max_norm", "clip_rate", "nonfinite_steps", "lr_suggested", "steps")
+    return {
+        k: v for k, v in latest.items()
+        if any(k[len(prefix) :].startswith(p) for p in keep) and math.isfinite(v)
+    }
 
-    def _run(self) -> Any:
-        run = self._get_run()
-        if run is None:
-            raise RuntimeError("no active W&B run")
-        if not self._started:
-            self._started = True
-            run.define_metric(self.STEP_KEY)
-            for p in dict.fromkeys((self.prefix, self.logged_prefix)):  # once each, in order
-                run.define_metric(f"{p}*", step_metric=self.STEP_KEY)
-            run.config.update({"l0l1": self.config}, allow_val_change=True)
-        return run
-
-    def _guard(self, what: str, fn: Callable[[], None]) -> None:
-        if not self.enabled:
-            return
-        try:
-            fn()
-        except Exception as err:
-            self.enabled = False
-            _warn_once(self, f"W&B {what}", err)
-
-    def log(
-        self, metrics: dict[str, float], step: int, smoothness_key: Optional[str], pair_norm: float = math.nan
-    ) -> None:
-        """Log the interval (if asked) and add a Figure 1 row: the last secant's smoothness with the
-        gradient norm it is paired with (``pair_norm``; the interval's mean norm if not given)."""
-        def go() -> None:
-            import wandb
-
-            run = self._run()
-            if self.log_metrics:
-                run.log({**metrics, self.STEP_KEY: step})
-            g = pair_norm if math.isfinite(pair_norm) else metrics.get(f"{self.prefix}grad_norm")
-            sm = metrics.get(smoothness_key) if smoothness_key else None
-            if g is not None and sm is not None and g > 0 and sm > 0 and math.isfinite(g) and math.isfinite(sm):
-                self.rows.append([float(step), g, sm, math.log10(g), math.log10(sm)])
-                if len(self.rows) > self.max_rows:
-                    self.rows = self.rows[::2]
-            self._intervals += 1
-            now = time.monotonic()
-            due = self._intervals % self.table_every == 0 and now - self._last_table >= self.table_min_seconds
-            if self.rows and due:
-                self._last_table = now
-                self._log_table(wandb, run, step)
-
-        self._guard("logging", go)
-
-    def _log_table(self, wandb: Any, run: Any, step: int) -> None:
-        table = wandb.Table(
-            columns=["step", "grad_norm", "smoothness", "log10_grad_norm", "log10_smoothness"], data=self.rows
-        )
-        plot = wandb.plot.scatter(
-            table, "log10_grad_norm", "log10_smoothness", title="Local smoothness vs gradient norm (log-log)"
-        )
-        run.log({f"{self.prefix}smoothness_table": table, f"{self.prefix}figure1": plot, self.STEP_KEY: step})
-
-    def histogram(self, values: Sequence[float], step: int, epoch: int) -> None:
-        def go() -> None:
-            import wandb
-
-            finite = [v for v in values if math.isfinite(v)]
-            if finite:
-                run = self._run()
-                run.log({f"{self.prefix}grad_norm_hist": wandb.Histogram(finite), "epoch": epoch, self.STEP_KEY: step})
-
-        self._guard("histogram", go)
-
-    def finish(self, summary: dict[str, float], step: int) -> None:
-        def go() -> None:
-            import wandb
-
-            run = self._run()
-            if self.rows:
-                self._log_table(wandb, run, step)
-            for k, v in summary.items():
-                run.summary[k] = v
-
-        self._guard("summary", go)

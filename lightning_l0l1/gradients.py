@@ -1,0 +1,145 @@
+"""The gradients one optimizer is about to step, sorted by parameter group and by how they are distributed.
+
+:meth:`Gradients.collect` is the first stage of a clipping step; every later stage (norms, the
+estimator's differences, scaling) reads the gradients through it, so the way a gradient is
+reduced (replicated, FSDP1 shard, DTensor) is decided once. Imports only :mod:`torch`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import torch
+from torch import Tensor
+from torch.optim import Optimizer
+
+from lightning_l0l1.norms import GradGroup, group_norms, is_dtensor, total_norm
+
+__all__ = ["Gradients"]
+
+#: How one gradient is distributed: "r" replicated (whole on every rank), "s" a local shard of a
+#: tensor sharded over the process group (FSDP1), "d" a DTensor (FSDP2, tensor parallel).
+_KINDS = ("r", "s", "d")
+
+
+def _kind(param: Tensor, is_shard: Optional[Callable[[Tensor], bool]]) -> str:
+    """How ``param``'s gradient is distributed (one of :data:`_KINDS`)."""
+    g = param.grad
+    if g.is_sparse:  # type: ignore[union-attr]
+        raise RuntimeError(
+            "L0L1 clipping does not support sparse gradients; use dense embeddings "
+            "(`sparse=False`) or clip them yourself."
+        )
+    if type(g) is not Tensor and is_dtensor(g):  # type: ignore[arg-type]
+        return "d"
+    return "s" if is_shard is not None and is_shard(param) else "r"
+
+
+@dataclass
+class Gradients:
+    """The gradients of one optimizer step.
+
+    Attributes:
+        params: per param group, the parameters that have a gradient.
+        groups: per param group, their gradients as a :class:`~lightning_l0l1.norms.GradGroup`.
+        entries: every ``(kind, gradient, parameter)`` in one fixed order (per group: replicated,
+            sharded, DTensor): the order of :meth:`local`.
+        process_group: the group FSDP1 shards are reduced over (``None``: the default group).
+        sharded: FSDP1: every rank joins the all-reduce, whatever it holds.
+        device: where a rank holding no gradient computes (the optimizer's first parameter's device).
+    """
+
+    params: list[list[Tensor]]
+    groups: list[GradGroup]
+    entries: list[tuple[str, Tensor, Tensor]]
+    process_group: Any = None
+    sharded: bool = False
+    device: Optional[torch.device] = None
+
+    @classmethod
+    def collect(
+        cls, optimizer: Optimizer, process_group: Any = None, is_shard: Optional[Callable[[Tensor], bool]] = None
+    ) -> Optional[Gradients]:
+        """The gradients of ``optimizer``'s param groups; ``None`` if there are none (and no ``is_shard``:
+        under FSDP1 a rank holding none of them still joins the all-reduce).
+
+        Raises:
+            RuntimeError: for a sparse gradient.
+        """
+        params = [[p for p in g["params"] if p.grad is not None] for g in optimizer.param_groups]
+        if not any(params) and is_shard is None:
+            return None
+        groups, entries = [], []
+        for ps in params:
+            found = sorted(((_kind(p, is_shard), i) for i, p in enumerate(ps)), key=lambda e: _KINDS.index(e[0]))
+            group_entries = [(kind, ps[i].grad, ps[i]) for kind, i in found]
+            groups.append(GradGroup(*([g for k, g, _ in group_entries if k == kind] for kind in _KINDS)))
+            entries += group_entries
+        device = next((p.device for g in optimizer.param_groups for p in g["params"]), None)
+        return cls(params, groups, entries, process_group, is_shard is not None, device)  # type: ignore[arg-type]
+
+    @property
+    def n_groups(self) -> int:
+        return len(self.groups)
+
+    @property
+    def whole(self) -> bool:
+        """Every gradient is whole on this rank (single process, DDP)."""
+        return all(kind == "r" for kind, _, _ in self.entries)
+
+    @property
+    def distributed(self) -> bool:
+        """Some gradient is a shard (FSDP1) or a DTensor, or this rank joins a shard all-reduce."""
+        return self.sharded or not self.whole
+
+    def all(self) -> list[Tensor]:
+        """Every gradient (DTensors as DTensors), group after group."""
+        return [g for grp in self.groups for g in grp.tensors()]
+
+    def local(self) -> tuple[list[Tensor], list[Tensor]]:
+        """The gradients and the (detached) parameters as plain local tensors, in :attr:`entries` order."""
+        grads = [g.to_local() if kind == "d" else g for kind, g, _ in self.entries]
+        params = [(p.to_local() if kind == "d" else p).detach() for kind, _, p in self.entries]
+        return grads, params
+
+    def norms(self, norm_type: float, foreach: Optional[bool] = None, groups: Optional[Sequence[GradGroup]] = None
+              ) -> Tensor:
+        """The global norm of each of ``groups`` (default: the gradients' groups), reduced like the gradients."""
+        return group_norms(
+            self.groups if groups is None else groups, norm_type, process_group=self.process_group,
+            sharded=self.sharded, foreach=foreach, device=self.device,
+        )
+
+    def like(self, tensors: Sequence[Tensor], norms_only: bool = False) -> GradGroup:
+        """A :class:`GradGroup` of local ``tensors`` (one per entry) distributed like the gradients.
+
+        Local parts of DTensor gradients are wrapped back into DTensors of the same mesh and
+        placements, so their norm is reduced the same way. ``norms_only``: the tensors are
+        1-element local norms (an offloaded snapshot's differences), which supports no DTensor.
+        """
+        group = GradGroup()
+        for (kind, g, _), t in zip(self.entries, tensors):
+            if kind == "r":
+                group.replicated.append(t)
+            elif kind == "s":
+                group.sharded.append(t)
+            elif norms_only:
+                raise NotImplementedError(
+                    "`snapshot_device='cpu'` does not support DTensor (FSDP2 / tensor-parallel) gradients yet; "
+                    "keep the snapshot on the device (`snapshot_device=None`)."
+                )
+            else:
+                from torch.distributed.tensor import DTensor
+
+                group.dtensors.append(
+                    DTensor.from_local(t, g.device_mesh, g.placements, run_check=False, shape=g.shape,
+                                       stride=g.stride())
+                )
+        return group
+
+    def param_norm(self, norm_type: float) -> Tensor:
+        """The global norm of the parameters that have a gradient."""
+        _, params = self.local()
+        return total_norm(self.norms(norm_type, groups=[self.like(params)]), norm_type)

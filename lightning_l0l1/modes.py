@@ -1,0 +1,398 @@
+r"""The rule registry: one class per ``mode``, with its settings, its per-optimizer state and its scale.
+
+A rule turns the global gradient norm of a step into the factor(s) the gradients are multiplied
+by. Each is a small class in :data:`RULES`, keyed by its ``mode`` name:
+
+=============  =====================================================  ==========================
+``mode``       scale :math:`s`                                        settings
+=============  =====================================================  ==========================
+``clip``       :math:`\min(1, \gamma/(\lVert g\rVert + \epsilon))`    ``max_norm`` (:math:`\gamma`)
+``adaptive``   :math:`\gamma/(\lVert g\rVert + \gamma)`               ``max_norm``
+``l0l1``       :math:`\min(1, 1/(\eta(L_0 + L_1\lVert g\rVert)))`     ``l0``, ``l1``
+``auto``       :func:`~lightning_l0l1.rules.auto_scale` from the      ``initial_step``
+               estimate, within a step-length bound
+=============  =====================================================  ==========================
+
+The interface, in the manner of an optax transformation: :meth:`Rule.init` makes one optimizer's
+state; in each step :meth:`Rule.begin` sees the step before anything is measured,
+:meth:`Rule.observe` receives the estimator's measurement, :meth:`Rule.scales` returns the
+factors and the threshold in use, and :meth:`Rule.end` sees the factors applied. The state is
+saved and restored by :meth:`Rule.state_dict` and :meth:`Rule.load_state_dict`. Adding a mode is
+adding a class to :data:`RULES` (and its name to :data:`Mode`).
+
+Imports only :mod:`torch`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, ClassVar, Literal, Optional, Union
+
+import torch
+from torch import Tensor
+from torch.optim import Optimizer
+
+from lightning_l0l1 import validation
+from lightning_l0l1.estimator import EnvelopeState, MomentumState, Secant, amplification_update, momentum_init
+from lightning_l0l1.gradients import Gradients
+from lightning_l0l1.norms import total_norm
+from lightning_l0l1.rules import adaptive_scale, auto_scale, clip_scale, l0l1_scale, l0l1_threshold
+
+__all__ = [
+    "RULES",
+    "AdaptiveRule",
+    "AutoRule",
+    "AutoState",
+    "ClipRule",
+    "L0L1Rule",
+    "Mode",
+    "Rule",
+    "StepContext",
+    "make_rule",
+]
+
+Mode = Literal["auto", "clip", "adaptive", "l0l1"]
+#: The norm threshold a rule reports: a host float, or a 0-d tensor where it is measured.
+Threshold = Union[float, Tensor]
+
+
+@dataclass
+class StepContext:
+    """What a rule sees of one optimizer step.
+
+    Attributes:
+        optimizer: the optimizer about to step.
+        grads: its gradients (raw: not yet scaled).
+        norms: the global norm of each param group's gradients (1-d).
+        norm: the global norm (0-d).
+        norm_type: the p of the norms.
+        lrs: the learning rate of each param group (floats or tensors).
+        steps: the steps this optimizer has taken before this one.
+        envelope: the estimator's estimates after this step's measurement (``None``: estimator off).
+    """
+
+    optimizer: Optimizer
+    grads: Gradients
+    norms: Tensor
+    norm: Tensor
+    norm_type: float
+    lrs: list[Any]
+    steps: int = 0
+    envelope: Optional[EnvelopeState] = None
+
+
+class Rule:
+    """A scaling rule. Subclasses set :attr:`name` and implement :meth:`scales`.
+
+    Attributes:
+        name: the ``mode`` it is registered under.
+        per_group: its scale depends on each param group's learning rate (one scale per group).
+        needs_estimate: it steps from the estimator's measurements.
+        max_norm, l0, l1: the settings the rule was given (``None``: not given).
+    """
+
+    name: ClassVar[str]
+    per_group: ClassVar[bool] = False
+    needs_estimate: ClassVar[bool] = False
+
+    max_norm: Optional[float] = None
+    l0: Optional[float] = None
+    l1: Optional[float] = None
+
+    @classmethod
+    def from_settings(
+        cls, max_norm: Optional[float] = None, l0: Optional[float] = None, l1: Optional[float] = None,
+        initial_step: float = 1e-2,
+    ) -> Rule:
+        """The rule for these settings (the union of every rule's), validated.
+
+        Raises:
+            ValueError: for a missing, invalid or (for ``auto``) refused setting, naming it.
+        """
+        raise NotImplementedError
+
+    def init(self) -> Any:
+        """A new optimizer's state (``None``: the rule keeps none)."""
+        return None
+
+    def to(self, state: Any, like: Tensor) -> Any:
+        """``state`` on ``like``'s device (and dtype, for values in the norm's dtype)."""
+        return state
+
+    def begin(self, state: Any, ctx: StepContext) -> None:
+        """Called before the estimator measures the step."""
+
+    def observe(self, state: Any, secant: Secant) -> None:
+        """Called with each measurement the estimator forms (in the step, or after it by a probe)."""
+
+    def scales(self, state: Any, ctx: StepContext) -> tuple[list[Tensor], Threshold]:
+        """One factor for the whole optimizer, or one per param group; and the norm threshold in use."""
+        raise NotImplementedError
+
+    def end(self, state: Any, ctx: StepContext, lr_effective: Sequence[Tensor], finite: Tensor) -> None:
+        """Called after the factors are applied, with each group's ``lr * s`` and the norm's finiteness."""
+
+    def state_dict(self, state: Any) -> dict[str, Any]:
+        """``state`` as plain Python values and CPU tensors."""
+        return {}
+
+    def load_state_dict(self, sd: dict[str, Any]) -> Any:
+        """The state :meth:`state_dict` saved (on the CPU; :meth:`to` moves it)."""
+        return None
+
+
+def _optional(name: str, value: Any) -> Optional[float]:
+    return None if value is None else validation.positive(name, value, allow_zero=True)
+
+
+class _ThresholdRule(Rule):
+    """A fixed threshold ``max_norm`` (``l0``/``l1`` are checked if given, and not used)."""
+
+    def __init__(self, max_norm: float, l0: Optional[float] = None, l1: Optional[float] = None) -> None:
+        self.max_norm = validation.positive("max_norm", max_norm)
+        self.l0, self.l1 = _optional("l0", l0), _optional("l1", l1)
+
+    @classmethod
+    def from_settings(
+        cls, max_norm: Optional[float] = None, l0: Optional[float] = None, l1: Optional[float] = None,
+        initial_step: float = 1e-2,
+    ) -> Rule:
+        if max_norm is None:
+            raise ValueError(
+                f"`max_norm` is required for `mode={cls.name!r}`, got None (or use `mode='auto'`, which needs none)."
+            )
+        return cls(max_norm, l0, l1)
+
+    def scales(self, state: Any, ctx: StepContext) -> tuple[list[Tensor], Threshold]:
+        return [self.scale(ctx.norm)], float(self.max_norm)  # type: ignore[arg-type]
+
+    def scale(self, norm: Tensor) -> Tensor:
+        raise NotImplementedError
+
+
+class ClipRule(_ThresholdRule):
+    r"""Hard clipping, :func:`~lightning_l0l1.rules.clip_scale`:
+    :math:`s = \min(1, \gamma/(\lVert g\rVert + \epsilon))`."""
+
+    name = "clip"
+
+    def scale(self, norm: Tensor) -> Tensor:
+        return clip_scale(norm, self.max_norm)  # type: ignore[arg-type]
+
+
+class AdaptiveRule(_ThresholdRule):
+    r"""Smooth clipping, :func:`~lightning_l0l1.rules.adaptive_scale`:
+    :math:`s = \gamma/(\lVert g\rVert + \gamma)`."""
+
+    name = "adaptive"
+
+    def scale(self, norm: Tensor) -> Tensor:
+        return adaptive_scale(norm, self.max_norm)  # type: ignore[arg-type]
+
+
+class L0L1Rule(Rule):
+    r"""The :math:`(L_0, L_1)` step, :func:`~lightning_l0l1.rules.l0l1_scale`, per param group:
+    :math:`s = \min(1, 1/(\eta(L_0 + L_1\lVert g\rVert)))`. ``max_norm`` is checked if given, and not used."""
+
+    name = "l0l1"
+    per_group = True
+
+    def __init__(self, l0: float, l1: float, max_norm: Optional[float] = None) -> None:
+        self.l0 = validation.positive("l0", l0, allow_zero=True)
+        self.l1 = validation.positive("l1", l1, allow_zero=True)
+        if self.l0 == 0 and self.l1 == 0:
+            raise ValueError(
+                f"`l0` and `l1` cannot both be 0 (the step would never be limited), got l0={l0!r}, l1={l1!r}."
+            )
+        self.max_norm = None if max_norm is None else validation.positive("max_norm", max_norm)
+
+    @classmethod
+    def from_settings(
+        cls, max_norm: Optional[float] = None, l0: Optional[float] = None, l1: Optional[float] = None,
+        initial_step: float = 1e-2,
+    ) -> Rule:
+        if l0 is None or l1 is None:
+            raise ValueError(
+                f"`mode='l0l1'` needs both `l0` and `l1`, got l0={l0!r}, l1={l1!r}. "
+                "Give the smoothness constants of your loss, or use `mode='auto'` to estimate them."
+            )
+        return cls(l0, l1, max_norm)
+
+    def scales(self, state: Any, ctx: StepContext) -> tuple[list[Tensor], Threshold]:
+        scales = [l0l1_scale(ctx.norm, lr, self.l0, self.l1) for lr in ctx.lrs]  # type: ignore[arg-type]
+        return scales, l0l1_threshold(float(ctx.lrs[0]), self.l0, self.l1)  # type: ignore[arg-type]
+
+
+# Optimizers whose update does not scale with the gradient (it is normalized by its own running
+# magnitude): a factor s on the gradient barely changes their step.
+_SCALE_INVARIANT = tuple(
+    getattr(torch.optim, name)
+    for name in ("Adam", "AdamW", "Adamax", "NAdam", "RAdam", "Adagrad", "Adadelta", "RMSprop", "SparseAdam",
+                 "Adafactor")
+    if hasattr(torch.optim, name)
+)
+
+#: ``auto``'s step-length bound grows by this factor every step from ``initial_step``.
+TRUST_GROWTH = 2.0
+
+
+def _momentum_sgd(optimizer: Optimizer) -> bool:
+    """SGD with momentum: its step is longer than ``lr * g``."""
+    return isinstance(optimizer, torch.optim.SGD) and any(g.get("momentum", 0) for g in optimizer.param_groups)
+
+
+def _max_amplification(optimizer: Optimizer) -> float:
+    """How much longer than ``lr * g`` momentum SGD's steady-state step is, at most over the param groups:
+    ``(1 - dampening) / (1 - momentum)``, times ``1 + momentum`` for Nesterov; 1 without momentum."""
+    bound = 1.0
+    for g in optimizer.param_groups:
+        m, d = float(g.get("momentum", 0.0)), float(g.get("dampening", 0.0))
+        if 0 < m < 1:
+            bound = max(bound, (1 - d) / (1 - m) * ((1 + m) if g.get("nesterov") else 1.0))
+    return bound
+
+
+@dataclass
+class AutoState:
+    """``auto``'s state for one optimizer.
+
+    Attributes:
+        delta: the bound on the first step's length (``None`` until the first step).
+        momentum: the measured ratio of the step taken to the step set (SGD with momentum).
+        amplified: the optimizer is SGD with momentum: the ratio is measured and used.
+        amp_max: the ratio's steady-state bound for this optimizer.
+        checked: the optimizer's type was looked at (a warning is given at most once).
+    """
+
+    delta: Optional[Tensor] = None
+    momentum: Optional[MomentumState] = None
+    amplified: bool = False
+    amp_max: float = 1.0
+    checked: bool = False
+
+
+class AutoRule(Rule):
+    r"""Hard clipping at the measured base step and step length, :func:`~lightning_l0l1.rules.auto_scale`,
+    within a step-length bound :math:`\delta\, 2^t` with :math:`\delta` = ``initial_step`` :math:`\cdot
+    \max(\lVert\theta\rVert, 1)`. Under SGD with momentum the length limit is divided by the measured
+    ratio of the step taken to the step set, clamped to :math:`[1, \text{its steady-state bound}]`."""
+
+    name = "auto"
+    per_group = True
+    needs_estimate = True
+
+    def __init__(self, initial_step: float = 1e-2) -> None:
+        self.initial_step = validation.positive("initial_step", initial_step)
+
+    @classmethod
+    def from_settings(
+        cls, max_norm: Optional[float] = None, l0: Optional[float] = None, l1: Optional[float] = None,
+        initial_step: float = 1e-2,
+    ) -> Rule:
+        given = [(k, v) for k, v in (("max_norm", max_norm), ("l0", l0), ("l1", l1)) if v is not None]
+        if given:
+            got = ", ".join(f"`{k}` = {v!r}" for k, v in given)
+            raise ValueError(
+                f"`mode='auto'` (the default) sets its own threshold and constants, so it takes no "
+                f"`max_norm`, `l0` or `l1`; got {got}. For a fixed threshold pass `mode='clip'` (or "
+                "'adaptive') with `max_norm`; for given constants `mode='l0l1'` with `l0` and `l1`."
+            )
+        return cls(initial_step)
+
+    def init(self) -> AutoState:
+        return AutoState()
+
+    def to(self, state: AutoState, like: Tensor) -> AutoState:
+        if state.delta is not None and (state.delta.device, state.delta.dtype) != (like.device, like.dtype):
+            state.delta = state.delta.to(like.device, like.dtype)
+        if state.momentum is not None and state.momentum.amp.device != like.device:
+            state.momentum = state.momentum.to(like.device)
+        return state
+
+    def begin(self, state: AutoState, ctx: StepContext) -> None:
+        opt = ctx.optimizer
+        if not state.checked:
+            state.checked = True
+            if isinstance(opt, _SCALE_INVARIANT):
+                warnings.warn(
+                    f"`mode='auto'` sets the step of SGD (the update lr * s * g), but `{type(opt).__name__}` "
+                    "divides the gradient by its own running magnitude, so scaling it barely changes the "
+                    "update: auto will rarely limit this optimizer's steps. For Adam-type optimizers use "
+                    "`mode='clip'` with a `max_norm`.",
+                    UserWarning,
+                    stacklevel=4,  # the caller of GradientClipper.step(), past torch.no_grad's wrapper
+                )
+        state.amplified = _momentum_sgd(opt)
+        state.amp_max = _max_amplification(opt) if state.amplified else 1.0
+        if state.momentum is None:
+            state.momentum = momentum_init(ctx.norm.device)
+        if state.delta is None:
+            pnorm = ctx.grads.param_norm(ctx.norm_type)
+            state.delta = self.initial_step * torch.clamp(pnorm, min=1.0).to(ctx.norm.dtype)
+
+    def observe(self, state: AutoState, secant: Secant) -> None:
+        if state.amplified:
+            state.momentum = amplification_update(state.momentum, secant.step)  # type: ignore[arg-type]
+
+    def scales(self, state: AutoState, ctx: StepContext) -> tuple[list[Tensor], Threshold]:
+        env = ctx.envelope
+        assert env is not None and state.delta is not None and state.momentum is not None
+        radius = state.delta * TRUST_GROWTH ** min(ctx.steps, 1000)
+        amp = state.momentum.amp.clamp(1.0, state.amp_max) if state.amp_max > 1.0 else None
+        scales, gammas = [], []
+        for lr in ctx.lrs:
+            rule, gamma = auto_scale(ctx.norm, lr, env.low, env.ratio, amp)
+            gammas.append(gamma)
+            # the SGD-equivalent step length is lr * s * ||g||; keep it <= radius
+            scales.append(torch.minimum(rule, torch.clamp(radius / (ctx.norm * lr + 1e-30), max=1.0)))
+        return scales, gammas[0]
+
+    def end(self, state: AutoState, ctx: StepContext, lr_effective: Sequence[Tensor], finite: Tensor) -> None:
+        if state.amplified:  # the step set (plain SGD's lr * s * g, per group), for the next ratio
+            mom = state.momentum
+            assert mom is not None
+            set_len = total_norm(torch.stack([e * n for e, n in zip(lr_effective, ctx.norms.unbind())]),
+                                 ctx.norm_type)
+            state.momentum = dataclasses.replace(
+                mom, intended=torch.where(finite, set_len.to(mom.intended.dtype), math.nan)
+            )
+
+    def state_dict(self, state: AutoState) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        if state.delta is not None:
+            out["delta"] = float(state.delta)
+        if state.momentum is not None:
+            out["momentum"] = {k: v.tolist() for k, v in state.momentum.state_dict().items()}
+        return out
+
+    def load_state_dict(self, sd: dict[str, Any]) -> AutoState:
+        state = AutoState()
+        if sd.get("delta") is not None:
+            state.delta = torch.tensor(sd["delta"], dtype=torch.float64)
+        # earlier checkpoints kept the momentum fields inside the estimator's "env"
+        momentum = sd.get("momentum") or sd.get("env")
+        if momentum is not None:
+            state.momentum = MomentumState.from_state_dict(momentum, torch.device("cpu"))
+        return state
+
+
+#: Every rule, by its ``mode`` name.
+RULES: dict[str, type[Rule]] = {rule.name: rule for rule in (AutoRule, ClipRule, AdaptiveRule, L0L1Rule)}
+
+
+def make_rule(
+    mode: str, max_norm: Optional[float] = None, l0: Optional[float] = None, l1: Optional[float] = None,
+    initial_step: float = 1e-2,
+) -> Rule:
+    """The registered rule for ``mode``, with its settings validated.
+
+    Example:
+        >>> make_rule("clip", max_norm=1.0).max_norm
+        1.0
+    """
+    validation.choice("mode", mode, tuple(RULES))
+    return RULES[mode].from_settings(max_norm=max_norm, l0=l0, l1=l1, initial_step=initial_step)

@@ -1,0 +1,407 @@
+"""Publishing: aggregation on the device between logging steps, and the sinks that receive the results.
+
+:class:`Publisher` keeps one :class:`StepStatistics` per optimizer, finds the sinks of a trainer's
+loggers, and publishes each logging interval with one device-to-host transfer (rank zero only).
+:class:`StepStatistics` is a torchmetrics ``Metric`` whose ``update`` only accumulates (masked so
+that a non-finite step never reaches an aggregate) and whose ``compute`` returns every aggregate
+as one tensor. The sinks only receive Python floats: :class:`LoggerSink` writes to
+``trainer.loggers`` (CSV, TensorBoard, W&B...), :class:`WandbSink` adds what only W&B can show
+(metric axes, the run config and summary, the paper's Figure 1 as a live table and scatter plot,
+a per-epoch histogram). ``wandb`` is imported inside :class:`WandbSink` only. A failing sink warns
+once and is switched off: logging never stops a run. Metric names come from
+:mod:`lightning_l0l1.stats`.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+import time
+import warnings
+from collections.abc import Sequence
+from typing import Any, Callable, Optional
+
+import torch
+from torch import Tensor
+from torchmetrics import Metric
+
+from lightning_l0l1.stats import (
+    COUNTER_FIELDS,
+    RECORD_FIELDS,
+    StepRecord,
+    clip_rate,
+    interval_metrics,
+    metric_name,
+    summary_metrics,
+)
+
+__all__ = ["LoggerSink", "Publisher", "StepStatistics", "WandbSink"]
+
+
+class StepStatistics(Metric):
+    """Aggregates one optimizer's per-step statistics over a logging interval, on the device.
+
+    ``update(values, finite, clipped)`` takes a :class:`~lightning_l0l1.stats.StepRecord`'s
+    ``values``, ``finite`` and ``clipped``. The
+    states are sums (means are formed in ``compute``), the extremes of ``grad_norm``, and the
+    counts of steps, finite steps and clipped steps. Nothing is read on the host.
+
+    The values are already global (the norm is all-reduced where it needs to be), so no
+    distributed synchronisation happens in ``compute``.
+    """
+
+    full_state_update = False
+    is_differentiable = False
+    higher_is_better = None
+
+    def __init__(self, n_values: int) -> None:
+        super().__init__(sync_on_compute=False, dist_sync_on_step=False)
+        self.n_values = n_values
+        self.add_state("sums", torch.zeros(n_values, dtype=torch.float64), dist_reduce_fx="sum")
+        self.add_state("norm_max", torch.tensor(-math.inf, dtype=torch.float64), dist_reduce_fx="max")
+        self.add_state("norm_min", torch.tensor(math.inf, dtype=torch.float64), dist_reduce_fx="min")
+        self.add_state("finite", torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
+        self.add_state("steps", torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
+        self.add_state("clipped", torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
+
+    def update(self, values: Tensor, finite: Tensor, clipped: Tensor) -> None:  # type: ignore[override]
+        v = values.to(self.sums.dtype)
+        f = finite.to(self.sums.dtype)
+        self.sums += torch.where(finite, v, torch.zeros_like(v))
+        self.norm_max = torch.maximum(self.norm_max, torch.where(finite, v[0], self.norm_max))
+        self.norm_min = torch.minimum(self.norm_min, torch.where(finite, v[0], self.norm_min))
+        self.finite += f
+        self.steps += 1
+        self.clipped += (clipped & finite).to(self.sums.dtype)
+
+    STATES = ("sums", "norm_max", "norm_min", "finite", "steps", "clipped")
+
+    def checkpoint(self) -> dict[str, Any]:
+        """The open interval's states, on the CPU (for a callback's ``state_dict``)."""
+        return {"n_values": self.n_values, **{k: getattr(self, k).detach().cpu().clone() for k in self.STATES}}
+
+    @classmethod
+    def restore(cls, saved: dict[str, Any]) -> StepStatistics:
+        """An aggregate holding what :meth:`checkpoint` saved (on the CPU; ``.to(device)`` moves it)."""
+        agg = cls(int(saved["n_values"]))
+        for k in cls.STATES:
+            setattr(agg, k, torch.as_tensor(saved[k], dtype=torch.float64).clone())
+        agg._update_count = int(saved["steps"])  # torchmetrics warns on compute() before any update
+        return agg
+
+    def compute(self) -> Tensor:
+        """The record's means, then :data:`~lightning_l0l1.stats.INTERVAL_FIELDS` (NaN where undefined):
+        the layout of :func:`~lightning_l0l1.stats.stat_names`."""
+        n = self.finite.clamp_min(1)
+        none = self.finite == 0
+        nan = torch.full_like(self.norm_max, math.nan)
+        means = torch.where(none, torch.full_like(self.sums, math.nan), self.sums / n)
+        extremes = [torch.where(none, nan, self.norm_max), torch.where(none, nan, self.norm_min)]
+        return torch.cat([means, torch.stack([*extremes, clip_rate(self.clipped, self.finite), self.finite,
+                                              self.steps])])
+
+
+def _warn_once(owner: Any, what: str, err: BaseException) -> None:
+    if not getattr(owner, "_warned", False):
+        owner._warned = True
+        warnings.warn(
+            f"`L0L1Clipping`: {what} failed ({type(err).__name__}: {err}); it is switched off for the rest "
+            "of the run. Training goes on.",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+
+
+class LoggerSink:
+    """Writes metric dicts to a list of Lightning loggers; a logger that raises is dropped with one warning.
+
+    ``warn_owners`` maps ``id(logger)`` to the object whose warn-once flag that logger's failure
+    shares (the :class:`WandbSink` for a ``WandbLogger``: one W&B outage, one warning).
+    """
+
+    def __init__(self, loggers: Sequence[Any], warn_owners: Optional[dict[int, Any]] = None) -> None:
+        self.loggers = list(loggers)
+        self.warn_owners = dict(warn_owners or {})
+
+    def log(self, metrics: dict[str, float], step: int) -> None:
+        for logger in list(self.loggers):
+            try:
+                logger.log_metrics(metrics, step=step)
+            except Exception as err:
+                self.loggers.remove(logger)
+                owner = self.warn_owners.get(id(logger)) or self._owner_for(logger)
+                _warn_once(owner, f"logging to {type(logger).__name__}", err)
+
+    def _owner_for(self, logger: Any) -> Any:
+        """A warn-once flag per logger: a second failing logger is warned about too."""
+        flags = self.__dict__.setdefault("_flags", {})
+        return flags.setdefault(id(logger), type("_Flag", (), {})())
+
+
+class WandbSink:
+    """What W&B adds: metric axes, config, summary, the Figure 1 table and scatter, histograms.
+
+    Args:
+        run_getter: returns the ``wandb`` run (e.g. ``WandbLogger.experiment``), called lazily.
+        prefix: the metric prefix (``"l0l1/"``).
+        config: the callback's settings, stored under ``config["l0l1"]``.
+        log_metrics: also log the interval metrics (when no ``WandbLogger`` does it already).
+        table_every: refresh the Figure 1 table at most every this many logging intervals...
+        table_min_seconds: ...and at most once per this many seconds.
+        max_rows: the table keeps at most this many rows (older ones are thinned out).
+        logged_prefix: the prefix the interval metrics reach the run with, where a logger adds its own
+            (``WandbLogger(prefix="train")`` logs ``train-l0l1/grad_norm``); their x-axis is declared
+            for it too. Default: ``prefix``.
+    """
+
+    STEP_KEY = "trainer/global_step"
+
+    def __init__(
+        self,
+        run_getter: Callable[[], Any],
+        prefix: str,
+        config: dict[str, Any],
+        log_metrics: bool,
+        table_every: int = 10,
+        table_min_seconds: float = 30.0,
+        max_rows: int = 5000,
+        logged_prefix: Optional[str] = None,
+    ) -> None:
+        self._get_run = run_getter
+        self.prefix = prefix
+        self.logged_prefix = prefix if logged_prefix is None else logged_prefix
+        self.config = config
+        self.log_metrics = log_metrics
+        self.table_every = table_every
+        self.table_min_seconds = table_min_seconds
+        self.max_rows = max_rows
+        self.rows: list[list[float]] = []
+        self.enabled = True
+        self._started = False
+        self._intervals = 0
+        self._last_table = -math.inf
+
+    def _run(self) -> Any:
+        run = self._get_run()
+        if run is None:
+            raise RuntimeError("no active W&B run")
+        if not self._started:
+            self._started = True
+            run.define_metric(self.STEP_KEY)
+            for p in dict.fromkeys((self.prefix, self.logged_prefix)):  # once each, in order
+                run.define_metric(f"{p}*", step_metric=self.STEP_KEY)
+            run.config.update({"l0l1": self.config}, allow_val_change=True)
+        return run
+
+    def _guard(self, what: str, fn: Callable[[], None]) -> None:
+        if not self.enabled:
+            return
+        try:
+            fn()
+        except Exception as err:
+            self.enabled = False
+            _warn_once(self, f"W&B {what}", err)
+
+    def log(
+        self, metrics: dict[str, float], step: int, smoothness_key: Optional[str], pair_norm: float = math.nan
+    ) -> None:
+        """Log the interval (if asked) and add a Figure 1 row: the last secant's smoothness with the
+        gradient norm it is paired with (``pair_norm``; the interval's mean norm if not given)."""
+        def go() -> None:
+            import wandb
+
+            run = self._run()
+            if self.log_metrics:
+                run.log({**metrics, self.STEP_KEY: step})
+            g = pair_norm if math.isfinite(pair_norm) else metrics.get(f"{self.prefix}grad_norm")
+            sm = metrics.get(smoothness_key) if smoothness_key else None
+            if g is not None and sm is not None and g > 0 and sm > 0 and math.isfinite(g) and math.isfinite(sm):
+                self.rows.append([float(step), g, sm, math.log10(g), math.log10(sm)])
+                if len(self.rows) > self.max_rows:
+                    self.rows = self.rows[::2]
+            self._intervals += 1
+            now = time.monotonic()
+            due = self._intervals % self.table_every == 0 and now - self._last_table >= self.table_min_seconds
+            if self.rows and due:
+                self._last_table = now
+                self._log_table(wandb, run, step)
+
+        self._guard("logging", go)
+
+    def _log_table(self, wandb: Any, run: Any, step: int) -> None:
+        table = wandb.Table(
+            columns=["step", "grad_norm", "smoothness", "log10_grad_norm", "log10_smoothness"], data=self.rows
+        )
+        plot = wandb.plot.scatter(
+            table, "log10_grad_norm", "log10_smoothness", title="Local smoothness vs gradient norm (log-log)"
+        )
+        run.log({f"{self.prefix}smoothness_table": table, f"{self.prefix}figure1": plot, self.STEP_KEY: step})
+
+    def histogram(self, values: Sequence[float], step: int, epoch: int) -> None:
+        def go() -> None:
+            import wandb
+
+            finite = [v for v in values if math.isfinite(v)]
+            if finite:
+                run = self._run()
+                run.log({f"{self.prefix}grad_norm_hist": wandb.Histogram(finite), "epoch": epoch, self.STEP_KEY: step})
+
+        self._guard("histogram", go)
+
+    def finish(self, summary: dict[str, float], step: int) -> None:
+        def go() -> None:
+            import wandb
+
+            run = self._run()
+            if self.rows:
+                self._log_table(wandb, run, step)
+            for k, v in summary.items():
+                run.summary[k] = v
+
+        self._guard("summary", go)
+
+
+def find_sinks(
+    loggers: Sequence[Any], prefix: str, config: dict[str, Any], table_every: int
+) -> tuple[LoggerSink, Optional[WandbSink]]:
+    """The sinks for a trainer's ``loggers``: all of them, and W&B's extras where a W&B run is in use.
+
+    A ``WandbLogger`` (or a subclass) among the loggers already logs the metrics: its sink adds the
+    rest. Without one, a run started with ``wandb.init()`` gets the metrics and the rest directly.
+    """
+    loggers = list(loggers)
+    wandb_logger = next(
+        (lg for lg in loggers if any(c.__name__ == "WandbLogger" for c in type(lg).__mro__)), None
+    )  # subclasses too: otherwise the sink would log every row a second time to the same run
+    wb: Optional[WandbSink] = None
+    if wandb_logger is not None:
+        # WandbLogger(prefix="p") logs our rows as "p-l0l1/...": declare their x-axis under that name
+        outer = getattr(wandb_logger, "_prefix", "") or ""
+        join = getattr(wandb_logger, "LOGGER_JOIN_CHAR", "-")
+        wb = WandbSink(lambda: wandb_logger.experiment, prefix, config, log_metrics=False, table_every=table_every,
+                       logged_prefix=f"{outer}{join}{prefix}" if outer else None)
+    elif "wandb" in sys.modules and getattr(sys.modules["wandb"], "run", None) is not None:
+        wb = WandbSink(lambda: sys.modules["wandb"].run, prefix, config, log_metrics=True, table_every=table_every)
+    owners = {id(wandb_logger): wb} if wandb_logger is not None else None  # one warning per W&B outage
+    return LoggerSink(loggers, owners), wb
+
+
+class Publisher:
+    """Aggregates each optimizer's step records over a logging interval and publishes them.
+
+    The interval is counted in steps of the first optimizer. Everything stays on the device until
+    :meth:`flush`, which reads all aggregates and counters in one transfer, on rank zero only.
+
+    Args:
+        prefix: the metric-name prefix.
+        every: the logging interval in optimizer steps (``None``: the trainer's ``log_every_n_steps``).
+        table_every: refresh the W&B smoothness table at most every this many intervals.
+        config: the settings recorded in the W&B run's config.
+    """
+
+    def __init__(self, prefix: str, every: Optional[int], table_every: int, config: dict[str, Any]) -> None:
+        self.prefix, self.every, self.table_every = prefix, every, table_every
+        self.config = {**config, "log_every_n_steps": every}
+        self._aggs: dict[int, StepStatistics] = {}
+        self._since_log = 0
+        self._epoch_norms: list[Tensor] = []
+        self.keep_norms = False  # keep the first optimizer's norms for a per-epoch histogram
+        self._sinks: Optional[tuple[LoggerSink, Optional[WandbSink]]] = None
+
+    def sinks(self, loggers: Sequence[Any]) -> tuple[LoggerSink, Optional[WandbSink]]:
+        """The sinks of these loggers, found once per fit (see :meth:`reset`)."""
+        if self._sinks is None:
+            self._sinks = find_sinks(loggers, self.prefix, self.config, self.table_every)
+        return self._sinks
+
+    def reset(self) -> None:
+        """Forget the sinks: the next fit's loggers are not the last one's."""
+        self._sinks = None
+
+    def add(self, key: int, record: StepRecord) -> None:
+        """Aggregate one step of optimizer ``key`` (on the device, no host read)."""
+        n = record.values.numel()
+        agg = self._aggs.get(key)
+        if agg is None or agg.n_values != n:
+            agg = self._aggs[key] = StepStatistics(n).to(record.values.device)
+        elif agg.device != record.values.device:  # restored from a checkpoint on the CPU
+            agg = self._aggs[key] = agg.to(record.values.device)
+        agg.update(record.values, record.finite, record.clipped)
+        if key == 0:
+            self._since_log += 1
+            if self.keep_norms:
+                self._epoch_norms.append(torch.where(record.finite, record.grad_norm, math.nan))
+
+    def due(self, trainer_every: Optional[int]) -> bool:
+        """An interval is complete."""
+        return self._since_log >= (self.every or max(1, int(trainer_every or 50)))
+
+    @property
+    def pending(self) -> bool:
+        """Steps have been aggregated since the last flush."""
+        return self._since_log > 0
+
+    def flush(
+        self, step: int, is_global_zero: bool, loggers: Sequence[Any], counters: Callable[[int], Optional[Tensor]],
+        estimate: bool,
+    ) -> None:
+        """Publish the interval's aggregates and the clipper's ``counters(key)``; start a new interval."""
+        self._since_log = 0
+        metrics: dict[str, float] = {}
+        pair_norm = math.nan
+        if is_global_zero and self._aggs:
+            metrics, pair_norm = self._read(counters, estimate)
+        for agg in self._aggs.values():
+            agg.reset()
+        if not metrics:
+            return
+        log, wb = self.sinks(loggers)
+        if wb is not None:  # first: its define_metric must precede the first l0l1 row
+            wb.log(metrics, step, f"{self.prefix}smoothness" if estimate else None, pair_norm)
+        log.log(metrics, step)
+
+    def _read(self, counters: Callable[[int], Optional[Tensor]], estimate: bool) -> tuple[dict[str, float], float]:
+        """Every aggregate and counter, read in one transfer, as named metrics."""
+        keys = sorted(self._aggs)
+        parts = []
+        for key in keys:
+            vec = self._aggs[key].compute()
+            c = counters(key)
+            if c is None:  # no step yet since the state was restored
+                c = vec.new_full((len(COUNTER_FIELDS),), math.nan)
+            parts += [vec.to(torch.float64), c.to(vec.device, torch.float64)]
+        flat = torch.cat([p.to(parts[0].device) for p in parts]).tolist()  # the one transfer
+        blocks, i = [], 0
+        for key, vec in zip(keys, parts[::2]):
+            n, k = vec.numel(), len(COUNTER_FIELDS)
+            n_groups = self._aggs[key].n_values - len(RECORD_FIELDS)
+            blocks.append((key, n_groups, flat[i : i + n], flat[i + n : i + n + k]))
+            i += n + k
+        return interval_metrics(self.prefix, blocks, estimate)
+
+    def epoch_end(self, step: int, epoch: int, is_global_zero: bool, loggers: Sequence[Any]) -> None:
+        """The epoch's histogram of the first optimizer's norms (W&B only)."""
+        norms, self._epoch_norms = self._epoch_norms, []
+        if not is_global_zero or not norms:
+            return
+        _, wb = self.sinks(loggers)
+        if wb is not None:
+            wb.histogram(torch.stack(norms).tolist(), step, epoch)  # one transfer per epoch
+
+    def finish(self, step: int, loggers: Sequence[Any], latest: Callable[[], dict[str, float]]) -> None:
+        """The run's summary (from ``latest()``, the run's statistics) and final table (W&B only)."""
+        _, wb = self.sinks(loggers)
+        if wb is not None:
+            wb.finish(summary_metrics(self.prefix, latest()), step)
+
+    def progress_names(self, key: int, several: bool) -> tuple[str, str]:
+        """The progress-bar names of the norm and the scale."""
+        return metric_name(self.prefix, "grad_norm", key, several), metric_name(self.prefix, "scale", key, several)
+
+    def state_dict(self) -> dict[str, Any]:
+        """The open interval: a run resumed mid-interval logs at the same steps, the same aggregates."""
+        return {"since_log": self._since_log, "aggs": {key: agg.checkpoint() for key, agg in self._aggs.items()}}
+
+    def load_state_dict(self, sd: dict[str, Any]) -> None:
+        self._since_log = int(sd.get("since_log", 0))
+        self._aggs = {key: StepStatistics.restore(saved) for key, saved in sd.get("aggs", {}).items()}
