@@ -22,8 +22,8 @@ The pairs feed three estimates, all in :class:`EnvelopeState`:
 
 :class:`SecantEstimator` forms the pairs from a :class:`Snapshot` of the previous step's gradients
 and parameters (or from a midpoint probe, :meth:`SecantEstimator.probe`). Pairs with a non-finite
-value, a zero step or a zero gradient norm are ignored. The documentation's "How it works" page
-explains the choices (the log-mean pairing, the envelope, minibatch noise).
+value, a zero step or a zero gradient norm are ignored. ``docs/how-it-works.md`` explains the
+choices (the log-mean pairing, the envelope, minibatch noise).
 
 References:
     Zhang, He, Sra, Jadbabaie, ICLR 2020. https://arxiv.org/abs/1905.11881

@@ -128,8 +128,8 @@ def auto_scale(
     seen (the learning rate caps it), above it a step of length :math:`\lambda`. With a step
     amplification :math:`a` (SGD with momentum takes steps :math:`a` times longer than
     :math:`\eta s\lVert g\rVert`), the length limit is on the step taken:
-    :math:`\eta_\text{eff} = \min(\eta_b, \lambda/(a\lVert g\rVert))`. The documentation's
-    "How it works" page gives the reasons for each choice and their measurements.
+    :math:`\eta_\text{eff} = \min(\eta_b, \lambda/(a\lVert g\rVert))`. ``docs/how-it-works.md``
+    gives the reasons for each choice and their measurements.
 
     Args:
         norm: the global gradient norm, a 0-d tensor.
