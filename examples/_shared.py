@@ -1,4 +1,4 @@
-"""What the example scripts share: the data, the models, the W&B logger and the plot style.
+"""What the example scripts share: the data, the models, the command line, the W&B logger, the plots.
 
 Not part of the package: the scripts import it as ``from _shared import ...`` (Python puts
 the script's own folder first on ``sys.path``). Every dataset is made here or ships with
@@ -8,10 +8,11 @@ Python, so nothing is downloaded.
 from __future__ import annotations
 
 import argparse
+import json
 import math
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import torch
 from torch import nn
@@ -83,6 +84,46 @@ def char_lstm_module(vocab: int, hidden: int, lr: float, layers: int = 1):
 
 
 # ----------------------------------------------------------------------------------------- command line, W&B
+def example_parser(doc: Optional[str]) -> argparse.ArgumentParser:
+    """A parser whose ``--help`` starts with the script's docstring ``doc``, line breaks kept."""
+    return argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+
+
+def add_seed_arg(parser: argparse.ArgumentParser) -> None:
+    """``--seed``: the one seed of the initial weights and the data order."""
+    parser.add_argument("--seed", type=int, default=0, help="random seed (weights and data order)")
+
+
+def parse_example_args(
+    parser: argparse.ArgumentParser, argv: Optional[list[str]], *positive: str
+) -> argparse.Namespace:
+    """Add the output flags (last in ``--help``), parse ``argv`` and require the integer flags ``positive`` >= 1."""
+    add_output_args(parser)
+    args = parser.parse_args(argv)
+    require_positive(parser, args, *positive)
+    return args
+
+
+def parse_char_lm_args(
+    parser: argparse.ArgumentParser, argv: Optional[list[str]], *positive: str
+) -> argparse.Namespace:
+    """``parse_example_args``, then the usage errors for sizes of the character LSTM task the text cannot supply."""
+    args = parse_example_args(parser, argv, *positive)
+    check_char_lm_args(parser, args)
+    return args
+
+
+def parse_loop_args(parser: argparse.ArgumentParser, argv: Optional[list[str]]) -> argparse.Namespace:
+    """For the hand-written loops on the regression data: after the script's own flags, add ``--steps``,
+    ``--hidden``, ``--batch-size``, ``--seed``, ``--log-every`` and the output flags; parse ``argv`` (sizes >= 1)."""
+    parser.add_argument("--steps", type=int, default=200)
+    parser.add_argument("--hidden", type=int, default=64)
+    parser.add_argument("--batch-size", type=int, default=32, help="examples per batch")
+    add_seed_arg(parser)
+    parser.add_argument("--log-every", type=int, default=10, help="W&B logging interval in steps")
+    return parse_example_args(parser, argv, "steps", "hidden", "batch_size", "log_every")
+
+
 def add_output_args(parser: argparse.ArgumentParser, wandb: bool = True) -> None:
     """``--out``, ``--no-progress`` and (``wandb``) ``--no-wandb`` / ``--wandb-online``."""
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="folder for the PNGs, summaries and W&B files")
@@ -150,6 +191,14 @@ def fit_char_lm(args: argparse.Namespace, lr: float, callbacks: list, name: str,
     return trainer, vocab
 
 
+def fit_char_lm_for_steps(
+    args: argparse.Namespace, lr: float, callbacks: list, name: str, group: str, seed: int
+) -> tuple[Any, int]:
+    """``fit_char_lm`` for exactly ``--steps`` optimizer steps (as many epochs as that takes), logging every 10."""
+    return fit_char_lm(args, lr, callbacks, name, group=group, seed=seed, max_steps=args.steps, max_epochs=-1,
+                       log_every_n_steps=10)
+
+
 def wandb_available(args: argparse.Namespace) -> bool:
     if getattr(args, "no_wandb", True):
         return False
@@ -204,6 +253,14 @@ def progress(iterable: Iterable, total: int, args: argparse.Namespace, desc: str
     return tqdm(iterable, total=total, desc=desc)
 
 
+def print_summary(title: str, summary: dict[str, float], width: int = 22,
+                  echo: Callable[[str], Any] = print) -> None:
+    """``title``, then a line ``  name  value`` (4 significant digits) per entry, through ``echo``."""
+    echo(title)
+    for k, v in summary.items():
+        echo(f"  {k:{width}s} {v:.4g}")
+
+
 # ----------------------------------------------------------------------------------------- plots, numbers
 def pyplot():
     """matplotlib's pyplot on the file-only Agg backend (no display needed)."""
@@ -214,6 +271,24 @@ def pyplot():
 
     plt.rcParams.update({"figure.dpi": 100, "axes.grid": True, "grid.alpha": 0.3, "legend.fontsize": 9})
     return plt
+
+
+def save_png(fig: Any, path: Path) -> None:
+    """Lay ``fig`` out tightly, write it to ``path`` and close it."""
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def write_figure_and_data(out: Path, stem: str, draw: Callable[[Path], None], data: Any) -> tuple[Path, Path]:
+    """``draw(OUT/stem.png)``, then ``data`` to ``OUT/stem.json`` (non-finite numbers as null); both paths."""
+    out.mkdir(parents=True, exist_ok=True)
+    png, js = out / f"{stem}.png", out / f"{stem}.json"
+    draw(png)
+    js.write_text(json.dumps(json_safe(data), indent=1))
+    return png, js
 
 
 def fmt(x: float) -> str:
@@ -267,6 +342,61 @@ def recorder(clip: Any = None):
             self.rows.append(row)
 
     return Recorder()
+
+
+def fitted_constants(stats: dict[str, float]) -> tuple[float, float]:
+    """The (L0, L1) that ``L0L1Clipping.latest()`` reports from its online fit; NaN for one not there."""
+    return stats.get("l0l1/L0", math.nan), stats.get("l0l1/L1", math.nan)
+
+
+class LoopRecord:
+    """A hand-written loop's record: per step the loss and the global gradient norm before and after clipping.
+
+    Use it as a context manager: it opens a W&B run (``wandb_run``, config ``vars(args)``) unless
+    ``wandb`` is false or W&B is off, and finishes it on the way out, even on error. The values are
+    kept as tensors, so nothing is read on the host in the loop except the W&B row every
+    ``--log-every`` steps.
+    """
+
+    def __init__(self, args: argparse.Namespace, name: str, wandb: bool = True) -> None:
+        self.run = wandb_run(args, name, vars(args)) if wandb else None
+        self.log_every: int = args.log_every
+        self.losses: list[torch.Tensor] = []
+        self.norms: list[torch.Tensor] = []
+        self.after: list[torch.Tensor] = []
+
+    def __enter__(self) -> LoopRecord:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.run is not None:
+            self.run.finish()
+
+    def add(self, step: int, loss: torch.Tensor, norm: torch.Tensor, after: torch.Tensor) -> None:
+        """Step ``step``'s loss, gradient norm before clipping (``norm``) and after (``after``)."""
+        self.losses.append(loss.detach())
+        self.norms.append(norm.detach())
+        self.after.append(after)
+        if self.run is not None and (step + 1) % self.log_every == 0:
+            row = {"train_loss": loss.detach(), "grad_norm": norm.detach(), "grad_norm_scaled": after}
+            self.run.log({k: float(v) for k, v in row.items()}, step=step)
+
+    def summary(self, *names: str) -> dict[str, float]:
+        """The statistics ``names``, in that order, of: ``steps``, ``first_loss``, ``final_loss`` (the mean
+        over the last tenth of the steps), ``mean_grad_norm``, ``max_grad_norm``, ``max_grad_norm_after``
+        and ``clipped_fraction`` (the steps whose norm the clipping lowered)."""
+        losses, norms, after = torch.stack(self.losses), torch.stack(self.norms), torch.stack(self.after)
+        tail = max(1, len(self.losses) // 10)
+        stats = {
+            "steps": float(len(self.losses)),
+            "first_loss": float(losses[0]),
+            "final_loss": float(losses[-tail:].mean()),
+            "mean_grad_norm": float(norms.mean()),
+            "max_grad_norm": float(norms.max()),
+            "max_grad_norm_after": float(after.max()),
+            "clipped_fraction": float((after < norms * (1 - 1e-4)).float().mean()),
+        }
+        return {k: stats[k] for k in names}
 
 
 def plain_log_ticks(ax, axis: str = "both") -> None:

@@ -18,7 +18,7 @@ from typing import Optional
 
 import pytorch_lightning as pl
 import torch
-from _shared import mlp, regression_data
+from _shared import mlp, print_summary, regression_data
 from pytorch_lightning.cli import LightningCLI
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
@@ -80,9 +80,7 @@ def main(argv: Optional[list[str]] = None) -> dict[str, float]:
     loss = cli.trainer.callback_metrics.get("train_loss")
     if loss is not None:
         summary["train_loss"] = float(loss)
-    print(f"mode={clip.mode} max_norm={clip.max_norm}")
-    for k, v in summary.items():
-        print(f"  {k:28s} {v:.4g}")
+    print_summary(f"mode={clip.mode} max_norm={clip.max_norm}", summary, width=28)
     return summary
 
 

@@ -19,13 +19,12 @@ a notebook or inside pytest).
 
 from __future__ import annotations
 
-import argparse
 import json
 from typing import Any, Optional
 
 import pytorch_lightning as pl
 import torch
-from _shared import add_output_args, finish_wandb, make_logger, mlp, regression_data, require_positive
+from _shared import add_seed_arg, example_parser, finish_wandb, make_logger, mlp, parse_example_args, regression_data
 from pytorch_lightning.callbacks import Callback
 from pytorch_lightning.loggers import CSVLogger
 from torch import nn
@@ -81,7 +80,7 @@ class RecordNorms(Callback):
 
 
 def main(argv: Optional[list[str]] = None) -> dict[str, float]:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = example_parser(__doc__)
     parser.add_argument("--steps", type=int, default=20, help="optimizer steps")
     parser.add_argument("--devices", type=int, default=2, help="processes (CPU) or GPUs")
     parser.add_argument(
@@ -91,10 +90,8 @@ def main(argv: Optional[list[str]] = None) -> dict[str, float]:
     parser.add_argument("--lr", type=float, default=0.5)
     parser.add_argument("--hidden", type=int, default=32)
     parser.add_argument("--batch-size", type=int, default=16, help="examples per batch on each rank")
-    parser.add_argument("--seed", type=int, default=0, help="random seed (weights and data order)")
-    add_output_args(parser)
-    args = parser.parse_args(argv)
-    require_positive(parser, args, "steps", "devices", "hidden", "batch_size")
+    add_seed_arg(parser)
+    args = parse_example_args(parser, argv, "steps", "devices", "hidden", "batch_size")
 
     torch.set_num_threads(1)
     accelerator = args.accelerator

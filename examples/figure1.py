@@ -25,7 +25,6 @@ Writes OUT/figure1.png and OUT/figure1.json; logs both runs to W&B (offline by d
 from __future__ import annotations
 
 import argparse
-import json
 import math
 from typing import Any, Optional
 
@@ -33,14 +32,16 @@ import pytorch_lightning as pl
 import torch
 from _shared import (
     add_char_lm_args,
-    add_output_args,
-    check_char_lm_args,
-    fit_char_lm,
+    add_seed_arg,
+    example_parser,
+    fit_char_lm_for_steps,
+    fitted_constants,
     fmt,
-    json_safe,
+    parse_char_lm_args,
     plain_log_ticks,
     pyplot,
-    require_positive,
+    save_png,
+    write_figure_and_data,
 )
 
 from lightning_l0l1 import L0L1Clipping
@@ -119,8 +120,7 @@ def run(args: argparse.Namespace, name: str, lr: float, clip: bool) -> dict[str,
     if clip:
         clipping = L0L1Clipping(mode="clip", max_norm=args.max_norm, estimate=True, log_every_n_steps=10)
         callbacks.append(clipping)
-    fit_char_lm(args, lr, callbacks, name, group="figure1", seed=args.seed, max_steps=args.steps, max_epochs=-1,
-                log_every_n_steps=10)
+    fit_char_lm_for_steps(args, lr, callbacks, name, group="figure1", seed=args.seed)
     rows = [r for r in probe.rows if math.isfinite(r["smoothness"]) and r["smoothness"] > 0 and r["grad_norm"] > 0]
     norms, smooth = [r["grad_norm"] for r in rows], [r["smoothness"] for r in rows]
     l0, l1 = fit_line(norms, smooth) if rows else (math.nan, math.nan)
@@ -133,8 +133,8 @@ def run(args: argparse.Namespace, name: str, lr: float, clip: bool) -> dict[str,
     }
     if clipping is not None:  # the callback's own online estimate, from minibatch-to-minibatch secants
         stats = clipping.latest()
-        out.update(online_L0=stats.get("l0l1/L0", math.nan), online_L1=stats.get("l0l1/L1", math.nan),
-                   clip_rate=stats["l0l1/clip_rate"])
+        online_l0, online_l1 = fitted_constants(stats)
+        out.update(online_L0=online_l0, online_L1=online_l1, clip_rate=stats["l0l1/clip_rate"])
     return out
 
 
@@ -162,24 +162,19 @@ def plot(runs: list[dict[str, Any]], path) -> None:
         ax.set_title(f"SGD lr {r['lr']:g}, {kind}\ncorrelation of logs: {r['correlation_log']:.2f}")
         ax.legend(loc="upper left")
     fig.suptitle("Local smoothness vs gradient norm along training (char LSTM, pydoc text)")
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+    save_png(fig, path)
 
 
 def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = example_parser(__doc__)
     parser.add_argument("--steps", type=int, default=500, help="optimizer steps per run")
     parser.add_argument("--lr-large", type=float, default=30.0, help="learning rate of the clipped run")
     parser.add_argument("--max-norm", type=float, default=0.25, help="clipping threshold of the clipped run")
     parser.add_argument("--lr-small", type=float, default=0.5, help="learning rate of the unclipped run")
     add_char_lm_args(parser)
     parser.add_argument("--measure-every", type=int, default=1, help="measure the smoothness every K steps")
-    parser.add_argument("--seed", type=int, default=0, help="random seed (weights and data order)")
-    add_output_args(parser)
-    args = parser.parse_args(argv)
-    require_positive(parser, args, "steps", "measure_every")
-    check_char_lm_args(parser, args)
+    add_seed_arg(parser)
+    args = parse_char_lm_args(parser, argv, "steps", "measure_every")
 
     runs = [
         run(args, f"clipped lr {args.lr_large:g}", args.lr_large, clip=True),
@@ -187,10 +182,7 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     ]
     for r in runs:
         r["max_norm"] = args.max_norm
-    args.out.mkdir(parents=True, exist_ok=True)
-    png, js = args.out / "figure1.png", args.out / "figure1.json"
-    plot(runs, png)
-    js.write_text(json.dumps(json_safe(runs), indent=1))
+    png, js = write_figure_and_data(args.out, "figure1", lambda path: plot(runs, path), runs)
 
     print("\nFigure 1: local smoothness vs gradient norm (same-minibatch secant along each step)")
     print(f"{'run':22s} {'points':>6s} {'corr(log)':>9s} {'fit L0':>9s} {'fit L1':>9s} {'final loss':>10s}")

@@ -23,22 +23,21 @@ range over seeds) and OUT/figure2.json, prints the final losses, and logs every 
 from __future__ import annotations
 
 import argparse
-import json
 import math
 from typing import Any, Optional
 
 from _shared import (
     add_char_lm_args,
-    add_output_args,
-    check_char_lm_args,
-    fit_char_lm,
+    example_parser,
+    fit_char_lm_for_steps,
     fmt,
-    json_safe,
+    parse_char_lm_args,
     plain_log_ticks,
     pyplot,
     recorder,
-    require_positive,
+    save_png,
     smooth,
+    write_figure_and_data,
 )
 
 from lightning_l0l1 import L0L1Clipping
@@ -68,8 +67,8 @@ def probe_loss(module, batch):
 def train(args: argparse.Namespace, cfg: dict[str, Any], seed: int) -> dict[str, Any]:
     clip = L0L1Clipping(**cfg["clip"], log_every_n_steps=10) if cfg["clip"] else None
     rec = recorder(clip)
-    fit_char_lm(args, cfg["lr"], [c for c in (clip, rec) if c], f"{cfg['key']} seed {seed}", group="figure2",
-                seed=seed, max_steps=args.steps, max_epochs=-1, log_every_n_steps=10)
+    fit_char_lm_for_steps(args, cfg["lr"], [c for c in (clip, rec) if c], f"{cfg['key']} seed {seed}",
+                          group="figure2", seed=seed)
     losses = [r["loss"] for r in rec.rows]
     out = {"seed": seed, "losses": losses}
     if clip is not None:
@@ -114,13 +113,11 @@ def plot(results: dict[str, dict[str, Any]], args: argparse.Namespace, path) -> 
     seeds = f"{args.seeds} seeds, band = range" if args.seeds > 1 else "1 seed"
     ax.set_title(f"Char LSTM on pydoc text: clipping at a large learning rate ({seeds})")
     ax.legend(loc="upper right")
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+    save_png(fig, path)
 
 
 def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = example_parser(__doc__)
     parser.add_argument("--steps", type=int, default=500, help="optimizer steps per run (the same for all five)")
     parser.add_argument("--lr-small", type=float, default=0.5, help="learning rate of the small-lr baseline")
     parser.add_argument("--lr-large", type=float, default=30.0, help="learning rate of the other four runs")
@@ -128,10 +125,7 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     add_char_lm_args(parser)
     parser.add_argument("--seeds", type=int, default=1, help="runs per configuration (seeds 0..N-1)")
     parser.add_argument("--smooth", type=int, default=10, help="plot a trailing mean over this many steps")
-    add_output_args(parser)
-    args = parser.parse_args(argv)
-    require_positive(parser, args, "steps", "seeds", "smooth")
-    check_char_lm_args(parser, args)
+    args = parse_char_lm_args(parser, argv, "steps", "seeds", "smooth")
 
     tail = max(1, args.steps // 10)
     results: dict[str, dict[str, Any]] = {}
@@ -143,10 +137,7 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
             "final_loss": sum(finals) / len(finals),  # NaN if any seed diverged
             "diverged": sum(not math.isfinite(f) for f in finals),
         }
-    args.out.mkdir(parents=True, exist_ok=True)
-    png, js = args.out / "figure2.png", args.out / "figure2.json"
-    plot(results, args, png)
-    js.write_text(json.dumps(json_safe(results), indent=1))
+    png, js = write_figure_and_data(args.out, "figure2", lambda path: plot(results, args, path), results)
 
     print(f"\nFigure 2: training loss after {args.steps} steps (mean of the last {tail}, over {args.seeds} seed(s))")
     for res in results.values():

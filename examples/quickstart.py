@@ -20,21 +20,22 @@ under --out later), `--wandb-online` to log online, `--no-wandb` for no logger.
 
 from __future__ import annotations
 
-import argparse
 import math
 from pathlib import Path
 
 from _shared import (
     add_char_lm_args,
-    add_output_args,
-    check_char_lm_args,
+    add_seed_arg,
+    example_parser,
     fit_char_lm,
+    fitted_constants,
     fmt,
     json_safe,
+    parse_char_lm_args,
     plain_log_ticks,
     pyplot,
     recorder,
-    require_positive,
+    save_png,
 )
 
 from lightning_l0l1 import L0L1Clipping
@@ -52,9 +53,7 @@ def plot(rows: list[dict[str, float]], out: Path, lr: float, mode: str) -> list[
     ax.set_ylabel("training loss (cross-entropy, nats/char)")
     ax.set_title(f"Char LSTM, SGD lr {lr:g}, L0L1Clipping mode={mode}")
     ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(paths[0])
-    plt.close(fig)
+    save_png(fig, paths[0])
 
     fig, ax = plt.subplots(figsize=(7, 4.5), dpi=100)
     ax.plot(steps, [r["l0l1/grad_norm"] for r in rows], lw=1.5, label="before clipping ||g||")
@@ -71,16 +70,14 @@ def plot(rows: list[dict[str, float]], out: Path, lr: float, mode: str) -> list[
     ax.set_title("Gradient norm per step")
     ax.legend()
     ax.grid(alpha=0.3, which="both")
-    fig.tight_layout()
-    fig.savefig(paths[1])
-    plt.close(fig)
+    save_png(fig, paths[1])
     return paths
 
 
 def main(argv: list[str] | None = None) -> dict[str, float | None]:
     """Train, plot, print the summary; return it (``None`` for what is not identified yet, e.g. the
     suggested lr while the fit's L0 is still 0 in a short run)."""
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = example_parser(__doc__)
     parser.add_argument("--mode", default="auto", choices=["auto", "clip", "adaptive", "l0l1"],
                         help="the rule (auto: nothing to tune; the others use --max-norm or --l0/--l1)")
     parser.add_argument("--max-norm", type=float, default=0.25, help="gamma for clip/adaptive")
@@ -89,11 +86,8 @@ def main(argv: list[str] | None = None) -> dict[str, float | None]:
     parser.add_argument("--lr", type=float, default=30.0, help="SGD learning rate (large on purpose)")
     add_char_lm_args(parser)
     parser.add_argument("--epochs", type=int, default=4)
-    parser.add_argument("--seed", type=int, default=0, help="random seed (weights and data order)")
-    add_output_args(parser)
-    args = parser.parse_args(argv)
-    require_positive(parser, args, "epochs")
-    check_char_lm_args(parser, args)
+    add_seed_arg(parser)
+    args = parse_char_lm_args(parser, argv, "epochs")
 
     fixed = {"clip": {"max_norm": args.max_norm}, "adaptive": {"max_norm": args.max_norm},
              "l0l1": {"l0": args.l0, "l1": args.l1}, "auto": {}}[args.mode]
@@ -103,7 +97,7 @@ def main(argv: list[str] | None = None) -> dict[str, float | None]:
                                  max_epochs=args.epochs, log_every_n_steps=5)
     stats = clip.latest()
     loss = float(trainer.callback_metrics["train_loss"])
-    l0, l1 = stats.get("l0l1/L0", math.nan), stats.get("l0l1/L1", math.nan)
+    l0, l1 = fitted_constants(stats)
     gamma = l0 / l1 if l0 > 0 and l1 > 0 else math.nan
     paths = plot(rec.rows, args.out, args.lr, args.mode)
     print("\nL0L1Clipping summary")
