@@ -17,3 +17,12 @@ warnings.filterwarnings("ignore", message=".*does not have many workers.*")
 def _seed():
     torch.manual_seed(0)
     yield
+
+
+@pytest.fixture
+def one_thread():
+    """One intra-op thread: on tiny tensors more only contend (4x slower on a shared 2-core machine)."""
+    saved = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(saved)

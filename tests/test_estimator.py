@@ -6,13 +6,15 @@ recorded iterates (float64, plain Python), never against the estimator's own out
 * functions with known constants, driven by full-batch gradient descent under ``mode="auto"``: the
   constants are verified on a grid first (valid, and tight: neither can be lowered), then the fit must
   be within a factor 1.5 of them, and the fitted line must lie above every secant of the trajectory;
-* the speed-up over fixed-step gradient descent, and against the rule with the true constants;
 * NaN/Inf gradients and zero steps, the envelope fit as a linear program, host syncs, arguments,
   checkpoints (plain and through Lightning), the CPU snapshot, ``estimate`` in a fixed mode and
   ``estimate_every``.
 
 When more pairs can bind the envelope than its buffer holds (``CAPACITY``), the two closest are merged
 into a point that dominates both: the line stays above every pair (tested on 100 hull vertices).
+
+The step ``mode="auto"`` sets from the estimate (the rule, the doubling bound, the momentum ratio, the
+speed-up over fixed-step gradient descent) is tested with the other modes' steps, in test_clipper.py.
 """
 
 from __future__ import annotations
@@ -22,13 +24,13 @@ import dataclasses
 import math
 import random
 import statistics
-import warnings
 from collections.abc import Callable, Sequence
 
 import pytest
 import torch
 from _models import Regressor, loader, make_data, make_net, params_of, trainer
-from _sync import HostReads as CountSyncs
+from _reference import BIG_LR, F64, TOL, GradFn, backward, batches, cosh_fn, descend, mlp_opt
+from _sync import HostReads
 from pytorch_lightning.callbacks import ModelCheckpoint
 from torch import Tensor, nn
 
@@ -46,49 +48,12 @@ from lightning_l0l1.estimator import (
     secant_pair,
 )
 
-F64 = torch.float64
-BIG_LR = 1e3  # so large that the rule, not the learning rate, sets every step
-TOL = 1e-6  # "near-stationary": |grad| <= TOL
 FACTOR = 1.5  # the fitted constants must be within this factor of the true ones
 
-GradFn = Callable[[Tensor], Tensor]
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # These tensors are tiny: intra-op threads only contend (4x slower on a shared 2-core machine).
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(saved)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # ---------------------------------------------------------------------------- references
-
-
-def descend(
-    grad_fn: GradFn, x0: Sequence[float], clipper: GradientClipper, lr: float = BIG_LR, steps: int = 200,
-    tol: float | None = TOL,
-) -> tuple[list[Tensor], list[Tensor]]:
-    """Full-batch gradient descent on one float64 parameter with ``clipper`` between backward and step.
-
-    Records every iterate and its raw gradient. The clipper sees every recorded gradient (also the last
-    one, without a step after it), so its secant pairs are exactly those of consecutive recorded iterates.
-    Stops after the first gradient with norm <= ``tol``.
-    """
-    x = nn.Parameter(torch.tensor(x0, dtype=F64))
-    opt = torch.optim.SGD([x], lr=lr)
-    xs, gs = [], []
-    for _ in range(steps):
-        g = grad_fn(x.detach())
-        xs.append(x.detach().clone())
-        gs.append(g.clone())
-        x.grad = g.clone()
-        clipper.step(opt)
-        if tol is not None and float(g.norm()) <= tol:
-            break
-        opt.step()
-    return xs, gs
 
 
 def ref_log_mean(a: float, b: float) -> float:
@@ -139,16 +104,6 @@ def check_constants(
 # ---------------------------------------------------------------------------- the test functions
 
 
-def cosh_fn(l0: float, l1: float) -> tuple[GradFn, Callable[[Tensor], float]]:
-    """f(x) = (L0/L1^2) sum_i cosh(L1 x_i): grad (L0/L1) sinh(L1 x), Hessian diag(L0 cosh(L1 x_i)).
-
-    ||H|| = L0 max_i cosh(L1 x_i) <= L0 (1 + max_i |sinh(L1 x_i)|) <= L0 + L1 ||g||: equality at x = 0
-    (L0 tight) and, asymptotically, along one coordinate axis (L1 tight). With all coordinates equal the
-    trajectory only sees (L0, L1/sqrt(d)), so the multi-dimensional runs start with one coordinate large.
-    """
-    return (lambda x: (l0 / l1) * torch.sinh(l1 * x)), (lambda x: float(l0 * torch.cosh(l1 * x).max()))
-
-
 def exp_fn(a: Tensor) -> tuple[GradFn, Callable[[Tensor], float]]:
     """f(x) = exp(a.x): g = a e^{a.x}, H = a a^T e^{a.x}, so ||H|| = ||a|| ||g|| exactly: (0, ||a||)."""
     return (lambda x: a * torch.exp(a @ x)), (lambda x: float(a.norm() ** 2 * torch.exp(a @ x)))
@@ -176,6 +131,17 @@ def quartic_fn(l0: float, l1: float) -> tuple[GradFn, Callable[[Tensor], float]]
 
 def grid_pairs(grad_fn: GradFn, hess_fn: Callable[[Tensor], float], points: Sequence[Tensor]) -> list:
     return [(hess_fn(p), float(grad_fn(p).norm())) for p in points]
+
+
+def along(make_fn: Callable[[Tensor], tuple[GradFn, Callable[[Tensor], float]]], a: Sequence[float], span: float,
+          n: int) -> tuple[Tensor, float, GradFn, list]:
+    """A function of u = a.x (``make_fn(a)``): a, ||a||, the gradient, and the grid pairs on the n points
+    a u / ||a||^2 with u in [-span, span]."""
+    a_t = torch.tensor(a, dtype=F64)
+    norm_a = float(a_t.norm())
+    grad_fn, hess_fn = make_fn(a_t)
+    points = [a_t * u / norm_a**2 for u in torch.linspace(-span, span, n, dtype=F64)]
+    return a_t, norm_a, grad_fn, grid_pairs(grad_fn, hess_fn, points)
 
 
 def axis_points(d: int, scale: float, extra: int = 0) -> list[Tensor]:
@@ -231,11 +197,7 @@ EXP_CASES = [[1.0], [0.3, -0.4], [2.0, 1.0, -2.0], [10.0, 0.0, 0.0, 0.0]]
 
 @pytest.mark.parametrize("a", EXP_CASES)
 def test_exp_l1_is_recovered_and_l0_is_negligible(a):
-    a_t = torch.tensor(a, dtype=F64)
-    norm_a = float(a_t.norm())
-    grad_fn, hess_fn = exp_fn(a_t)
-    points = [a_t * u / norm_a**2 for u in torch.linspace(-30, 30, 601, dtype=F64)]
-    pairs = grid_pairs(grad_fn, hess_fn, points)
+    a_t, norm_a, grad_fn, pairs = along(exp_fn, a, 30, 601)
     check_constants(pairs, 0.0, norm_a)
     assert all(h == pytest.approx(norm_a * n, rel=1e-12) for h, n in pairs)  # ||H|| = ||a|| ||g|| exactly
 
@@ -253,11 +215,7 @@ def test_exp_l1_is_recovered_and_l0_is_negligible(a):
 
 @pytest.mark.parametrize("a", EXP_CASES)
 def test_logistic_l1_is_recovered_and_l0_is_small(a):
-    a_t = torch.tensor(a, dtype=F64)
-    norm_a = float(a_t.norm())
-    grad_fn, hess_fn = logistic_fn(a_t)
-    points = [a_t * u / norm_a**2 for u in torch.linspace(-40, 40, 801, dtype=F64)]
-    pairs = grid_pairs(grad_fn, hess_fn, points)
+    a_t, norm_a, grad_fn, pairs = along(logistic_fn, a, 40, 801)
     check_constants(pairs, 0.0, norm_a)
     # and the other end of the minimal pairs: (||a||^2/4, 0), the Hessian's maximum at u = 0
     assert max(h for h, _ in pairs) == pytest.approx(norm_a**2 / 4, rel=1e-12)
@@ -302,87 +260,7 @@ def test_quartic_constants_are_recovered(l0, l1):
     assert_above_all(l0_hat, l1_hat, ref_secants(xs, gs))
 
 
-@pytest.mark.parametrize(("x0", "bounds"), [([10.0, 0.5], {0, 1, 2}), ([0.3, -0.2], {0, 2})])
-def test_auto_step_is_the_rule_with_the_estimate_and_the_doubling_bound(x0, bounds):
-    """Every step length is min(eta_b min(||g||, gamma), delta 2^t), delta = 1e-3 max(||x0||, 1), with
-    eta_b = min(lr, 1/L_low), L_low the smallest secant of the trajectory so far, gamma = 2/(r eta_b)
-    and r the (lower) median of secant / log-mean norm over the last WINDOW pairs, all computed here
-    from the iterates (the pair is formed before the scale)."""
-    grad_fn, _ = cosh_fn(1.0, 1.0)
-    x = nn.Parameter(torch.tensor(x0, dtype=F64))
-    lr = 0.9  # below 1/L0: the learning rate binds near the minimum
-    opt = torch.optim.SGD([x], lr=lr)
-    clipper = GradientClipper(mode="auto", nonfinite="propagate", initial_step=1e-3)
-    delta = 1e-3 * max(math.hypot(*x0), 1.0)
-    binding = set()
-    low, prev, ratios = math.inf, None, []
-    for t in range(25):
-        g = grad_fn(x.detach())
-        n = float(g.norm())
-        before = x.detach().clone()
-        if prev is not None:
-            secant = float((g - prev[1]).norm() / (before - prev[0]).norm())
-            low = min(low, secant)
-            a, b = float(prev[1].norm()), n
-            log_mean_ab = (a - b) / (math.log(a) - math.log(b)) if abs(math.log(a / b)) > 1e-6 else (a + b) / 2
-            ratios.append(secant / log_mean_ab)
-        prev = (before, g.clone())
-        x.grad = g.clone()
-        clipper.step(opt)
-        opt.step()
-        stats = clipper.latest()
-        recent = sorted(ratios[-WINDOW:])
-        r = recent[(len(recent) - 1) // 2] if recent else 0.0
-        base = min(lr, 1 / low) if 0 < low < math.inf else lr  # no pair yet: the learning rate
-        gamma = 2 / (r * base) if r > 0 else math.inf
-        candidates = [base * n if base == lr and n <= gamma else math.inf, base * min(n, gamma), delta * 2**t]
-        expected = min(candidates)
-        binding.add(candidates.index(expected))
-        assert float((x.detach() - before).norm()) == pytest.approx(expected, rel=1e-9), t
-        assert stats["l0l1/lr_effective"] == pytest.approx(expected / n, rel=1e-9)
-        assert stats["l0l1/max_norm"] == pytest.approx(gamma, rel=1e-9)
-    assert binding >= bounds  # the trajectory exercised these bounds (0: lr, 1: the rule, 2: the radius)
-
-
-# ---------------------------------------------------------------------------- 2. speed-up
-
-
-def fixed_step_iterations(h: float, cap: int, x0: float = 10.0) -> int | None:
-    """Plain GD x <- x - h sinh(x) on cosh (L0 = L1 = 1); iterations to |f'| <= TOL, None if not within cap."""
-    x = x0
-    for k in range(cap):
-        if abs(x) > 700:  # diverged
-            return None
-        g = math.sinh(x)
-        if abs(g) <= TOL:
-            return k
-        x -= h * g
-    return None
-
-
-def test_auto_needs_few_iterations_where_fixed_steps_need_thousands():
-    grad_fn, _ = cosh_fn(1.0, 1.0)
-    # the rule with the true constants, lr = 1/L0
-    xs, gs = descend(grad_fn, [10.0], GradientClipper(mode="l0l1", l0=1.0, l1=1.0, nonfinite="propagate"), lr=1.0)
-    assert float(gs[-1].norm()) <= TOL
-    n_true = len(xs) - 1
-    # auto, no constants given
-    xs, gs = descend(grad_fn, [10.0], GradientClipper(mode="auto", nonfinite="propagate"))
-    assert float(gs[-1].norm()) <= TOL
-    n_auto = len(xs) - 1
-    assert n_true <= 20
-    assert n_auto <= 3 * n_true  # the issue's bound (deterministic: measured 20 vs 15)
-
-    # Fixed steps: a geometric grid (4 per decade, 1 down to 1e-6) and 1/L_max of the trajectory.
-    grid = [10 ** (-k / 4) for k in range(25)] + [1 / math.cosh(10.0)]
-    counts = {h: fixed_step_iterations(h, cap=30_000) for h in grid}
-    converged = {h: k for h, k in counts.items() if k is not None}
-    assert converged, "no grid step converges: the comparison would be empty"
-    assert min(converged.values()) > 100 * n_auto
-    assert counts[grid[-1]] is None or counts[grid[-1]] > 100 * n_auto
-
-
-# ---------------------------------------------------------------------------- 3. robustness
+# ---------------------------------------------------------------------------- 2. robustness
 
 
 def test_log_mean_and_secant_pair_closed_forms():
@@ -533,7 +411,7 @@ def test_zero_step_is_ignored():
     assert history[-1]["l0l1/smoothness_pairs"] == 8 - 1 - 1
 
 
-# ---------------------------------------------------------------------------- 4. the envelope fit
+# ---------------------------------------------------------------------------- 3. the envelope fit
 
 
 def fit_pairs(pairs: Sequence[tuple[float, float]]):
@@ -693,28 +571,7 @@ def test_empty_and_large_norm_only_envelopes():
     assert float(state.l1) == pytest.approx(1.0, rel=1e-4)
 
 
-# ---------------------------------------------------------------------------- 5. host syncs
-
-
-def mlp_opt(dtype: torch.dtype = torch.float32, lr: float = 0.05, seed: int = 0):
-    torch.manual_seed(seed)
-    net = nn.Sequential(nn.Linear(5, 8), nn.Tanh(), nn.Linear(8, 3), nn.Tanh(), nn.Linear(3, 1)).to(dtype)
-    return net, torch.optim.SGD(net.parameters(), lr=lr, momentum=0.9)
-
-
-def batches(n: int, dtype: torch.dtype = torch.float32, seed: int = 0):
-    g = torch.Generator().manual_seed(seed)
-    out = []
-    for _ in range(n):
-        x = torch.randn(16, 5, generator=g, dtype=F64)
-        out.append((x.to(dtype), ((x**2).sum(1, keepdim=True) * 3).to(dtype)))
-    return out
-
-
-def backward(net: nn.Module, x: Tensor, y: Tensor) -> None:
-    for p in net.parameters():
-        p.grad = None
-    nn.functional.mse_loss(net(x), y).backward()
+# ---------------------------------------------------------------------------- 4. host syncs
 
 
 @pytest.mark.parametrize(
@@ -730,7 +587,7 @@ def test_no_host_sync_with_the_estimator(kwargs):
     net, opt = mlp_opt()
     clipper = GradientClipper(nonfinite="propagate", **kwargs)
     data = batches(20)
-    counter = CountSyncs()
+    counter = HostReads()
     for x, y in data:
         backward(net, x, y)
         with counter:
@@ -740,115 +597,9 @@ def test_no_host_sync_with_the_estimator(kwargs):
     stats = clipper.latest()
     every = kwargs.get("estimate_every", 1)
     assert stats["l0l1/steps"] == 20 and stats["l0l1/smoothness_pairs"] == 19 // every + (every > 1)
-    with CountSyncs() as c:  # the counter can see host reads
+    with HostReads() as c:  # the counter can see host reads
         clipper.latest()
     assert c.n > 0
-
-
-@pytest.mark.parametrize("every", [10, 50])
-def test_auto_with_estimate_every_measures_at_step_one(every):
-    """auto's step bound doubles every step; with `estimate_every=K` the first pair must not wait K steps
-    (before the fix, on this problem: a peak loss of 18.6 at K=10 and 2.4e25 at K=50; with it, and at K=1,
-    the peak is the initial loss, 7.8)."""
-    g = torch.Generator().manual_seed(0)
-    x = torch.randn(64, 10, generator=g, dtype=F64)
-    y = x @ torch.randn(10, 1, generator=g, dtype=F64)
-
-    def peak_loss(k: int) -> float:
-        w = nn.Parameter(torch.zeros(10, 1, dtype=F64))
-        opt = torch.optim.SGD([w], lr=5.0)  # far above 2/L of this least-squares problem
-        clipper = GradientClipper(nonfinite="propagate", estimate_every=k)
-        peak = 0.0
-        for t in range(3 * every):
-            loss = nn.functional.mse_loss(x @ w, y)
-            peak = max(peak, float(loss))
-            opt.zero_grad()
-            loss.backward()
-            clipper.step(opt)
-            opt.step()
-            if t == 1:
-                assert clipper.latest()["l0l1/smoothness_pairs"] == 1  # the pair (step 0, step 1)
-        return peak
-
-    assert peak_loss(every) <= 1.5 * peak_loss(1)
-
-
-@pytest.mark.parametrize("probe", [False, True])
-def test_auto_measures_how_much_longer_momentum_makes_its_steps(probe):
-    """Under SGD with momentum, `amp` is the (lower) median over the last WINDOW steps of the step taken,
-    ||theta_t+1 - theta_t||, over the step auto set, lr_eff * ||g||: both read here from the run itself."""
-    net, opt = mlp_opt(F64, lr=0.05)
-    clipper = GradientClipper(nonfinite="propagate", probe=probe)
-    ratios, used = [], []
-    for x, y in batches(3 * WINDOW, F64):
-        backward(net, x, y)
-        before = torch.cat([p.detach().reshape(-1) for p in net.parameters()]).clone()
-        clipper.step(opt)
-        env = clipper._states[0].env  # what this step's scale was computed from
-        used.append((float(env.low), float(env.ratio), float(env.amp)))
-        opt.step()
-        if probe:
-            clipper.probe(0, lambda ps, x=x, y=y: torch.autograd.grad(nn.functional.mse_loss(net(x), y), ps))
-        stats = clipper.latest()
-        taken = float((torch.cat([p.detach().reshape(-1) for p in net.parameters()]) - before).norm())
-        ratios.append(taken / (stats["l0l1/lr_effective"] * stats["l0l1/grad_norm"]))
-        # the scale used the ratio, clamped to [1, 1/(1 - momentum)] = [1, 10], on the step-length limit only
-        low, r, a = used[-1]
-        if len(ratios) > 20:  # past the first steps' doubling bound
-            base = min(0.05, 1 / low) if 0 < low < math.inf else 0.05
-            want = min(base, 2 / (min(max(a, 1.0), 10.0) * r * stats["l0l1/grad_norm"])) if r > 0 else base
-            assert stats["l0l1/lr_effective"] == pytest.approx(want, rel=1e-9), len(ratios)
-    env = clipper._states[0].env
-    # a secant pair at step t records step t-1 (the last step's ratio is not in yet); the probe, every step
-    recorded = ratios if probe else ratios[:-1]
-    assert int(env.amp_count) == len(recorded)
-    assert float(env.amp) == pytest.approx(statistics.median_low(recorded[-WINDOW:]), rel=1e-9)
-    assert float(env.amp) != 1.0  # measured, not the default (about 1; oscillating gradients cancel in momentum)
-
-
-@pytest.mark.parametrize(("measured", "used"), [(0.5, 1.0), (3.0, 3.0), (50.0, 10.0)])
-def test_auto_clamps_the_momentum_ratio_to_one_and_its_steady_state_bound(measured, used):
-    """A ratio below 1 (noise, oscillation) would loosen the limit past plain SGD's, one above 1/(1 - momentum)
-    (a burst of clipping) is no steady state: the scale uses the ratio clamped to [1, 10] at momentum 0.9."""
-    net, opt = mlp_opt(F64, lr=0.05)
-    clipper = GradientClipper(nonfinite="propagate")
-    data = batches(25, F64)
-    for x, y in data[:-1]:
-        backward(net, x, y)
-        clipper.step(opt)
-        opt.step()
-    st = clipper._states[0]
-    x, y = data[-1]
-    backward(net, x, y)
-    for p in net.parameters():
-        p.grad.mul_(1e3)  # a spike: the step-length limit binds
-    gn = float(torch.cat([p.grad.reshape(-1) for p in net.parameters()]).norm())
-    # the next step's pair will rewrite amp: pin the window so its median is `measured` after that
-    st.env.amp_window.fill_(measured)
-    st.env.intended.fill_(math.nan)  # this step's pair then records nothing new
-    clipper.step(opt)
-    env = st.env
-    assert float(env.amp) == measured
-    assert clipper.latest()["l0l1/lr_effective"] == pytest.approx(2 / (used * float(env.ratio) * gn), rel=1e-9)
-
-
-@pytest.mark.parametrize("make_opt", [
-    lambda ps: torch.optim.SGD(ps, lr=0.05),  # plain SGD: the step taken is the step set, exactly
-    lambda ps: torch.optim.Adam(ps, lr=1e-3),  # not a momentum SGD: nothing to correct
-])
-def test_auto_amplification_is_left_at_one_without_momentum_sgd(make_opt):
-    torch.manual_seed(0)
-    net = nn.Sequential(nn.Linear(5, 8), nn.Tanh(), nn.Linear(8, 1)).to(F64)
-    opt = make_opt(net.parameters())
-    clipper = GradientClipper(nonfinite="propagate")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # Adam's warning is tested elsewhere
-        for x, y in batches(8, F64):
-            backward(net, x, y)
-            clipper.step(opt)
-            opt.step()
-    env = clipper._states[0].env
-    assert int(env.amp_count) == 0 and float(env.amp) == 1.0 and int(env.pairs) == 7
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA: the device's own sync check")
@@ -872,7 +623,7 @@ def test_no_host_sync_on_cuda_with_the_estimator():
     assert clipper.latest()["l0l1/smoothness_pairs"] == 5
 
 
-# ---------------------------------------------------------------------------- 6. arguments
+# ---------------------------------------------------------------------------- 5. arguments
 
 
 @pytest.mark.parametrize(
@@ -912,7 +663,7 @@ def test_valid_estimator_arguments():
     assert (c.estimate, c.estimate_every, c.snapshot_device, c.initial_step) == (True, 7, "cpu", 0.5)
 
 
-# ---------------------------------------------------------------------------- 7. checkpoints
+# ---------------------------------------------------------------------------- 6. checkpoints
 
 
 def run_cosh(x: nn.Parameter, opt: torch.optim.SGD, clipper: GradientClipper, steps: int) -> list[Tensor]:
@@ -984,7 +735,7 @@ def test_lightning_resume_with_auto_is_bitwise(probe_loss, pairs, tmp_path):
         assert stats["l0l1/L1"] > 0
 
 
-# ---------------------------------------------------------------------------- 8.-10. options
+# ---------------------------------------------------------------------------- 7.-9. options
 
 
 def train(clipper: GradientClipper, steps: int = 15, dtype: torch.dtype = F64, lr: float = 0.05):

@@ -9,7 +9,8 @@ import sys
 
 import pytest
 import torch
-from _sync import HostReads as HostSyncCounter
+from _reference import norm_rtol, ref_norm
+from _sync import HostReads
 from torch import nn
 
 from lightning_l0l1.functional import clip_gradients_, grad_norm
@@ -32,20 +33,6 @@ def backward(net: nn.Module, mult: float, dtype: torch.dtype = torch.float32) ->
 
 def grads(net: nn.Module) -> list[torch.Tensor]:
     return [p.grad.clone() for p in net.parameters() if p.grad is not None]
-
-
-def ref_norm(tensors: list[torch.Tensor], p: float) -> float:
-    flat = torch.cat([t.detach().double().reshape(-1) for t in tensors])
-    if math.isinf(p):
-        return flat.abs().max().item()
-    return flat.abs().pow(p).sum().pow(1.0 / p).item()
-
-
-def norm_rtol(dtype: torch.dtype) -> float:
-    """Tolerance of a norm of ``dtype`` grads vs float64 (CPU bfloat16 per-tensor norms are rounded to bfloat16)."""
-    if dtype == torch.float64:
-        return 1e-12
-    return 2**-8 + 1e-5 if dtype == torch.bfloat16 else 2e-6
 
 
 def set_random_grads(params: list[nn.Parameter], dtype: torch.dtype, scale: float) -> None:
@@ -244,7 +231,7 @@ def test_invalid_norm_type(value):
 
 # ---------------------------------------------------------------- host syncs and imports
 def test_sync_counter_sees_item():
-    counter = HostSyncCounter()
+    counter = HostReads()
     with counter:
         torch.ones(()).item()
         bool(torch.ones(()) > 0)
@@ -256,7 +243,7 @@ def test_sync_counter_sees_item():
 def test_no_host_sync(mode, norm_type):
     net = make_model(frozen=False)
     backward(net, 10.0)
-    counter = HostSyncCounter()
+    counter = HostReads()
     with counter:
         for _ in range(5):
             clip_gradients_(net.parameters(), 1.0, mode=mode, norm_type=norm_type)

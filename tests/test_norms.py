@@ -6,6 +6,7 @@ import math
 
 import pytest
 import torch
+from _reference import BF16_RTOL, norm_rtol, ref_norm
 
 from lightning_l0l1.norms import GradGroup, group_norms, scale_grads_, total_norm, validate_norm_type
 
@@ -13,27 +14,6 @@ NORM_TYPES = [1.0, 2.0, 3.0, math.inf]
 DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
 FOREACH = [True, False, None]
 SHAPES = [[(7, 5), (5,)], [(3, 4, 2)], [(11,), (2, 3), (1,)]]  # three parameter groups
-
-
-def ref_norm(tensors: list[torch.Tensor], p: float) -> float:
-    """The p-norm of all entries of ``tensors`` taken as one float64 vector (0 for none)."""
-    if not tensors:
-        return 0.0
-    flat = torch.cat([t.detach().to(torch.float64).reshape(-1) for t in tensors])
-    if math.isinf(p):
-        return flat.abs().max().item()
-    return flat.abs().pow(p).sum().pow(1.0 / p).item()
-
-
-# bfloat16 per-tensor norms are rounded to bfloat16 on the CPU (see norms._norm_dtype): unit roundoff 2**-8.
-BF16_RTOL = 2**-8 + 1e-5
-
-
-def rtol_for(dtype: torch.dtype) -> float:
-    """Relative tolerance of a norm of ``dtype`` gradients against the float64 reference."""
-    if dtype == torch.float64:
-        return 1e-12
-    return BF16_RTOL if dtype == torch.bfloat16 else 2e-6
 
 
 def make_groups(dtype: torch.dtype, scale: float = 1.0) -> list[list[torch.Tensor]]:
@@ -50,12 +30,12 @@ def test_group_norms_and_total_norm_match_float64_reference(norm_type, dtype, fo
     assert norms.dtype == acc
     assert norms.shape == (len(grads),)
     expected = torch.tensor([ref_norm(g, norm_type) for g in grads], dtype=torch.float64)
-    torch.testing.assert_close(norms.double(), expected, rtol=rtol_for(dtype), atol=0)
+    torch.testing.assert_close(norms.double(), expected, rtol=norm_rtol(dtype), atol=0)
 
     total = total_norm(norms, norm_type)
     assert total.dim() == 0 and total.dtype == acc
     flat = [t for g in grads for t in g]
-    assert total.item() == pytest.approx(ref_norm(flat, norm_type), rel=rtol_for(dtype))
+    assert total.item() == pytest.approx(ref_norm(flat, norm_type), rel=norm_rtol(dtype))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
@@ -65,7 +45,7 @@ def test_total_norm_matches_torch_get_total_norm(norm_type, dtype):
     flat = [t for g in grads for t in g]
     ours = total_norm(group_norms([GradGroup(g) for g in grads], norm_type), norm_type)
     theirs = torch.nn.utils.get_total_norm(flat, norm_type)
-    torch.testing.assert_close(ours, theirs.to(ours.dtype), rtol=rtol_for(dtype), atol=0)
+    torch.testing.assert_close(ours, theirs.to(ours.dtype), rtol=norm_rtol(dtype), atol=0)
 
 
 @pytest.mark.parametrize("foreach", FOREACH)
