@@ -1,13 +1,15 @@
-"""Tiny models and plain-torch reference loops shared by the Lightning tests."""
+"""Tiny models, plain-torch reference loops and the recording callback shared by the Lightning tests."""
 
 from __future__ import annotations
 
 import copy
+import math
 from collections.abc import Callable, Sequence
 from typing import Any, Optional
 
 import pytorch_lightning as pl
 import torch
+from _reference import ref_norm
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -175,3 +177,42 @@ class TwoOptimizers(pl.LightningModule):
             torch.optim.SGD(self.net[0].parameters(), lr=0.05),
             torch.optim.SGD(list(self.net[2].parameters()) + list(self.net[4].parameters()), lr=0.02),
         ]
+
+
+class Recorder(pl.Callback):
+    """What the optimizer is about to step with, recorded at every ``on_before_optimizer_step``.
+
+    Lightning calls the callbacks' hooks in the order of ``callbacks``: placed before the clipping
+    callback a recorder sees the raw gradients, placed after it the scaled ones. Per optimizer step:
+
+    * ``norms``: the global 2-norm of the optimizer's gradients (float64 ``ref_norm``; NaN without any);
+    * ``keys``: the optimizer's index in ``trainer.optimizers`` (None if it is not there);
+    * ``lrs``: the learning rate of each of its param groups;
+    * ``scales``: the precision plugin's GradScaler scale (1.0 without one);
+    * ``global_steps``, ``epochs``: ``trainer.global_step`` (before this step) and ``trainer.current_epoch``;
+    * ``latest``: ``clip.latest()``, when a clipping callback ``clip`` is given (then place it after that one).
+    """
+
+    def __init__(self, clip: Optional[Any] = None) -> None:
+        self.clip = clip
+        self.norms: list[float] = []
+        self.keys: list[Optional[int]] = []
+        self.lrs: list[list[float]] = []
+        self.scales: list[float] = []
+        self.global_steps: list[int] = []
+        self.epochs: list[int] = []
+        self.latest: list[dict[str, float]] = []
+
+    def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: Any, optimizer: Any) -> None:
+        grads = [p.grad for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
+        self.norms.append(ref_norm(grads, 2.0) if grads else math.nan)
+        keys = [i for i, opt in enumerate(trainer.optimizers)
+                if opt is optimizer or getattr(opt, "_optimizer", None) is optimizer]
+        self.keys.append(keys[0] if keys else None)
+        self.lrs.append([g["lr"] for g in optimizer.param_groups])
+        scaler = getattr(trainer.precision_plugin, "scaler", None)
+        self.scales.append(scaler.get_scale() if scaler is not None else 1.0)
+        self.global_steps.append(trainer.global_step)
+        self.epochs.append(trainer.current_epoch)
+        if self.clip is not None:
+            self.latest.append(self.clip.latest())

@@ -76,3 +76,20 @@ class HostReads:
         self.kernel_syncs += self._mode.kernel
         for name, orig in self._saved.items():
             setattr(torch.Tensor, name, orig)
+
+
+class HookReads:
+    """Counts the host reads inside one method of an object: ``obj.<name>`` is replaced, on the instance,
+    by a wrapper that runs each call inside ``self.reads`` (a :class:`HostReads`) and counts it in ``calls``."""
+
+    def __init__(self, obj: object, name: str) -> None:
+        self.reads = HostReads()
+        self.calls = 0
+        inner = getattr(obj, name)
+
+        def counted(*args, **kwargs):
+            self.calls += 1
+            with self.reads:
+                return inner(*args, **kwargs)
+
+        setattr(obj, name, counted)

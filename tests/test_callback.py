@@ -6,10 +6,10 @@ import math
 import warnings
 
 import pytest
-import pytorch_lightning as pl
 import torch
-from _models import Regressor, TwoOptimizers, loader, make_data, make_net, params_of, reference_loop, trainer
-from _sync import HostReads as CountSyncs
+from _models import Recorder, Regressor, TwoOptimizers, loader, make_data, make_net, params_of, reference_loop, trainer
+from _reference import ref_norm
+from _sync import HookReads, HostReads
 from pytorch_lightning.callbacks import ModelCheckpoint
 from pytorch_lightning.plugins.precision import MixedPrecision
 
@@ -31,7 +31,7 @@ def closed_form(kind: str, max_norm: float = 1.0, l0: float = 0.0, l1: float = 0
 
     def fn(opt: torch.optim.Optimizer) -> None:
         grads = [p.grad for g in opt.param_groups for p in g["params"] if p.grad is not None]
-        n = math.sqrt(sum(float(g.double().pow(2).sum()) for g in grads))
+        n = ref_norm(grads, 2.0)
         for group in opt.param_groups:
             if kind == "adaptive":
                 s = max_norm / (n + max_norm)
@@ -47,34 +47,6 @@ def closed_form(kind: str, max_norm: float = 1.0, l0: float = 0.0, l1: float = 0
 def assert_params_close(a, b, rtol=1e-5, atol=1e-7):
     for x, y in zip(params_of(a) if not isinstance(a, list) else a, params_of(b) if not isinstance(b, list) else b):
         torch.testing.assert_close(x, y, rtol=rtol, atol=atol)
-
-
-class NormProbe(pl.Callback):
-    """Placed before L0L1Clipping: records the gradient norm the optimizer is about to see."""
-
-    def __init__(self) -> None:
-        self.norms: list[float] = []
-        self.scales: list[float] = []
-
-    def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
-        grads = [p.grad for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
-        self.norms.append(float(torch.nn.utils.get_total_norm(grads)))
-        scaler = getattr(trainer.precision_plugin, "scaler", None)
-        self.scales.append(scaler.get_scale() if scaler is not None else 1.0)
-
-
-class After(pl.Callback):
-    """Placed after L0L1Clipping: records its latest() and the post-scaling norm each step."""
-
-    def __init__(self, cb: L0L1Clipping) -> None:
-        self.cb = cb
-        self.latest: list[dict] = []
-        self.post: list[float] = []
-
-    def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
-        self.latest.append(self.cb.latest())
-        grads = [p.grad for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
-        self.post.append(float(torch.nn.utils.get_total_norm(grads)) if grads else float("nan"))
 
 
 # ---------------------------------------------------------------------------- the three rules end to end
@@ -108,7 +80,7 @@ def test_adaptive_and_l0l1_match_closed_forms():
 def test_adaptive_post_norm_below_gamma_and_l0l1_effective_lr():
     ds = make_data()
     cb = L0L1Clipping(mode="l0l1", l0=1.0, l1=0.3)
-    after = After(cb)
+    after = Recorder(cb)
     model = Regressor(make_net(), lr=0.05, two_groups=True)
     trainer(callbacks=[cb, after], max_epochs=1).fit(model, loader(ds))
     for st in after.latest:
@@ -120,9 +92,9 @@ def test_adaptive_post_norm_below_gamma_and_l0l1_effective_lr():
         assert 0 < st["l0l1/scale"] <= 1
 
     cb = L0L1Clipping(mode="adaptive", max_norm=0.7)
-    after = After(cb)
+    after = Recorder(cb)
     trainer(callbacks=[cb, after], max_epochs=1).fit(Regressor(make_net()), loader(ds))
-    for st, post in zip(after.latest, after.post):
+    for st, post in zip(after.latest, after.norms):
         assert post < 0.7
         assert st["l0l1/grad_norm_scaled"] == pytest.approx(post, rel=1e-5)
         assert st["l0l1/scale"] == pytest.approx(0.7 / (st["l0l1/grad_norm"] + 0.7), rel=1e-6)
@@ -160,9 +132,9 @@ def test_training_step_returning_none_is_a_no_op():
 
 def test_bf16_mixed_norm_is_float32_and_matches_autocast_reference():
     ds = make_data()
-    probe = NormProbe()
+    probe = Recorder()
     cb = L0L1Clipping(mode="clip", max_norm=0.5)
-    after = After(cb)
+    after = Recorder(cb)
     model = Regressor(make_net())
     trainer(callbacks=[probe, cb, after], precision="bf16-mixed", max_epochs=1).fit(model, loader(ds))
     assert [st["l0l1/grad_norm"] for st in after.latest] == pytest.approx(probe.norms, rel=1e-6)
@@ -193,9 +165,9 @@ def fp16_plugin(init_scale: float = 2.0**8) -> MixedPrecision:
 @pytest.mark.parametrize("fused", [False, True])
 def test_fp16_gradscaler_norms_are_unscaled(fused):
     ds = make_data(scale=0.1)
-    probe = NormProbe()
+    probe = Recorder()
     cb = L0L1Clipping(mode="clip", max_norm=0.5)
-    after = After(cb)
+    after = Recorder(cb)
     model = Regressor(make_net(), optimizer="adam", lr=1e-3, fused=fused)
     trainer(callbacks=[probe, cb, after], plugins=[fp16_plugin()], max_epochs=1).fit(model, loader(ds))
     got = [st["l0l1/grad_norm"] for st in after.latest]
@@ -209,7 +181,7 @@ def test_fp16_gradscaler_norms_are_unscaled(fused):
         expected = probe.norms
     assert got == pytest.approx(expected, rel=1e-4)
     # And the clipped gradients are what the optimizer steps with: post norm <= max_norm
-    assert max(after.post) <= 0.5 * (1 + 1e-4)
+    assert max(after.norms) <= 0.5 * (1 + 1e-4)
 
 
 def test_fused_and_unfused_adam_train_alike_under_fp16():
@@ -227,8 +199,8 @@ def test_fused_and_unfused_adam_train_alike_under_fp16():
 def test_fp16_overflow_steps_are_left_to_the_scaler(nonfinite):
     ds = make_data()
     cb = L0L1Clipping(mode="clip", max_norm=0.5, nonfinite=nonfinite)
-    after = After(cb)
-    probe = NormProbe()
+    after = Recorder(cb)
+    probe = Recorder()
     model = Regressor(make_net(), optimizer="adam", lr=1e-3)
     with warnings.catch_warnings(record=True) as rec:
         warnings.simplefilter("always")
@@ -276,7 +248,7 @@ def test_raise_policy_names_the_step():
 
 def test_propagate_lets_nan_through_but_not_into_state():
     cb = L0L1Clipping(mode="clip", max_norm=0.5, nonfinite="propagate")
-    after = After(cb)
+    after = Recorder(cb)
     model = Regressor(make_net(), nan_at=(1,))
     trainer(callbacks=[cb, after], max_epochs=1).fit(model, loader(make_data()))
     assert any(math.isnan(float(p.sum())) for p in model.parameters())  # like torch: NaN propagates
@@ -427,19 +399,9 @@ def test_checkpoint_of_auto_from_before_it_was_the_default_still_resumes(tmp_pat
 
 def _syncs_in_hook(cb: L0L1Clipping, **model_kw) -> tuple[int, int]:
     """Count host reads inside the callback's hook only, over a whole fit."""
-    counter = CountSyncs()
-    inner = cb.on_before_optimizer_step
-    calls = 0
-
-    def counted(*args, **kwargs):
-        nonlocal calls
-        calls += 1
-        with counter:
-            return inner(*args, **kwargs)
-
-    cb.on_before_optimizer_step = counted  # type: ignore[method-assign]
+    hook = HookReads(cb, "on_before_optimizer_step")
     trainer(callbacks=[cb], max_epochs=3).fit(Regressor(make_net(), **model_kw), loader(make_data()))
-    return counter.n, calls
+    return hook.reads.n, hook.calls
 
 
 @pytest.mark.parametrize("mode", ["clip", "adaptive", "l0l1"])
@@ -460,7 +422,7 @@ def test_counter_sees_host_reads():
     # The counter itself must be able to fail: latest() reads the device.
     cb = L0L1Clipping(mode="clip", max_norm=0.5)
     trainer(callbacks=[cb], max_steps=2).fit(Regressor(make_net()), loader(make_data()))
-    with CountSyncs() as c:
+    with HostReads() as c:
         cb.latest()
     assert c.n > 0
 
@@ -474,21 +436,11 @@ def test_fused_handoff_trains_like_scaling_and_skips_in_kernel_without_a_host_re
     for fused, handoff in [(False, False), (True, True), (True, False)]:
         cb = L0L1Clipping(mode="clip", max_norm=0.3, fused_handoff=handoff)
         model = Regressor(make_net(), optimizer="adam", lr=1e-2, fused=fused, nan_at=(3,))
-        calls = 0
-        inner = cb.on_before_optimizer_step
-        counter = CountSyncs()
-
-        def counted(*args, _inner=inner, _counter=counter, **kwargs):
-            nonlocal calls
-            calls += 1
-            with _counter:
-                return _inner(*args, **kwargs)
-
-        cb.on_before_optimizer_step = counted  # type: ignore[method-assign]
+        hook = HookReads(cb, "on_before_optimizer_step")
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             trainer(callbacks=[cb]).fit(model, loader(ds))
-        runs[(fused, handoff)] = (model, cb.latest(), counter.n, calls)
+        runs[(fused, handoff)] = (model, cb.latest(), hook.reads.n, hook.calls)
     ref_model, ref_stats, ref_syncs, calls = runs[(False, False)]
     for key in [(True, True), (True, False)]:
         model, stats, _, _ = runs[key]

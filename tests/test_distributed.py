@@ -43,13 +43,12 @@ from typing import Any
 
 import pytest
 import torch
+from _procs import clean_env, fork_env, free_ports
 
 pytestmark = pytest.mark.slow
 
 SCRIPTS = Path(__file__).resolve().parent / "dist_scripts"
 TIMEOUT_S = 240.0
-_DROP_ENV_PREFIXES = ("SLURM_", "TORCHELASTIC_", "PL_", "LSB_", "OMPI_", "PMI_")
-_DROP_ENV = {"LOCAL_RANK", "RANK", "WORLD_SIZE", "NODE_RANK", "GROUP_RANK", "LOCAL_WORLD_SIZE", "MASTER_PORT"}
 
 if not torch.distributed.is_available():  # pragma: no cover
     pytest.skip("torch.distributed is not available", allow_module_level=True)
@@ -70,12 +69,6 @@ C = _load("dist_common")
 
 
 # ---------------------------------------------------------------------------------------- processes
-def _env(port: int) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if k not in _DROP_ENV and not k.startswith(_DROP_ENV_PREFIXES)}
-    env.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-    return env
-
-
 class _Job:
     """Processes started now, waited for (with a deadline) when a test needs their files."""
 
@@ -84,7 +77,7 @@ class _Job:
         self.deadline = time.monotonic() + TIMEOUT_S
         self.logs = [out_dir / f"log{i}.txt" for i in range(len(cmds))]
         self.procs = []
-        env = _env(port)
+        env = clean_env(port)
         for cmd, log in zip(cmds, self.logs):
             with open(log, "wb") as fh:
                 # A new session per process: on a timeout the whole tree (Lightning's rank-1 child too) is killed.
@@ -133,7 +126,7 @@ class _Job:
 @pytest.fixture(scope="module")
 def jobs(tmp_path_factory: pytest.TempPathFactory):
     started: dict[str, _Job] = {}
-    ddp_port, fsdp2_port, fsdp2_auto_port, fsdp1_port = C.free_ports(4)
+    ddp_port, fsdp2_port, fsdp2_auto_port, fsdp1_port = free_ports(4)
     try:
         for name, args, port in (
             ("ddp", ["ddp"], ddp_port),
@@ -250,19 +243,6 @@ def _check_auto_run(outs: list[dict[str, Any]]) -> None:
     assert (st0["delta"], st0["last"], st0["steps"]) == (st1["delta"], st1["last"], st1["steps"])
 
 
-def _fork_env(monkeypatch: pytest.MonkeyPatch) -> None:
-    """A clean rendezvous environment for ``ddp_fork`` run from this process (skips where fork is missing)."""
-    import multiprocessing
-
-    if "fork" not in multiprocessing.get_all_start_methods():  # pragma: no cover
-        pytest.skip("the fork start method is not available on this platform")
-    for k in list(os.environ):
-        if k in _DROP_ENV or k.startswith(_DROP_ENV_PREFIXES):
-            monkeypatch.delenv(k)
-    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
-    monkeypatch.setenv("MASTER_PORT", str(C.free_ports(1)[0]))
-
-
 # ---------------------------------------------------------------------------------------- DDP
 def test_ddp_subprocess_norm_and_params_match_single_process_reference(jobs: dict[str, _Job]) -> None:
     outs = jobs["ddp"].outputs()
@@ -273,7 +253,7 @@ def test_ddp_subprocess_norm_and_params_match_single_process_reference(jobs: dic
 
 def test_ddp_fork_in_process_matches_reference(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """``ddp_fork`` from this process (workers forked, no re-import); results come back through files."""
-    _fork_env(monkeypatch)
+    fork_env(monkeypatch)
     lightning_train = _load("lightning_train")
     trainer = lightning_train.run(str(tmp_path), "ddp_fork")
     outs = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(C.WORLD)]
@@ -285,7 +265,7 @@ def test_ddp_fork_in_process_matches_reference(tmp_path: Path, monkeypatch: pyte
 
 
 def test_auto_under_ddp_fork_matches_a_single_process_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    _fork_env(monkeypatch)
+    fork_env(monkeypatch)
     _load("lightning_train").run(str(tmp_path), "ddp_fork", "auto")
     outs = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(C.WORLD)]
     _check_auto_run(outs)

@@ -11,9 +11,7 @@ from __future__ import annotations
 
 import importlib.util
 import math
-import os
 import re
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -21,11 +19,10 @@ from types import ModuleType
 from typing import Any
 
 import pytest
+from _procs import clean_env
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 SCRIPTS = ["quickstart", "figure1", "figure2", "cli", "ddp", "plain_pytorch", "fabric"]
-_DROP_ENV_PREFIXES = ("SLURM_", "TORCHELASTIC_", "PL_", "LSB_", "OMPI_", "PMI_")
-_DROP_ENV = {"LOCAL_RANK", "RANK", "WORLD_SIZE", "NODE_RANK", "GROUP_RANK", "LOCAL_WORLD_SIZE", "MASTER_PORT"}
 
 # The smallest sizes, for whichever of these flags a script's parser has.
 TINY = {
@@ -256,20 +253,12 @@ def test_cli_rejects_bad_value(line: str, value: str, expected: str, tmp_path: P
 
 
 # ---------------------------------------------------------------------------------------- DDP (a subprocess)
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.slow
 def test_ddp(tmp_path: Path) -> None:
     import json
 
     path = _path("ddp")
-    env = {k: v for k, v in os.environ.items() if k not in _DROP_ENV and not k.startswith(_DROP_ENV_PREFIXES)}
-    env.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()), OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1",
-               WANDB_MODE="disabled")
+    env = clean_env(WANDB_MODE="disabled")
     out = tmp_path / "out"
     try:
         proc = subprocess.run(

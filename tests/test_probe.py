@@ -9,14 +9,13 @@ batches is not.
 from __future__ import annotations
 
 import math
-import multiprocessing
 import os
-import socket
 from pathlib import Path
 
 import pytest
 import pytorch_lightning as pl
 import torch
+from _procs import fork_env
 from _sync import HostReads
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
@@ -217,12 +216,6 @@ def test_callback_probe_refuses_what_it_cannot_measure():
 
 
 # ---------------------------------------------------------------------------------------- DDP
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 class _Dump(Record):
     def __init__(self, clip: L0L1Clipping, out: str) -> None:
         super().__init__(clip)
@@ -236,12 +229,7 @@ class _Dump(Record):
 @pytest.mark.slow
 def test_probe_under_ddp_averages_the_probe_gradient_over_ranks(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     """Each rank has its own noise; without averaging the probe gradient the secant would not be exact."""
-    if "fork" not in multiprocessing.get_all_start_methods():  # pragma: no cover
-        pytest.skip("the fork start method is not available on this platform")
-    for k in ("LOCAL_RANK", "RANK", "WORLD_SIZE", "NODE_RANK", "MASTER_PORT"):
-        monkeypatch.delenv(k, raising=False)
-    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
-    monkeypatch.setenv("MASTER_PORT", str(_free_port()))
+    fork_env(monkeypatch)
     clip = L0L1Clipping(mode="clip", max_norm=2.0, probe_loss=lambda m, b: m.loss(b), log_stats=False)
     trainer = pl.Trainer(
         accelerator="cpu", devices=2, strategy="ddp_fork", max_epochs=1, logger=False,

@@ -25,8 +25,9 @@ from typing import Any, Optional
 import pytest
 import pytorch_lightning as pl
 import torch
-from _models import Regressor, TwoOptimizers, loader, make_data, make_net, trainer
-from _sync import HostReads
+from _models import Recorder, Regressor, TwoOptimizers, loader, make_data, make_net, trainer
+from _procs import clean_env
+from _sync import HookReads, HostReads
 from pytorch_lightning.loggers import CSVLogger
 
 from lightning_l0l1 import L0L1Clipping
@@ -144,54 +145,25 @@ def test_step_statistics_update_reads_nothing_on_the_host():
 # ---------------------------------------------------------------------------- probes and references
 
 
-def _norm64(grads: list[torch.Tensor]) -> float:
-    if not grads:
-        return NAN
-    return math.sqrt(math.fsum(float(g.double().pow(2).sum()) for g in grads))
+class IntervalRecorder(Recorder):
+    """Placed after L0L1Clipping, with a ``Recorder`` placed before it: per optimizer step (``steps``) the
+    optimizer index, the pre- and post-scaling norms, the learning rates and ``latest()``; and the logging
+    intervals as the docstring defines them: close one every ``every`` steps of optimizer 0 (at the end of
+    that batch), and a partial one at the end of training."""
 
-
-def _grads(optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:
-    return [p.grad for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
-
-
-def _opt_index(trainer: pl.Trainer, optimizer: torch.optim.Optimizer) -> int:
-    for i, opt in enumerate(trainer.optimizers):
-        if opt is optimizer or getattr(opt, "_optimizer", None) is optimizer:
-            return i
-    raise AssertionError("optimizer not found")
-
-
-class Before(pl.Callback):
-    """Placed before L0L1Clipping: the plain-torch norm of the gradients it receives."""
-
-    def __init__(self) -> None:
-        self.pre: list[float] = []
-
-    def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
-        self.pre.append(_norm64(_grads(optimizer)))
-
-
-class After(pl.Callback):
-    """Placed after L0L1Clipping: per optimizer step the optimizer index, the pre- and post-scaling norms,
-    the learning rates and ``latest()``; and the logging intervals as the docstring defines them: close one
-    every ``every`` steps of optimizer 0 (at the end of that batch), and a partial one at the end of training."""
-
-    def __init__(self, cb: L0L1Clipping, before: Before, every: int) -> None:
-        self.cb, self.before, self.every = cb, before, every
+    def __init__(self, cb: L0L1Clipping, before: Recorder, every: int) -> None:
+        super().__init__(cb)
+        self.before, self.every = before, every
         self.steps: list[dict[str, Any]] = []
         self.intervals: list[tuple[int, list[dict[str, Any]]]] = []  # (global_step at the close, steps)
         self._open: list[dict[str, Any]] = []
         self._count = 0
 
     def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
-        key = _opt_index(trainer, optimizer)
-        rec = dict(
-            key=key,
-            pre=self.before.pre[len(self.steps)],
-            post=_norm64(_grads(optimizer)),
-            lrs=[g["lr"] for g in optimizer.param_groups],
-            latest=self.cb.latest(),
-        )
+        super().on_before_optimizer_step(trainer, pl_module, optimizer)
+        key = self.keys[-1]
+        rec = dict(key=key, pre=self.before.norms[len(self.steps)], post=self.norms[-1], lrs=self.lrs[-1],
+                   latest=self.latest[-1])
         self.steps.append(rec)
         self._open.append(rec)
         self._count += key == 0
@@ -214,7 +186,7 @@ def _mean(xs: list[float]) -> float:
 
 
 def expected_rows(
-    after: After, max_norm: float, prefix: str = "l0l1/", n_opts: int = 1, estimate: bool = False
+    after: IntervalRecorder, max_norm: float, prefix: str = "l0l1/", n_opts: int = 1, estimate: bool = False
 ) -> list[dict[str, float]]:
     """The rows the loggers must receive, from the recorded steps (``step`` included)."""
     rows = []
@@ -272,9 +244,9 @@ def assert_rows_match(got: list[dict[str, str]], want: list[dict[str, float]]) -
 
 
 def fit(cb: L0L1Clipping, model: pl.LightningModule, tmp_path: Path, every: int, **trainer_kw: Any):
-    """Fit with Before/After probes around the callback and a CSVLogger in ``tmp_path``."""
-    before = Before()
-    after = After(cb, before, every)
+    """Fit with recorders around the callback and a CSVLogger in ``tmp_path``."""
+    before = Recorder()
+    after = IntervalRecorder(cb, before, every)
     kw: dict[str, Any] = dict(max_epochs=2)
     kw.update(trainer_kw)
     tr = trainer(callbacks=[before, cb, after], logger=CSVLogger(tmp_path, name="csv", version=0), **kw)
@@ -450,28 +422,23 @@ def test_log_stats_false_publishes_nothing(tmp_path, log_stats):
 _HOOKS = sorted(n for n in dir(pl.Callback) if n.startswith("on_") or n in ("setup", "teardown"))
 
 
-def _count_per_hook(cb: L0L1Clipping) -> tuple[dict[str, HostReads], dict[str, int]]:
+def _count_per_hook(cb: L0L1Clipping) -> dict[str, HookReads]:
     """Wrap every Lightning hook of ``cb`` (on the instance) with its own host-read counter."""
-    counters = {name: HostReads() for name in _HOOKS}
-    calls = dict.fromkeys(_HOOKS, 0)
-    for name in _HOOKS:
-        inner = getattr(cb, name)
+    return {name: HookReads(cb, name) for name in _HOOKS}
 
-        def counted(*args, _inner=inner, _name=name, **kwargs):
-            calls[_name] += 1
-            with counters[_name]:
-                return _inner(*args, **kwargs)
 
-        setattr(cb, name, counted)
-    return counters, calls
+def _tally(hooks: dict[str, HookReads]) -> tuple[dict[str, HostReads], dict[str, int]]:
+    """The host reads and the calls of each hook."""
+    return {n: h.reads for n, h in hooks.items()}, {n: h.calls for n, h in hooks.items()}
 
 
 @pytest.mark.parametrize(("max_steps", "final"), [(30, 0), (35, 1)])
 def test_one_transfer_per_interval_and_none_per_step(tmp_path, max_steps, final):
     cb = L0L1Clipping(mode="clip", max_norm=30.0, nonfinite="propagate", log_every_n_steps=10)
-    counters, calls = _count_per_hook(cb)
+    hooks = _count_per_hook(cb)
     tr = trainer(callbacks=[cb], logger=CSVLogger(tmp_path, name="csv", version=0), max_steps=max_steps, max_epochs=-1)
     tr.fit(Regressor(make_net()), loader(make_data()))
+    counters, calls = _tally(hooks)
     assert calls["on_before_optimizer_step"] == max_steps and calls["on_train_batch_end"] == max_steps
     reads = {n: (c.scalar, c.transfers) for n, c in counters.items()}
     assert reads.pop("on_before_optimizer_step") == (0, 0)
@@ -484,8 +451,9 @@ def test_one_transfer_per_interval_and_none_per_step(tmp_path, max_steps, final)
 
 def test_two_optimizers_one_transfer_per_interval(tmp_path):
     cb = L0L1Clipping(mode="clip", max_norm=8.0, nonfinite="propagate", log_every_n_steps=3)
-    counters, calls = _count_per_hook(cb)
+    hooks = _count_per_hook(cb)
     trainer(callbacks=[cb], logger=False, max_epochs=1).fit(TwoOptimizers(make_net()), loader(make_data()))
+    counters, calls = _tally(hooks)
     assert calls["on_before_optimizer_step"] == 12
     assert (counters["on_before_optimizer_step"].scalar, counters["on_before_optimizer_step"].transfers) == (0, 0)
     assert (counters["on_train_batch_end"].scalar, counters["on_train_batch_end"].transfers) == (0, 2)
@@ -494,14 +462,19 @@ def test_two_optimizers_one_transfer_per_interval(tmp_path):
 # ---------------------------------------------------------------------------- progress bar
 
 
-def test_prog_bar_shows_grad_norm_and_scale_and_documents_the_sync():
-    before = Before()
-    cb = L0L1Clipping(mode="clip", max_norm=30.0, prog_bar=True)
+def _fit_one_epoch(cb: L0L1Clipping, model: pl.LightningModule) -> tuple[Recorder, dict[str, Any]]:
+    """A recorder before ``cb``, one epoch: the recorded raw norms and the progress bar's metrics."""
+    before = Recorder()
     tr = trainer(callbacks=[before, cb], max_epochs=1)
-    tr.fit(Regressor(make_net()), loader(make_data()))
-    pb = tr.progress_bar_metrics
-    assert pb["l0l1/grad_norm"] == pytest.approx(before.pre[-1], rel=REL)
-    assert pb["l0l1/scale"] == pytest.approx(min(1.0, 30.0 / (before.pre[-1] + 1e-6)), rel=REL)
+    tr.fit(model, loader(make_data()))
+    return before, tr.progress_bar_metrics
+
+
+def test_prog_bar_shows_grad_norm_and_scale_and_documents_the_sync():
+    cb = L0L1Clipping(mode="clip", max_norm=30.0, prog_bar=True)
+    before, pb = _fit_one_epoch(cb, Regressor(make_net()))
+    assert pb["l0l1/grad_norm"] == pytest.approx(before.norms[-1], rel=REL)
+    assert pb["l0l1/scale"] == pytest.approx(min(1.0, 30.0 / (before.norms[-1] + 1e-6)), rel=REL)
     doc = " ".join(L0L1Clipping.__doc__.split())
     prog_bar_doc = doc[doc.index("prog_bar:") :][:200]
     assert "sync" in prog_bar_doc and "every step" in prog_bar_doc
@@ -513,13 +486,10 @@ def test_prog_bar_shows_grad_norm_and_scale_and_documents_the_sync():
 
 
 def test_prog_bar_two_optimizers_each_under_its_own_name():
-    before = Before()
     cb = L0L1Clipping(mode="clip", max_norm=8.0, prog_bar=True)
-    tr = trainer(callbacks=[before, cb], max_epochs=1)
-    tr.fit(TwoOptimizers(make_net()), loader(make_data()))
-    pb = tr.progress_bar_metrics
-    assert pb["l0l1/grad_norm_opt0"] == pytest.approx(before.pre[-2], rel=REL)
-    assert pb["l0l1/grad_norm_opt1"] == pytest.approx(before.pre[-1], rel=REL)
+    before, pb = _fit_one_epoch(cb, TwoOptimizers(make_net()))
+    assert pb["l0l1/grad_norm_opt0"] == pytest.approx(before.norms[-2], rel=REL)
+    assert pb["l0l1/grad_norm_opt1"] == pytest.approx(before.norms[-1], rel=REL)
     assert "l0l1/grad_norm" not in pb
 
 
@@ -527,22 +497,9 @@ def test_prog_bar_two_optimizers_each_under_its_own_name():
 
 SCRIPTS = Path(__file__).resolve().parent / "dist_scripts"
 DDP_TIMEOUT_S = 240.0
-_DROP_ENV_PREFIXES = ("SLURM_", "TORCHELASTIC_", "PL_", "LSB_", "OMPI_", "PMI_")
-_DROP_ENV = {"LOCAL_RANK", "RANK", "WORLD_SIZE", "NODE_RANK", "GROUP_RANK", "LOCAL_WORLD_SIZE", "MASTER_PORT"}
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _run_script(args: list[str], cwd: Path) -> Optional[str]:
     """Run a script (and the rank Lightning launches from it) with a deadline; the log on failure."""
-    env = {k: v for k, v in os.environ.items() if k not in _DROP_ENV and not k.startswith(_DROP_ENV_PREFIXES)}
-    env.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()), OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    env = clean_env()
     log = cwd / "log.txt"
     with open(log, "wb") as fh:
         proc = subprocess.Popen(

@@ -40,8 +40,7 @@ from typing import Any, Optional
 import pytest
 import pytorch_lightning as pl
 import torch
-from _models import Regressor, loader, make_data, make_net, trainer
-from pytorch_lightning.callbacks import Callback
+from _models import Recorder, Regressor, loader, make_data, make_net, trainer
 from pytorch_lightning.loggers import CSVLogger
 
 from lightning_l0l1 import L0L1Clipping
@@ -226,43 +225,15 @@ def wandb_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]
 # ---------------------------------------------------------------------------- per-step references
 
 
-def _global_norm(module: torch.nn.Module) -> float:
-    grads = [p.grad for p in module.parameters() if p.grad is not None]
-    return math.sqrt(sum(float(g.double().pow(2).sum()) for g in grads))
-
-
-class RawNorms(Callback):
-    """Placed before ``L0L1Clipping``: the global norm of the gradients it is about to scale."""
-
-    def __init__(self) -> None:
-        self.steps: list[tuple[int, int, float]] = []  # (global_step before the step, epoch, norm)
-
-    def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: Any, optimizer: Any) -> None:
-        self.steps.append((trainer.global_step, trainer.current_epoch, _global_norm(pl_module)))
-
-
-class AfterClip(Callback):
-    """Placed after ``L0L1Clipping``: the scaled norm and the callback's own per-step view."""
-
-    def __init__(self, cb: L0L1Clipping) -> None:
-        self.cb = cb
-        self.scaled: list[float] = []
-        self.latest: list[dict[str, float]] = []
-
-    def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: Any, optimizer: Any) -> None:
-        self.scaled.append(_global_norm(pl_module))
-        self.latest.append(self.cb.latest())
-
-
-def _interval_reference(raw: RawNorms, after: AfterClip, ends: list[int]) -> dict[int, dict[str, float]]:
+def _interval_reference(raw: Recorder, after: Recorder, ends: list[int]) -> dict[int, dict[str, float]]:
     """What the row logged at each step of ``ends`` must hold, from the per-step records alone."""
     out: dict[int, dict[str, float]] = {}
     start = 0
     for end in ends:
-        idx = [i for i, (s, _, _) in enumerate(raw.steps) if start <= s < end]
+        idx = [i for i, s in enumerate(raw.global_steps) if start <= s < end]
         assert idx, (start, end)
-        norms = [raw.steps[i][2] for i in idx]
-        scaled = [after.scaled[i] for i in idx]
+        norms = [raw.norms[i] for i in idx]
+        scaled = [after.norms[i] for i in idx]
         scales = [min(1.0, MAX_NORM / n) for n in norms]
         last = after.latest[idx[-1]]
         out[end] = {
@@ -291,8 +262,8 @@ class SharedRun:
     log: WandbRunLog
     csv_rows: list[dict[str, float]]
     cb: L0L1Clipping
-    raw: RawNorms
-    after: AfterClip
+    raw: Recorder
+    after: Recorder
     final_latest: dict[str, float]
     caught: list[warnings.WarningMessage]
 
@@ -307,7 +278,7 @@ def shared(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SharedRun]:
             cb = L0L1Clipping(
                 mode="clip", max_norm=MAX_NORM, estimate=True, log_every_n_steps=INTERVAL, wandb_table_every=1
             )
-            raw, after = RawNorms(), AfterClip(cb)
+            raw, after = Recorder(), Recorder(cb)
             loggers = [WandbLogger(project="l0l1-test", save_dir=str(root)), CSVLogger(str(root / "csv"))]
             tr = trainer(logger=loggers, callbacks=[raw, cb, after], max_epochs=EPOCHS)
             with warnings.catch_warnings(record=True) as caught:
@@ -395,11 +366,11 @@ def test_history_equals_the_csv_rows_of_the_same_run(shared: SharedRun) -> None:
 def test_history_equals_the_per_step_reference(shared: SharedRun) -> None:
     rows = _l0l1_rows(shared.log)
     raw, after = shared.raw, shared.after
-    assert [s for s, _, _ in raw.steps] == list(range(TOTAL_STEPS))
+    assert raw.global_steps == list(range(TOTAL_STEPS))
     # the recorders sit on both sides of the callback (the order Lightning calls them in)
-    for (_, _, n), lat in zip(raw.steps, after.latest):
+    for n, lat in zip(raw.norms, after.latest):
         assert _close(lat[P + "grad_norm"], n, rel=1e-5)
-    clipped = [n > MAX_NORM for _, _, n in raw.steps]
+    clipped = [n > MAX_NORM for n in raw.norms]
     assert any(clipped) and not all(clipped), "the test needs clipped and unclipped steps"
     ref = _interval_reference(raw, after, EXPECTED_ENDS)
     for r in rows:
@@ -435,7 +406,7 @@ def test_summary_holds_the_final_statistics(shared: SharedRun) -> None:
     summary, latest = shared.log.summary, shared.final_latest
     assert latest[P + "steps"] == TOTAL_STEPS
     # the run-level clip rate differs from the last interval's: the summary must hold the run's
-    ref_clip = sum(n > MAX_NORM for _, _, n in shared.raw.steps) / TOTAL_STEPS
+    ref_clip = sum(n > MAX_NORM for n in shared.raw.norms) / TOTAL_STEPS
     assert _close(latest[P + "clip_rate"], ref_clip)
     for k in ("L0", "L1", "max_norm", "clip_rate", "nonfinite_steps", "steps"):
         assert P + k in summary, (k, sorted(summary))
@@ -468,7 +439,7 @@ def test_figure1_table_is_consistent_with_the_history(shared: SharedRun) -> None
     data = final["data"]
     by_step = {r[STEP_KEY]: r for r in _l0l1_rows(log)}
     steps = [row[0] for row in data]
-    norm_at = {s: n for s, _, n in shared.raw.steps}
+    norm_at = dict(zip(shared.raw.global_steps, shared.raw.norms))
     assert steps == sorted(steps) and len(set(steps)) == len(steps)
     assert [int(s) for s in steps] == EXPECTED_ENDS  # every interval has a finite, positive smoothness
     for step, g, sm, lg, lsm in data:
@@ -510,7 +481,7 @@ def test_one_histogram_per_epoch(shared: SharedRun) -> None:
     for r in rows:
         h = r[P + "grad_norm_hist"]
         assert h["_type"] == "histogram"
-        norms = [n for _, e, n in shared.raw.steps if e == r["epoch"]]
+        norms = [n for e, n in zip(shared.raw.epochs, shared.raw.norms) if e == r["epoch"]]
         assert sum(h["values"]) == len(norms) == STEPS_PER_EPOCH
         assert _close(h["bins"][0], min(norms), rel=1e-5) and _close(h["bins"][-1], max(norms), rel=1e-5)
 

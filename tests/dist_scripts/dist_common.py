@@ -2,12 +2,12 @@
 
 The data, the model and the plain single-process reference loop live here so that
 the worker scripts and the reference in the test process build exactly the same
-things. Nothing here imports ``lightning_l0l1`` or ``pytorch_lightning``.
+things. Nothing here imports ``lightning_l0l1``, and only :func:`fit_on_ranks` (the
+Lightning scripts' training run) imports ``pytorch_lightning``.
 """
 
 from __future__ import annotations
 
-import socket
 from typing import Any
 
 import torch
@@ -21,18 +21,6 @@ MICRO_BATCH = 2  # per rank
 ACCUMULATE = 2
 STEPS = 4  # optimizer steps: exactly one epoch of N samples
 GLOBAL_BATCH = WORLD * MICRO_BATCH * ACCUMULATE
-
-
-def free_ports(n: int) -> list[int]:
-    """``n`` distinct free TCP ports (all bound at once, so none is handed out twice)."""
-    socks = [socket.socket(socket.AF_INET, socket.SOCK_STREAM) for _ in range(n)]
-    try:
-        for s in socks:
-            s.bind(("127.0.0.1", 0))
-        return [s.getsockname()[1] for s in socks]
-    finally:
-        for s in socks:
-            s.close()
 
 
 def make_data() -> tuple[torch.Tensor, torch.Tensor]:
@@ -54,6 +42,31 @@ def make_net(seed: int = 7) -> nn.Module:
 
 def loss_fn(net: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return nn.functional.mse_loss(net(x), y)
+
+
+def fit_on_ranks(module: Any, strategy: Any, callbacks: list, logger: Any = False) -> Any:
+    """Fit the LightningModule ``module`` on WORLD CPU ranks under ``strategy``: STEPS optimizer steps of
+    ACCUMULATE micro-batches of MICRO_BATCH samples per rank, each batch ``(x, y, sample indices)``."""
+    import pytorch_lightning as pl
+    from torch.utils.data import DataLoader, TensorDataset
+
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        devices=WORLD,
+        strategy=strategy,
+        max_steps=STEPS,
+        accumulate_grad_batches=ACCUMULATE,
+        callbacks=callbacks,
+        logger=logger,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+    )
+    x, y = make_data()
+    loader = DataLoader(TensorDataset(x, y, torch.arange(N)), batch_size=MICRO_BATCH, shuffle=False)
+    trainer.fit(module, loader)
+    return trainer
 
 
 def global_batches(seen: list[list[list[int]]]) -> list[list[int]]:

@@ -22,7 +22,6 @@ from typing import Any
 import pytorch_lightning as pl
 import torch
 from pytorch_lightning.callbacks import Callback
-from torch.utils.data import DataLoader, TensorDataset
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import dist_common as C
@@ -175,23 +174,7 @@ def run(out_dir: str, strategy: str, mode: str = "clip") -> pl.Trainer:
     rec["out_dir"] = out_dir
     clip = L0L1Clipping(mode="clip", max_norm=C.MAX_NORM) if mode == "clip" else L0L1Clipping()
     count_all_reduces(clip, rec)
-    trainer = pl.Trainer(
-        accelerator="cpu",
-        devices=C.WORLD,
-        strategy=strat,
-        max_steps=C.STEPS,
-        accumulate_grad_batches=C.ACCUMULATE,
-        callbacks=[Before(rec), clip, After(clip, rec)],
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
-    )
-    x, y = C.make_data()
-    loader = DataLoader(TensorDataset(x, y, torch.arange(C.N)), batch_size=C.MICRO_BATCH, shuffle=False)
-    trainer.fit(Module(fsdp2), loader)
-    return trainer
+    return C.fit_on_ranks(Module(fsdp2), strat, callbacks=[Before(rec), clip, After(clip, rec)])
 
 
 if __name__ == "__main__":

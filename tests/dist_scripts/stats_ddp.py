@@ -13,7 +13,6 @@ sample indices it trained on, and every ``log_metrics`` call its recording logge
 
 from __future__ import annotations
 
-import math
 import os
 import sys
 from datetime import timedelta
@@ -21,13 +20,13 @@ from typing import Any
 
 import pytorch_lightning as pl
 import torch
-from pytorch_lightning.callbacks import Callback
 from pytorch_lightning.loggers import CSVLogger, Logger
 from pytorch_lightning.strategies import DDPStrategy
-from torch.utils.data import DataLoader, TensorDataset
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(1, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # tests/: the shared Recorder
 import dist_common as C
+from _models import Recorder
 
 from lightning_l0l1 import L0L1Clipping
 
@@ -72,53 +71,18 @@ class Module(pl.LightningModule):
         return torch.optim.SGD(self.net.parameters(), lr=C.LR)
 
 
-def _norm(optimizer: torch.optim.Optimizer) -> float:
-    grads = [p.grad for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
-    return math.sqrt(math.fsum(float(g.double().pow(2).sum()) for g in grads))
-
-
-class Before(Callback):
-    def __init__(self, rec: dict[str, Any]) -> None:
-        self.rec = rec
-
-    def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Any) -> None:
-        self.rec["pre"].append(_norm(optimizer))
-
-
-class After(Callback):
-    def __init__(self, clip: L0L1Clipping, recorder: RecordingLogger, rec: dict[str, Any]) -> None:
-        self.clip, self.recorder, self.rec = clip, recorder, rec
-
-    def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Any) -> None:
-        self.rec["cb_norm"].append(self.clip.latest()["l0l1/grad_norm"])
-
-    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        # Runs after the callback's own on_train_end (the last, partial interval is already published).
-        out = dict(self.rec, rank=trainer.global_rank, seen=pl_module.seen, published=self.recorder.calls,
-                   every=EVERY, max_norm=MAX_NORM)
-        torch.save(out, os.path.join(self.rec["out_dir"], f"rank{trainer.global_rank}.pt"))
-
-
 def main(out_dir: str) -> None:
-    rec: dict[str, Any] = {"pre": [], "cb_norm": [], "out_dir": out_dir}
     clip = L0L1Clipping(mode="clip", max_norm=MAX_NORM, log_every_n_steps=EVERY)
+    before, after = Recorder(), Recorder(clip)  # around the callback: the raw norm, then its latest()
     recorder = RecordingLogger()
-    trainer = pl.Trainer(
-        accelerator="cpu",
-        devices=C.WORLD,
-        strategy=DDPStrategy(timeout=timedelta(seconds=120)),
-        max_steps=C.STEPS,
-        accumulate_grad_batches=C.ACCUMULATE,
-        callbacks=[Before(rec), clip, After(clip, recorder, rec)],
-        logger=[CSVLogger(os.path.join(out_dir, "csv"), name="run", version=0), recorder],
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
-    )
-    x, y = C.make_data()
-    loader = DataLoader(TensorDataset(x, y, torch.arange(C.N)), batch_size=C.MICRO_BATCH, shuffle=False)
-    trainer.fit(Module(), loader)
+    module = Module()
+    logger = [CSVLogger(os.path.join(out_dir, "csv"), name="run", version=0), recorder]
+    strategy = DDPStrategy(timeout=timedelta(seconds=120))
+    trainer = C.fit_on_ranks(module, strategy, callbacks=[before, clip, after], logger=logger)
+    # After the fit: the callback's on_train_end has published the last, partial interval.
+    out = dict(pre=before.norms, cb_norm=[latest["l0l1/grad_norm"] for latest in after.latest],
+               rank=trainer.global_rank, seen=module.seen, published=recorder.calls, every=EVERY, max_norm=MAX_NORM)
+    torch.save(out, os.path.join(out_dir, f"rank{trainer.global_rank}.pt"))
 
 
 if __name__ == "__main__":
