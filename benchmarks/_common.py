@@ -1,9 +1,14 @@
-"""Shared helpers for the benchmark scripts: synthetic gradients, timing, sync and allocation counting."""
+"""Shared helpers for the benchmark scripts: synthetic gradients, timing, sync and allocation counting.
+
+A host read (sync) is what the tests count: :class:`HostReads` of ``tests/_sync.py``, imported from there,
+so that a benchmark's "host syncs" and a test's assertion on the same code are the same number.
+"""
 
 from __future__ import annotations
 
 import platform
 import statistics
+import sys
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -12,6 +17,11 @@ from typing import Any
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
+
+_TESTS = str(Path(__file__).resolve().parent.parent / "tests")
+if _TESTS not in sys.path:
+    sys.path.append(_TESTS)
+from _sync import HostReads  # noqa: E402  (the one definition of a host read)
 
 
 def machine() -> str:
@@ -59,25 +69,45 @@ def interleaved(
     return {k: statistics.median(v) for k, v in times.items()}
 
 
-class OpCounter(TorchDispatchMode):
-    """Counts host reads (``aten._local_scalar_dense``) and bytes of fresh (non-view, non-inplace) outputs."""
+class _Allocations(TorchDispatchMode):
+    """Bytes of fresh (non-view, non-inplace) outputs."""
 
     def __init__(self) -> None:
         super().__init__()
-        self.syncs = 0
-        self.alloc_bytes = 0
+        self.bytes = 0
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
-        if func is torch.ops.aten._local_scalar_dense.default:
-            self.syncs += 1
         name = func.__name__
         is_inplace = name.split(".")[0].endswith("_") and not name.startswith("_local")
         if not is_inplace and not func.is_view:
             for t in out if isinstance(out, (list, tuple)) else [out]:
                 if isinstance(t, torch.Tensor):
-                    self.alloc_bytes += t.numel() * t.element_size()
+                    self.bytes += t.numel() * t.element_size()
         return out
+
+
+class OpCounter(HostReads):
+    """Host reads (``syncs``: all of :class:`HostReads`' kinds) and bytes of fresh outputs (``alloc_bytes``)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.alloc_bytes = 0
+
+    @property
+    def syncs(self) -> int:
+        return self.n
+
+    def __enter__(self) -> OpCounter:
+        super().__enter__()
+        self._alloc = _Allocations()
+        self._alloc.__enter__()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._alloc.__exit__(*exc)
+        self.alloc_bytes += self._alloc.bytes
+        super().__exit__(*exc)
 
 
 def fake_trainer(optimizer: torch.optim.Optimizer) -> Any:

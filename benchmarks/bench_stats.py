@@ -4,7 +4,8 @@ The callback's two per-step hooks (``on_before_optimizer_step``, then ``on_train
 publishes when an interval is complete) run on synthetic gradients with a fake trainer and a no-op
 logger, in blocks of 50 optimizer steps; the configurations alternate within every repetition and
 the table gives the median time per step, the extra over ``log_stats=False`` and the host reads per
-block (``aten._local_scalar_dense`` plus ``Tensor.tolist``/``numpy`` calls). ``mode="clip"`` with
+block (counted as the tests count them, ``tests/_sync.py``: ``aten._local_scalar_dense``,
+``Tensor.tolist``/``numpy`` calls and CUDA-syncing kernels). ``mode="clip"`` with
 ``nonfinite="propagate"``: the clipping itself reads nothing on the host, so every read is the
 statistics'.
 
@@ -22,7 +23,7 @@ from typing import Any
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import OpCounter, emit, fake_trainer, interleaved, machine, make_params, sync, table
+from _common import HostReads, emit, fake_trainer, interleaved, machine, make_params, sync, table
 
 BLOCK = 50  # optimizer steps per timed call
 CONFIGS = [
@@ -40,26 +41,6 @@ class NoOpLogger:
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
         self.calls += 1
-
-
-class HostReads(OpCounter):
-    """``OpCounter`` plus calls of ``Tensor.tolist``/``numpy`` (on the CPU they bypass the dispatcher)."""
-
-    def __enter__(self) -> HostReads:
-        self._saved = {name: getattr(torch.Tensor, name) for name in ("tolist", "numpy")}
-        for name, orig in self._saved.items():
-
-            def wrapped(t, *a, _orig=orig, **k):
-                self.syncs += 1
-                return _orig(t, *a, **k)
-
-            setattr(torch.Tensor, name, wrapped)
-        return super().__enter__()
-
-    def __exit__(self, *exc: Any) -> None:
-        super().__exit__(*exc)
-        for name, orig in self._saved.items():
-            setattr(torch.Tensor, name, orig)
 
 
 def configs(params: list[torch.nn.Parameter]) -> dict[str, Any]:
@@ -108,7 +89,7 @@ def run(sizes, devices, reps: int) -> str:
                     cases[name]()
                 sync(device)
                 extra = t - base
-                rows.append([name, t * 1e3, extra * 1e3, 100 * extra / base, counter.syncs])
+                rows.append([name, t * 1e3, extra * 1e3, 100 * extra / base, counter.n])
             n_real = sum(p.numel() for p in params)
             out.append(
                 f"\n### {device}, float32 gradients, {n_real / 1e6:.1f}M parameters ({len(params)} tensors), "

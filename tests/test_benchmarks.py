@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
 
@@ -60,6 +61,12 @@ def test_step_benchmark_counts_host_syncs():
     syncs = {name: r[4] for name, r in rows.items()}
     assert syncs["L0L1 clip"] == "0" and syncs["L0L1 auto"] == "0"
     assert syncs["L0L1 clip, nonfinite=skip"] == "1"
+    # a host read is what the tests count (tests/_sync.py): a scalar read, a transfer, a CUDA-syncing kernel
+    with _load("_common").OpCounter() as counter:
+        torch.ones(()).item()
+        torch.ones(3).tolist()
+        torch.ones(3).nonzero()
+    assert (counter.syncs, counter.scalar, counter.transfers, counter.kernel_syncs) == (3, 1, 1, 1)
 
 
 def test_lstm_learning_rate_sweep_prints_one_row_per_learning_rate(capsys):
