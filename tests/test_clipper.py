@@ -648,8 +648,9 @@ def test_auto_measures_how_much_longer_momentum_makes_its_steps(probe):
         backward(net, x, y)
         before = torch.cat([p.detach().reshape(-1) for p in net.parameters()]).clone()
         clipper.step(opt)
-        env = clipper._states[0].env  # what this step's scale was computed from
-        used.append((float(env.low), float(env.ratio), float(env.amp)))
+        st = clipper._states[0]  # what this step's scale was computed from
+        env, mom = st.estimator.envelope, st.rule.momentum
+        used.append((float(env.low), float(env.ratio), float(mom.amp)))
         opt.step()
         if probe:
             clipper.probe(0, lambda ps, x=x, y=y: torch.autograd.grad(nn.functional.mse_loss(net(x), y), ps))
@@ -662,12 +663,12 @@ def test_auto_measures_how_much_longer_momentum_makes_its_steps(probe):
             base = min(0.05, 1 / low) if 0 < low < math.inf else 0.05
             want = min(base, 2 / (min(max(a, 1.0), 10.0) * r * stats["l0l1/grad_norm"])) if r > 0 else base
             assert stats["l0l1/lr_effective"] == pytest.approx(want, rel=1e-9), len(ratios)
-    env = clipper._states[0].env
+    mom = clipper._states[0].rule.momentum
     # a secant pair at step t records step t-1 (the last step's ratio is not in yet); the probe, every step
     recorded = ratios if probe else ratios[:-1]
-    assert int(env.amp_count) == len(recorded)
-    assert float(env.amp) == pytest.approx(statistics.median_low(recorded[-WINDOW:]), rel=1e-9)
-    assert float(env.amp) != 1.0  # measured, not the default (about 1; oscillating gradients cancel in momentum)
+    assert int(mom.amp_count) == len(recorded)
+    assert float(mom.amp) == pytest.approx(statistics.median_low(recorded[-WINDOW:]), rel=1e-9)
+    assert float(mom.amp) != 1.0  # measured, not the default (about 1; oscillating gradients cancel in momentum)
 
 
 @pytest.mark.usefixtures("one_thread")
@@ -689,11 +690,11 @@ def test_auto_clamps_the_momentum_ratio_to_one_and_its_steady_state_bound(measur
         p.grad.mul_(1e3)  # a spike: the step-length limit binds
     gn = float(torch.cat([p.grad.reshape(-1) for p in net.parameters()]).norm())
     # the next step's pair will rewrite amp: pin the window so its median is `measured` after that
-    st.env.amp_window.fill_(measured)
-    st.env.intended.fill_(math.nan)  # this step's pair then records nothing new
+    st.rule.momentum.amp_window.fill_(measured)
+    st.rule.momentum.intended.fill_(math.nan)  # this step's pair then records nothing new
     clipper.step(opt)
-    env = st.env
-    assert float(env.amp) == measured
+    env, mom = st.estimator.envelope, st.rule.momentum
+    assert float(mom.amp) == measured
     assert clipper.latest()["l0l1/lr_effective"] == pytest.approx(2 / (used * float(env.ratio) * gn), rel=1e-9)
 
 
@@ -713,5 +714,6 @@ def test_auto_amplification_is_left_at_one_without_momentum_sgd(make_opt):
             backward(net, x, y)
             clipper.step(opt)
             opt.step()
-    env = clipper._states[0].env
-    assert int(env.amp_count) == 0 and float(env.amp) == 1.0 and int(env.pairs) == 7
+    st = clipper._states[0]
+    mom, env = st.rule.momentum, st.estimator.envelope
+    assert int(mom.amp_count) == 0 and float(mom.amp) == 1.0 and int(env.pairs) == 7

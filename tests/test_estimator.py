@@ -776,7 +776,7 @@ def test_cpu_snapshot_gives_the_same_estimates(mode, path, request):
         request.getfixturevalue("per_tensor_snapshot")
     b = GradientClipper(**kw, snapshot_device="cpu")
     net_b, *_ = train(b)
-    assert b._states[0].snap.offload is (path == "per_tensor")
+    assert b._states[0].estimator.snapshot.offload is (path == "per_tensor")
     sa, sb = a.latest(), b.latest()
     assert sa["l0l1/smoothness_pairs"] == sb["l0l1/smoothness_pairs"] == 14
     for key in ("l0l1/L0", "l0l1/L1", "l0l1/smoothness", "l0l1/lr_effective", "l0l1/grad_norm"):

@@ -255,6 +255,8 @@ def test_torch_only_imports():
     code = (
         "import sys\n"
         "import lightning_l0l1.functional, lightning_l0l1.norms, lightning_l0l1.rules, lightning_l0l1.clipper\n"
+        "import lightning_l0l1.estimator, lightning_l0l1.modes, lightning_l0l1.gradients, lightning_l0l1.state\n"
+        "import lightning_l0l1.stats, lightning_l0l1.validation\n"
         "bad = [m for m in ('pytorch_lightning', 'lightning', 'lightning_fabric', 'wandb', 'torchmetrics')"
         " if m in sys.modules]\n"
         "assert 'torch' in sys.modules\n"

@@ -531,7 +531,7 @@ def test_wandb_not_importable_without_a_wandb_logger(tmp_path: Path, monkeypatch
     cb = L0L1Clipping(mode="clip", max_norm=MAX_NORM, log_every_n_steps=3)
     tr, ours = _fit(cb, [CSVLogger(str(tmp_path))])
     assert tr.global_step == 2 * STEPS_PER_EPOCH and not ours
-    assert cb._get_sinks(tr)[1] is None
+    assert cb.publisher.sinks(tr.loggers)[1] is None
     assert _csv_steps(tmp_path) == [3, 6, 9, 12]
 
 
@@ -539,14 +539,14 @@ def test_wandb_import_failing_in_the_sink_warns_once(wandb_env: Path, monkeypatc
     real_import = builtins.__import__
     refused = []
 
-    def no_wandb_in_stats(name: str, globals: Any = None, *args: Any, **kwargs: Any) -> Any:
-        if name == "wandb" and (globals or {}).get("__name__") == "lightning_l0l1.stats":
+    def no_wandb_in_publish(name: str, globals: Any = None, *args: Any, **kwargs: Any) -> Any:
+        if name == "wandb" and (globals or {}).get("__name__") == "lightning_l0l1.publish":
             refused.append(name)
             raise ImportError("No module named 'wandb' (simulated)")
         return real_import(name, globals, *args, **kwargs)
 
     wl = WandbLogger(project="l0l1-test", save_dir=str(wandb_env))
-    monkeypatch.setattr(builtins, "__import__", no_wandb_in_stats)
+    monkeypatch.setattr(builtins, "__import__", no_wandb_in_publish)
     cb = L0L1Clipping(mode="clip", max_norm=MAX_NORM, log_every_n_steps=3)
     tr, ours = _fit(cb, [wl, CSVLogger(str(wandb_env / "csv"))])
     monkeypatch.setattr(builtins, "__import__", real_import)
