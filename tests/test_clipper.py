@@ -717,3 +717,41 @@ def test_auto_amplification_is_left_at_one_without_momentum_sgd(make_opt):
     st = clipper._states[0]
     mom, env = st.rule.momentum, st.estimator.envelope
     assert int(mom.amp_count) == 0 and float(mom.amp) == 1.0 and int(env.pairs) == 7
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_auto_resumes_bitwise_from_a_version_1_state_dict():
+    """Version 1 kept the momentum ratio's window inside the estimator's `env` (and had no `momentum` entry):
+    such a state dict resumes exactly as the current format does."""
+    data = batches(24, F64)
+
+    def run(clipper: GradientClipper, net: nn.Module, opt: torch.optim.Optimizer, part: list) -> None:
+        for x, y in part:
+            backward(net, x, y)
+            clipper.step(opt)
+            opt.step()
+
+    net, opt = mlp_opt(F64, lr=0.05)  # SGD with momentum 0.9: the ratio is measured and used
+    full = GradientClipper(nonfinite="propagate")
+    run(full, net, opt, data[:12])
+    saved = copy.deepcopy((full.state_dict(), opt.state_dict(), [p.detach().clone() for p in net.parameters()]))
+    run(full, net, opt, data[12:])
+
+    sd, opt_sd, params = saved
+    assert sd["version"] == 2 and sd["optimizers"][0]["momentum"]["amp_count"] > 0
+    v1 = {"version": 1, "optimizers": {}}
+    for k, st in sd["optimizers"].items():
+        st = dict(st)
+        st["env"] = {**st["env"], **st.pop("momentum")}
+        v1["optimizers"][k] = st
+    net2, opt2 = mlp_opt(F64, lr=0.05)
+    with torch.no_grad():
+        for p, q in zip(net2.parameters(), params):
+            p.copy_(q)
+    opt2.load_state_dict(opt_sd)
+    resumed = GradientClipper(nonfinite="propagate")
+    resumed.load_state_dict(v1)
+    run(resumed, net2, opt2, data[12:])
+    for a, b in zip(net.parameters(), net2.parameters()):
+        assert torch.equal(a, b)
+    assert resumed.latest() == full.latest()
