@@ -21,6 +21,7 @@ from typing_extensions import override
 
 from lightning_l0l1 import validation
 from lightning_l0l1.clipper import GradientClipper, NonFinite, StepOutcome
+from lightning_l0l1.gradients import average_over_ranks_
 from lightning_l0l1.modes import Mode
 from lightning_l0l1.publish import Publisher
 
@@ -329,7 +330,7 @@ class L0L1Clipping(Callback):
             return torch.autograd.grad(loss.float().reshape(()), params, allow_unused=True)
 
         distributed = trainer.world_size > 1 and torch.distributed.is_available() and torch.distributed.is_initialized()
-        self.clipper.probe(0, gradient, _averaged_over(trainer.world_size) if distributed else None)
+        self.clipper.probe(0, gradient, average_over_ranks_ if distributed else None)
 
     # ------------------------------------------------------------------ results and state
     def latest(self) -> dict[str, float]:
@@ -379,24 +380,6 @@ def _check_probe_setup(trainer: pl.Trainer, pl_module: pl.LightningModule) -> No
             f"{trainer.accumulate_grad_batches}: the step's gradient is summed over several batches, "
             "the probe would see only the last one."
         )
-
-
-def _averaged_over(world: int) -> Callable[[list[Tensor]], None]:
-    """Averages tensors over the ``world`` processes in place with one all-reduce, like DDP's gradients."""
-
-    def reduce(grads: list[Tensor]) -> None:
-        dtype = torch.float32
-        for g in grads:  # at least float32, float64 if any gradient is
-            dtype = torch.promote_types(dtype, g.dtype)
-        flat = torch.cat([g.reshape(-1).to(dtype) for g in grads])
-        torch.distributed.all_reduce(flat)
-        flat.div_(world)
-        offset = 0
-        for g in grads:
-            g.copy_(flat[offset : offset + g.numel()].view_as(g))
-            offset += g.numel()
-
-    return reduce
 
 
 def _optimizer_index(trainer: pl.Trainer, optimizer: Optimizer) -> int:

@@ -17,7 +17,7 @@ from torch.optim import Optimizer
 
 from lightning_l0l1.norms import GradGroup, group_norms, is_dtensor, total_norm
 
-__all__ = ["Gradients"]
+__all__ = ["Gradients", "average_over_ranks_"]
 
 #: How one gradient is distributed: "r" replicated (whole on every rank), "s" a local shard of a
 #: tensor sharded over the process group (FSDP1), "d" a DTensor (FSDP2, tensor parallel).
@@ -143,3 +143,20 @@ class Gradients:
         """The global norm of the parameters that have a gradient."""
         _, params = self.local()
         return total_norm(self.norms(norm_type, groups=[self.like(params)]), norm_type)
+
+
+def average_over_ranks_(tensors: Sequence[Tensor], group: Any = None) -> None:
+    """Average ``tensors`` over the processes of ``group`` in place, with one all-reduce (as DDP averages
+    gradients). They are reduced in at least float32 (float64 if any is float64)."""
+    import torch.distributed as dist
+
+    dtype = torch.float32
+    for t in tensors:
+        dtype = torch.promote_types(dtype, t.dtype)
+    flat = torch.cat([t.reshape(-1).to(dtype) for t in tensors])
+    dist.all_reduce(flat, group=group)
+    flat.div_(dist.get_world_size(group))
+    offset = 0
+    for t in tensors:
+        t.copy_(flat[offset : offset + t.numel()].view_as(t))
+        offset += t.numel()
