@@ -2,7 +2,8 @@
 
 Traces one call of the callback's ``on_before_optimizer_step`` (after a few warm-up steps, so
 the estimator has state) and lists every function or method of ``lightning_l0l1`` it executed,
-with its length in source lines. The total is what a reader walks through to follow that step.
+with its length in source lines (and without docstrings, comments and blank lines). The total is
+what a reader walks through to follow that step.
 
     python benchmarks/code_path.py [--modes clip,auto] [--verbose]
 """
@@ -10,8 +11,10 @@ with its length in source lines. The total is what a reader walks through to fol
 from __future__ import annotations
 
 import argparse
+import ast
 import inspect
 import sys
+import textwrap
 from collections.abc import Iterator
 from pathlib import Path
 from types import CodeType, FrameType
@@ -46,6 +49,17 @@ def _length(code: CodeType) -> int:
     return len(inspect.getsourcelines(code)[0])
 
 
+def _code_lines(code: CodeType) -> int:
+    """The function's lines without its docstring, comments and blank lines."""
+    lines = inspect.getsourcelines(code)[0]
+    node = ast.parse(textwrap.dedent("".join(lines))).body[0]
+    skip: set[int] = set()
+    body = getattr(node, "body", [])
+    if body and isinstance(body[0], ast.Expr) and isinstance(getattr(body[0], "value", None), ast.Constant):
+        skip = set(range(body[0].lineno - 1, body[0].end_lineno or body[0].lineno))
+    return sum(1 for i, ln in enumerate(lines) if i not in skip and ln.strip() and not ln.strip().startswith("#"))
+
+
 def _step(mode: str) -> Iterator[Any]:
     from lightning_l0l1 import L0L1Clipping
 
@@ -76,12 +90,12 @@ def main() -> None:
     for mode in args.modes.split(","):
         units = _units(next(_step(mode)))
         files = {c.co_filename for c in units}
-        lines = sum(_length(c) for c in units)
-        rows.append([mode, len(units), len(files), lines])
+        rows.append([mode, len(units), len(files), sum(_length(c) for c in units), sum(_code_lines(c) for c in units),
+                     max(_length(c) for c in units)])
         if args.verbose:
             for c in sorted(units, key=lambda c: (c.co_filename, c.co_firstlineno)):
                 print(f"  {Path(c.co_filename).name}:{c.co_firstlineno} {c.co_qualname} ({_length(c)} lines)")
-    print(table(["mode", "units (functions run)", "files", "lines to read"], rows))
+    print(table(["mode", "units (functions run)", "files", "lines to read", "of them code", "longest unit"], rows))
 
 
 if __name__ == "__main__":
