@@ -1,23 +1,22 @@
 """The Lightning callback: glue between a trainer's hooks and the clipper and publisher.
 
 All tensor work is in :class:`~lightning_l0l1.clipper.GradientClipper`; publishing is in
-:class:`~lightning_l0l1.publish.Publisher`. This module finds the gradients Lightning is about to
-step (the optimizer, the AMP scaler, the FSDP1 shard group), hands them over, and calls the
-publisher at the trainer's logging points.
+:class:`~lightning_l0l1.publish.Publisher`. :class:`L0L1ClippingBase` finds the gradients Lightning
+is about to step (the optimizer, the AMP scaler, the FSDP1 shard group), hands them over, and calls
+the publisher at the trainer's logging points. It imports no Lightning namespace: the callback
+class of each, ``lightning_l0l1.pytorch_lightning.L0L1Clipping`` and
+``lightning_l0l1.lightning.L0L1Clipping``, adds that namespace's ``Callback`` as a base.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any, Generic, Literal, Optional, TypeVar, Union, overload
+from typing import TYPE_CHECKING, Any, Generic, Literal, Optional, TypeVar, Union, overload
 
-import pytorch_lightning as pl
 import torch
-from pytorch_lightning.callbacks import Callback
-from pytorch_lightning.utilities import rank_zero_warn
+from lightning_utilities.core.rank_zero import rank_zero_warn
 from torch import Tensor
 from torch.optim import Optimizer
-from typing_extensions import override
 
 from lightning_l0l1 import validation
 from lightning_l0l1.clipper import GradientClipper, NonFinite, StepOutcome
@@ -25,9 +24,12 @@ from lightning_l0l1.gradients import average_over_ranks_
 from lightning_l0l1.modes import Mode
 from lightning_l0l1.publish import Publisher
 
-__all__ = ["L0L1Clipping"]
+__all__ = ["L0L1ClippingBase"]
 
 T = TypeVar("T")
+#: A ``Trainer`` / ``LightningModule`` of either namespace (``pytorch_lightning`` or ``lightning.pytorch``).
+Trainer = Any
+LightningModule = Any
 
 
 class _Setting(Generic[T]):
@@ -49,7 +51,7 @@ class _Setting(Generic[T]):
         return getattr(getattr(obj, self.part), self.attr)  # type: ignore[arg-type]
 
 
-class L0L1Clipping(Callback):
+class L0L1ClippingBase:
     r"""Scale the global gradient on every optimizer step: ``auto`` (nothing to tune), clipping, adaptive, (L0,L1).
 
     With :math:`g` the gradient of all parameters the optimizer steps (global over
@@ -130,8 +132,10 @@ class L0L1Clipping(Callback):
 
     Example:
         >>> from lightning_l0l1 import L0L1Clipping
-        >>> trainer = pl.Trainer(callbacks=[L0L1Clipping()])  # auto: nothing to tune  # doctest: +SKIP
-        >>> trainer = pl.Trainer(callbacks=[L0L1Clipping(mode="clip", max_norm=1.0)])  # doctest: +SKIP
+        >>> import lightning.pytorch as pl  # or: import pytorch_lightning as pl  # doctest: +SKIP
+        >>> from lightning_l0l1 import L0L1Clipping  # the class of the namespace in use  # doctest: +SKIP
+        >>> trainer = Trainer(callbacks=[L0L1Clipping()])  # auto: nothing to tune  # doctest: +SKIP
+        >>> trainer = Trainer(callbacks=[L0L1Clipping(mode="clip", max_norm=1.0)])  # doctest: +SKIP
 
     References:
         Zhang, He, Sra, Jadbabaie, ICLR 2020. https://arxiv.org/abs/1905.11881
@@ -164,7 +168,7 @@ class L0L1Clipping(Callback):
         foreach: Optional[bool] = None,
         estimate: Optional[bool] = None,
         estimate_every: int = 1,
-        probe_loss: Optional[Callable[[pl.LightningModule, Any], Tensor]] = None,
+        probe_loss: Optional[Callable[[LightningModule, Any], Tensor]] = None,
         snapshot_device: Optional[Literal["cpu"]] = None,
         initial_step: float = 1e-2,
         fused_handoff: bool = True,
@@ -198,8 +202,11 @@ class L0L1Clipping(Callback):
         self._fsdp1: Optional[tuple[Any]] = None  # (process_group,) under FSDP1, else None (checked once per fit)
         self._fsdp1_checked = False
 
+    if TYPE_CHECKING:  # provided by the namespace's ``Callback`` base
+
+        def _generate_state_key(self, **kwargs: Any) -> str: ...
+
     @property
-    @override
     def state_key(self) -> str:
         return self._generate_state_key(
             mode=self.mode, max_norm=self.max_norm, l0=self.l0, l1=self.l1, norm_type=self.norm_type,
@@ -207,7 +214,6 @@ class L0L1Clipping(Callback):
         )
 
     @property
-    @override
     def _legacy_state_key(self) -> Any:
         # Before `auto` became the default it could not refuse `max_norm`, and kept the then default
         # `max_norm=1.0` in its state key: Lightning looks this key up when `state_key` is not in a
@@ -216,11 +222,10 @@ class L0L1Clipping(Callback):
             return self._generate_state_key(
                 mode="auto", max_norm=1.0, l0=None, l1=None, norm_type=self.norm_type, estimate=True
             )
-        return super()._legacy_state_key
+        return type(self)  # Lightning's own default
 
     # ------------------------------------------------------------------ hooks
-    @override
-    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         strategy = trainer.strategy
         if "deepspeed" in type(strategy).__name__.lower():
             raise RuntimeError(
@@ -240,9 +245,8 @@ class L0L1Clipping(Callback):
         self._fsdp1_checked = False
         self.publisher.reset()  # this trainer's loggers and W&B run, not those of an earlier fit
 
-    @override
     def on_before_optimizer_step(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Optimizer
+        self, trainer: Trainer, pl_module: LightningModule, optimizer: Optimizer
     ) -> None:
         key = _optimizer_index(trainer, optimizer)
         scaler = getattr(trainer.precision_plugin, "scaler", None)
@@ -269,30 +273,26 @@ class L0L1Clipping(Callback):
         if outcome.finite is False:
             self._warn_nonfinite(trainer, outcome)
 
-    @override
-    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         # Per-step norms for the per-epoch W&B histogram are kept only where one will be drawn.
         self.publisher.keep_norms = (
             self.log_stats and trainer.is_global_zero and self.publisher.sinks(trainer.loggers)[1] is not None
         )
 
-    @override
     def on_train_batch_end(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
+        self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
         if self.probe_loss is not None:
             self._probe(trainer, pl_module, batch)
         if self.log_stats and self.publisher.due(getattr(trainer, "log_every_n_steps", None)):
             self._flush(trainer)
 
-    @override
-    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+    def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self.publisher.epoch_end(
             trainer.global_step, trainer.current_epoch, self.log_stats and trainer.is_global_zero, trainer.loggers
         )
 
-    @override
-    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+    def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if not self.log_stats:
             return
         if self.publisher.pending:
@@ -300,13 +300,13 @@ class L0L1Clipping(Callback):
         if trainer.is_global_zero:
             self.publisher.finish(trainer.global_step, trainer.loggers, self.latest)
 
-    def _flush(self, trainer: pl.Trainer) -> None:
+    def _flush(self, trainer: Trainer) -> None:
         self.publisher.flush(
             trainer.global_step, trainer.is_global_zero, trainer.loggers, self.clipper.device_counters,
             self.clipper.estimate,
         )
 
-    def _warn_nonfinite(self, trainer: pl.Trainer, outcome: StepOutcome) -> None:
+    def _warn_nonfinite(self, trainer: Trainer, outcome: StepOutcome) -> None:
         if not self._warned_nonfinite:
             self._warned_nonfinite = True
             rank_zero_warn(
@@ -315,7 +315,7 @@ class L0L1Clipping(Callback):
                 f"Further non-finite steps are counted in `{self.prefix}nonfinite_steps` without a warning."
             )
 
-    def _probe(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any) -> None:
+    def _probe(self, trainer: Trainer, pl_module: LightningModule, batch: Any) -> None:
         """The gradient of this step's batch at the step's midpoint, averaged over data-parallel ranks."""
         probe_loss = self.probe_loss
         assert probe_loss is not None
@@ -346,19 +346,17 @@ class L0L1Clipping(Callback):
         """
         return self.clipper.latest(self.prefix)
 
-    @override
     def state_dict(self) -> dict[str, Any]:
         return {"clipper": self.clipper.state_dict(), "warned_nonfinite": self._warned_nonfinite,
                 "interval": self.publisher.state_dict()}
 
-    @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.clipper.load_state_dict(state_dict.get("clipper", {}))
         self._warned_nonfinite = bool(state_dict.get("warned_nonfinite", False))
         self.publisher.load_state_dict(state_dict.get("interval") or {})  # absent in older checkpoints
 
     # ------------------------------------------------------------------ helpers
-    def _sharding(self, trainer: pl.Trainer) -> tuple[Any, Any]:
+    def _sharding(self, trainer: Trainer) -> tuple[Any, Any]:
         """FSDP1: the shard process group and a predicate for sharded params (detected once)."""
         if not self._fsdp1_checked:
             self._fsdp1_checked = True
@@ -368,7 +366,7 @@ class L0L1Clipping(Callback):
         return self._fsdp1[0], _is_fsdp_flattened
 
 
-def _check_probe_setup(trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+def _check_probe_setup(trainer: Trainer, pl_module: LightningModule) -> None:
     if not pl_module.automatic_optimization:
         raise RuntimeError(
             "`L0L1Clipping(probe_loss=...)` needs automatic optimization (it probes the batch of the "
@@ -382,7 +380,7 @@ def _check_probe_setup(trainer: pl.Trainer, pl_module: pl.LightningModule) -> No
         )
 
 
-def _optimizer_index(trainer: pl.Trainer, optimizer: Optimizer) -> int:
+def _optimizer_index(trainer: Trainer, optimizer: Optimizer) -> int:
     for i, opt in enumerate(trainer.optimizers):
         if opt is optimizer or getattr(opt, "_optimizer", None) is optimizer:
             return i
@@ -422,3 +420,12 @@ def _find_fsdp1_group(model: Any) -> Optional[tuple[Any]]:
 
 def _is_fsdp_flattened(param: Tensor) -> bool:
     return bool(getattr(param, "_fsdp_flattened", False))
+
+
+def __getattr__(name: str) -> Any:
+    # `lightning_l0l1.callback.L0L1Clipping`: the class of the namespace in use, as `lightning_l0l1.L0L1Clipping`
+    if name == "L0L1Clipping":
+        import lightning_l0l1
+
+        return lightning_l0l1.L0L1Clipping
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -104,7 +104,8 @@ class GradientClipper:
     Args:
         mode: ``"auto"`` (default, takes no ``max_norm``, ``l0`` or ``l1``), ``"clip"``, ``"adaptive"``
             or ``"l0l1"``: a key of :data:`lightning_l0l1.modes.RULES`.
-        max_norm: :math:`\gamma` for ``clip`` and ``adaptive`` (required there).
+        max_norm: :math:`\gamma` for ``clip`` and ``adaptive`` (required there). This and ``l0``, ``l1``,
+            ``initial_step`` may be Python or numpy numbers or 0-d tensors (read once, here).
         l0, l1: the smoothness constants for ``l0l1`` (``>= 0``, not both 0).
         norm_type: p of the p-norm, ``inf`` allowed.
         nonfinite: what a NaN/Inf global norm does: ``"skip"`` sets the step's
@@ -119,8 +120,8 @@ class GradientClipper:
             and ``L1``.
         estimate_every: form a secant pair every K steps only (plus one at step 1); the estimator's
             time cost is divided by about K.
-        snapshot_device: ``"cpu"`` keeps the snapshot in (pinned) host memory: no device memory,
-            at the price of host-device copies.
+        snapshot_device: ``"cpu"`` (or ``torch.device("cpu")``) keeps the snapshot in (pinned) host memory:
+            no device memory, at the price of host-device copies.
         initial_step: ``auto``: the first update moves the parameters by at most
             ``initial_step * max(||theta||, 1)``; that bound doubles every step after.
         fused_handoff: for torch's fused optimizers (``Adam``/``AdamW``/``SGD(fused=True)``) and one
@@ -157,7 +158,7 @@ class GradientClipper:
         foreach: Optional[bool] = None,
         estimate: Optional[bool] = None,
         estimate_every: int = 1,
-        snapshot_device: Optional[Literal["cpu"]] = None,
+        snapshot_device: Optional[Union[Literal["cpu"], torch.device]] = None,
         initial_step: float = 1e-2,
         fused_handoff: bool = True,
         probe: bool = False,
@@ -173,11 +174,9 @@ class GradientClipper:
             )
         self.estimate: bool = rule_cls.needs_estimate if estimate is None else estimate
         self.estimate_every: int = validation.count("estimate_every", estimate_every)  # type: ignore[assignment]
-        if snapshot_device not in (None, "cpu"):
-            raise ValueError(
-                f"`snapshot_device` must be None (the gradients' device) or 'cpu', got {snapshot_device!r}."
-            )
-        self.snapshot_device = snapshot_device
+        self.snapshot_device: Optional[Literal["cpu"]] = validation.device(  # type: ignore[assignment]
+            "snapshot_device", snapshot_device, (None, "cpu")
+        )
         self.initial_step = validation.positive("initial_step", initial_step)
         self.fused_handoff: bool = validation.flag("fused_handoff", fused_handoff)  # type: ignore[assignment]
         self.probe_enabled: bool = validation.flag("probe", probe)  # type: ignore[assignment]

@@ -11,11 +11,19 @@ import numbers
 from collections.abc import Sequence
 from typing import Any, Optional
 
-__all__ = ["choice", "count", "flag", "norm_type", "positive", "text"]
+__all__ = ["choice", "count", "device", "flag", "norm_type", "positive", "text"]
+
+
+def _scalar(value: Any) -> Any:
+    """A one-element array (a 0-d tensor, a numpy scalar or 0-d array) as its Python number, read once."""
+    if getattr(value, "ndim", None) == 0 and callable(getattr(value, "item", None)):
+        return value.item()
+    return value
 
 
 def positive(name: str, value: Any, allow_zero: bool = False) -> float:
-    """A finite number ``> 0`` (``>= 0`` with ``allow_zero``), as a float.
+    """A finite number ``> 0`` (``>= 0`` with ``allow_zero``), as a float. Python and numpy numbers and
+    0-d tensors are accepted (a tensor is read on the host here, once).
 
     Example:
         >>> positive("max_norm", 2)
@@ -25,9 +33,10 @@ def positive(name: str, value: Any, allow_zero: bool = False) -> float:
         ...
         ValueError: `max_norm` must be a finite positive number, got -1.0.
     """
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+    number = _scalar(value)
+    if isinstance(number, bool) or not isinstance(number, numbers.Real):
         raise ValueError(f"`{name}` must be a number, got {value!r}.")
-    v = float(value)
+    v = float(number)
     if math.isnan(v) or math.isinf(v) or v < 0 or (v == 0 and not allow_zero):
         kind = "non-negative" if allow_zero else "positive"
         raise ValueError(f"`{name}` must be a finite {kind} number, got {value!r}.")
@@ -52,13 +61,14 @@ def flag(name: str, value: Any, allow_none: bool = False) -> Optional[bool]:
 
 
 def count(name: str, value: Any, allow_none: bool = False) -> Optional[int]:
-    """An integer ``>= 1`` (or ``None`` with ``allow_none``)."""
+    """An integer ``>= 1`` (or ``None`` with ``allow_none``), as an ``int``; numpy integers are accepted."""
     if value is None and allow_none:
         return None
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+    number = _scalar(value)
+    if isinstance(number, bool) or not isinstance(number, numbers.Integral) or number < 1:
         allowed = "None or an integer >= 1" if allow_none else "an integer >= 1"
         raise ValueError(f"`{name}` must be {allowed}, got {value!r}.")
-    return value
+    return int(number)
 
 
 def text(name: str, value: Any) -> str:
@@ -77,3 +87,12 @@ def norm_type(value: Any) -> float:
     if isinstance(value, bool) or math.isnan(p) or p <= 0:
         raise ValueError(f"`norm_type` must be a positive number or 'inf', got {value!r}.")
     return p
+
+
+def device(name: str, value: Any, choices: Sequence[Optional[str]]) -> Optional[str]:
+    """A device given as a string or a ``torch.device``, as its string; one of ``choices``."""
+    text_value = None if value is None else str(value) if type(value).__name__ == "device" else value
+    if text_value not in choices:
+        allowed = " or ".join("None" if c is None else repr(c) for c in choices)
+        raise ValueError(f"`{name}` must be {allowed}, got {value!r}.")
+    return text_value

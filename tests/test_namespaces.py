@@ -1,0 +1,129 @@
+"""Both Lightning namespaces: ``pytorch_lightning`` and the unified package's ``lightning.pytorch``.
+
+Each installed namespace runs, in a fresh process that imports only it, a fit with CSV logging, a
+checkpoint resume compared bitwise with an uninterrupted run, LightningCLI from YAML with
+``lightning_l0l1.L0L1Clipping`` and with the namespace's explicit class path, and a ``WandbLogger``
+(offline) run. The rest checks, in this process, how the class is chosen and what importing costs.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from _procs import clean_env
+
+import lightning_l0l1
+from lightning_l0l1.clipper import GradientClipper
+
+SCRIPT = Path(__file__).parent / "namespace_scripts" / "namespace_run.py"
+NAMESPACES = ["lightning", "pytorch_lightning"]
+
+
+def _installed(ns: str) -> bool:
+    return importlib.util.find_spec(ns) is not None
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("ns", NAMESPACES)
+def test_fit_resume_cli_and_loggers_under_each_namespace(ns, tmp_path):
+    if not _installed(ns):
+        pytest.skip(f"{ns} is not installed")
+    out = subprocess.run([sys.executable, str(SCRIPT), ns, str(tmp_path)], capture_output=True, text=True,
+                         timeout=300, env=clean_env(WANDB_MODE="offline", WANDB_SILENT="true"))
+    assert out.returncode == 0, out.stderr[-3000:]
+    r = json.loads((tmp_path / "result.json").read_text())
+    module = f"lightning_l0l1.{ns}"
+    assert r["namespace"] == ns and not r["other_imported"]  # nothing pulled in the other namespace
+    fit = r["fit"]
+    assert fit["class_module"] == module and fit["is_callback"]
+    assert fit["steps"] == 24 and fit["resume_bitwise"] and fit["csv_has_l0l1"]
+    for key in ("cli_auto", "cli_explicit"):  # both class paths resolve to this namespace's Callback subclass
+        assert r[key] == {"max_norm": 0.5, "steps": 4.0, "class_module": module}, key
+    assert r["wandb"] == {"steps": 4.0, "sinks_found_wandb": True}
+
+
+def test_importing_the_package_imports_no_lightning_namespace():
+    code = (
+        "import sys, lightning_l0l1, lightning_l0l1.functional\n"
+        "from lightning_l0l1 import GradientClipper\n"
+        "print([m for m in ('pytorch_lightning', 'lightning', 'lightning.pytorch', 'wandb') if m in sys.modules])\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip().splitlines()[-1] == "[]"
+
+
+@pytest.mark.parametrize(
+    ("imported", "installed", "want"),
+    [
+        ({"lightning.pytorch"}, {"lightning", "pytorch_lightning"}, "lightning"),
+        ({"pytorch_lightning"}, {"lightning", "pytorch_lightning"}, "pytorch_lightning"),
+        (set(), {"lightning", "pytorch_lightning"}, "pytorch_lightning"),
+        ({"lightning.pytorch", "pytorch_lightning"}, {"lightning", "pytorch_lightning"}, "pytorch_lightning"),
+        (set(), {"lightning"}, "lightning"),
+        (set(), {"pytorch_lightning"}, "pytorch_lightning"),
+    ],
+)
+def test_the_namespace_in_use_is_chosen(monkeypatch, imported, installed, want):
+    modules = {k: v for k, v in sys.modules.items() if k not in ("lightning.pytorch", "pytorch_lightning")}
+    modules.update({name: sys.modules.get(name, object()) for name in imported})  # type: ignore[misc]
+    monkeypatch.setattr(sys, "modules", modules)
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: object() if name in installed else None)
+    assert lightning_l0l1.namespace() == want
+
+
+def test_without_lightning_the_error_says_what_to_install(monkeypatch):
+    modules = {k: v for k, v in sys.modules.items() if k not in ("lightning.pytorch", "pytorch_lightning")}
+    monkeypatch.setattr(sys, "modules", modules)
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None)
+    with pytest.raises(ImportError, match="pip install lightning") as info:
+        lightning_l0l1.L0L1Clipping  # noqa: B018
+    assert "pip install pytorch-lightning" in str(info.value) and "functional" in str(info.value)
+
+
+@pytest.mark.skipif(not all(map(_installed, NAMESPACES)), reason="needs both Lightning packages")
+def test_both_classes_share_the_implementation_and_the_checkpoint_key():
+    from lightning.pytorch.callbacks import Callback as LightningCallback
+    from pytorch_lightning.callbacks import Callback as PLCallback
+
+    from lightning_l0l1.lightning import L0L1Clipping as ForLightning
+    from lightning_l0l1.pytorch_lightning import L0L1Clipping as ForPL
+
+    assert issubclass(ForLightning, LightningCallback) and not issubclass(ForLightning, PLCallback)
+    assert issubclass(ForPL, PLCallback) and not issubclass(ForPL, LightningCallback)
+    for kw in ({}, {"mode": "clip", "max_norm": 2.0}):  # a checkpoint of one loads into the other
+        assert ForLightning(**kw).state_key == ForPL(**kw).state_key
+    a, b = ForLightning(mode="clip", max_norm=2.0), ForPL(mode="clip", max_norm=2.0)
+    b.load_state_dict(a.state_dict())
+
+
+@pytest.mark.parametrize("setting", ["max_norm", "l0", "l1", "initial_step"])
+@pytest.mark.parametrize(
+    "convert", [np.float64, np.float32, lambda v: torch.tensor(v), lambda v: torch.tensor(v, dtype=torch.float64),
+                np.array],
+    ids=["np.float64", "np.float32", "tensor", "tensor64", "np.array0d"],
+)
+def test_numbers_as_torch_accepts_them(setting, convert):
+    """Like torch's clip_grad_norm_, a numpy number or a 0-d tensor is a number (read once, at construction)."""
+    mode = "l0l1" if setting in ("l0", "l1") else "clip" if setting == "max_norm" else "auto"
+    kw = {"max_norm": 0.5} if mode == "clip" else {"l0": 0.5, "l1": 0.25} if mode == "l0l1" else {}
+    value = {"max_norm": 0.5, "l0": 0.5, "l1": 0.25, "initial_step": 0.5}[setting]
+    clipper = GradientClipper(mode, **{**kw, setting: convert(value)})  # type: ignore[arg-type]
+    got = getattr(clipper, setting)
+    assert type(got) is float and got == float(np.float32(value) if convert is np.float32 else value)
+
+
+def test_counts_and_devices_as_torch_accepts_them():
+    c = GradientClipper(estimate_every=np.int64(3), snapshot_device=torch.device("cpu"))  # type: ignore[arg-type]
+    assert c.estimate_every == 3 and type(c.estimate_every) is int and c.snapshot_device == "cpu"
+    with pytest.raises(ValueError, match="`snapshot_device` must be None or 'cpu', got device"):
+        GradientClipper(snapshot_device=torch.device("meta"))  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="`max_norm` must be a number, got tensor"):
+        GradientClipper("clip", max_norm=torch.tensor([1.0, 2.0]))  # type: ignore[arg-type]

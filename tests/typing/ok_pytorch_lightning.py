@@ -1,0 +1,11 @@
+"""Type-checked, not run: the callback in the ``pytorch_lightning`` namespace, as its users write it."""
+
+import pytorch_lightning as pl
+from pytorch_lightning.callbacks import Callback
+
+from lightning_l0l1 import L0L1Clipping
+from lightning_l0l1.pytorch_lightning import L0L1Clipping as ExplicitL0L1Clipping
+
+callbacks: list[Callback] = [L0L1Clipping(), ExplicitL0L1Clipping(mode="clip", max_norm=1.0)]
+trainer = pl.Trainer(callbacks=[L0L1Clipping(mode="adaptive", max_norm=2.0), *callbacks])
+stats: dict[str, float] = L0L1Clipping().latest()
