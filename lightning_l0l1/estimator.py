@@ -79,7 +79,7 @@ class _TensorState:
         return {f.name: getattr(self, f.name).detach().cpu().clone() for f in fields(self)}  # type: ignore[arg-type]
 
     @classmethod
-    def _restore(cls: type[_S], sd: dict[str, Any], empty: _S, device: torch.device) -> _S:
+    def _restore(cls: type[_S], sd: dict[str, Any], empty: _TensorState, device: torch.device) -> _S:
         # explicit dtypes: a list of Python floats would otherwise become float32; a field missing
         # from ``sd`` (saved before it existed) has measured nothing, which is what ``empty`` holds
         return cls(**{
@@ -403,8 +403,8 @@ class Snapshot:
         the next one, and the 1-element norms are returned (their p-norm is the same).
         """
         if not self.offload:
-            torch._foreach_sub_(self.grads, grads)
-            torch._foreach_sub_(self.params, params)
+            torch._foreach_sub_(self.grads, grads)  # pyright: ignore[reportPrivateImportUsage]
+            torch._foreach_sub_(self.params, params)  # pyright: ignore[reportPrivateImportUsage]
             return self.grads, self.params
 
         def norms(bufs: list[Tensor], cur: list[Tensor]) -> list[Tensor]:
@@ -431,8 +431,8 @@ class Snapshot:
             for b, t in zip(self.grads + self.params, grads + params):
                 b.copy_(t, non_blocking=True)
         else:
-            torch._foreach_copy_(self.grads, grads)
-            torch._foreach_copy_(self.params, params)
+            torch._foreach_copy_(self.grads, grads)  # pyright: ignore[reportPrivateImportUsage]
+            torch._foreach_copy_(self.params, params)  # pyright: ignore[reportPrivateImportUsage]
         self.norm = norm.detach().clone()
 
     def state_dict(self) -> dict[str, Any]:
@@ -533,7 +533,7 @@ def _at_midpoint(
         with torch.enable_grad():
             got = list(gradient(params))
     finally:
-        torch._foreach_copy_(list(params), now)
+        torch._foreach_copy_(list(params), now)  # pyright: ignore[reportPrivateImportUsage]
     if len(got) != len(params):
         raise RuntimeError(f"The probe's gradient function returned {len(got)} tensors for {len(params)} parameters.")
     return [torch.zeros_like(p) if g is None else g.detach() for g, p in zip(got, params)]

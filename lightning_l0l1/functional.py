@@ -143,5 +143,5 @@ def clip_gradients_(
         [group], p, process_group=process_group, sharded=process_group is not None, foreach=foreach, device=device
     )
     norm = total_norm(norms, p)
-    scale_grads_(group.replicated + group.sharded + group.dtensors, rule.scale(norm), foreach)
+    scale_grads_([*group.replicated, *group.sharded, *group.dtensors], rule.scale(norm), foreach)
     return norm

@@ -9,13 +9,16 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Optional, cast
 
 import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
 from lightning_l0l1.norms import GradGroup, group_norms, is_dtensor, total_norm
+
+if TYPE_CHECKING:
+    from torch.distributed.tensor import DTensor
 
 __all__ = ["Gradients", "average_over_ranks_"]
 
@@ -78,7 +81,7 @@ class Gradients:
             groups.append(GradGroup(*([g for k, g, _ in group_entries if k == kind] for kind in _KINDS)))
             entries += group_entries
         device = next((p.device for g in optimizer.param_groups for p in g["params"]), None)
-        return cls(params, groups, entries, process_group, is_shard is not None, device)  # type: ignore[arg-type]
+        return cls(params, groups, entries, process_group, is_shard is not None, device)
 
     @property
     def n_groups(self) -> int:
@@ -100,8 +103,9 @@ class Gradients:
 
     def local(self) -> tuple[list[Tensor], list[Tensor]]:
         """The gradients and the (detached) parameters as plain local tensors, in :attr:`entries` order."""
-        grads = [g.to_local() if kind == "d" else g for kind, g, _ in self.entries]
-        params = [(p.to_local() if kind == "d" else p).detach() for kind, _, p in self.entries]
+        # A "d" entry holds DTensors; the cast (typing only) is evaluated for those alone.
+        grads = [cast("DTensor", g).to_local() if kind == "d" else g for kind, g, _ in self.entries]
+        params = [(cast("DTensor", p).to_local() if kind == "d" else p).detach() for kind, _, p in self.entries]
         return grads, params
 
     def norms(self, norm_type: float, foreach: Optional[bool] = None, groups: Optional[Sequence[GradGroup]] = None
@@ -133,9 +137,10 @@ class Gradients:
             else:
                 from torch.distributed.tensor import DTensor
 
+                d = cast(DTensor, g)
                 group.dtensors.append(
-                    DTensor.from_local(t, g.device_mesh, g.placements, run_check=False, shape=g.shape,
-                                       stride=g.stride())
+                    DTensor.from_local(t, d.device_mesh, d.placements, run_check=False, shape=d.shape,
+                                       stride=d.stride())
                 )
         return group
 

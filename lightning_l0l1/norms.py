@@ -33,12 +33,16 @@ from __future__ import annotations
 import math
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
-from typing import Any, Union
+from typing import TYPE_CHECKING, Any, Union, cast
 
 import torch
 from torch import Tensor
 
 from lightning_l0l1.validation import norm_type as validate_norm_type
+
+if TYPE_CHECKING:  # typing only: DTensor is imported at run time where a DTensor is met
+    from torch.distributed.tensor import DTensor
+    from typing_extensions import TypeGuard
 
 __all__ = [
     "GradGroup",
@@ -59,7 +63,7 @@ def _dtensor_cls() -> Any:
     return DTensor
 
 
-def is_dtensor(t: Tensor) -> bool:
+def is_dtensor(t: Tensor) -> TypeGuard[DTensor]:
     """Whether ``t`` is a :class:`~torch.distributed.tensor.DTensor` (no import cost if not)."""
     cls = _dtensor_cls()
     return cls is not None and isinstance(t, cls)
@@ -80,7 +84,7 @@ class GradGroup:
         self,
         replicated: Sequence[Tensor] = (),
         sharded: Sequence[Tensor] = (),
-        dtensors: Sequence[Tensor] = (),
+        dtensors: Sequence[DTensor] = (),
     ) -> None:
         self.replicated = list(replicated)
         self.sharded = list(sharded)
@@ -156,7 +160,7 @@ def _per_tensor_norms(
         ts = [t for _, t in items]
         norm_dtype = _norm_dtype(device, dtype, acc)
         if _use_foreach(foreach, device):
-            norms = torch._foreach_norm(ts, p, dtype=norm_dtype)
+            norms: Sequence[Tensor] = torch._foreach_norm(ts, p, dtype=norm_dtype)  # pyright: ignore[reportPrivateImportUsage]
         else:
             norms = [torch.linalg.vector_norm(t, p, dtype=norm_dtype) for t in ts]
         for (i, _), n in zip(items, norms):
@@ -169,7 +173,8 @@ def _reduce(norms: Sequence[Tensor], p: float, device: torch.device, acc: torch.
     if not norms:
         return torch.zeros((), device=device, dtype=acc)
     stacked = torch.stack([n.to(device=device, dtype=acc) for n in norms])
-    return torch.linalg.vector_norm(stacked, p)
+    norm: Tensor = torch.linalg.vector_norm(stacked, p)
+    return norm
 
 
 def _local_group_norms(
@@ -185,7 +190,7 @@ def _local_group_norms(
 
 
 def _dtensor_group_norms(
-    parts: Sequence[Sequence[Tensor]], p: float, device: torch.device, acc: torch.dtype
+    parts: Sequence[Sequence[DTensor]], p: float, device: torch.device, acc: torch.dtype
 ) -> Tensor:
     """Per-group norms of DTensor grads with one all-reduce per device mesh.
 
@@ -195,7 +200,7 @@ def _dtensor_group_norms(
     first would redistribute, that is all-reduce, once per group.)
     """
     n_groups = len(parts)
-    by_mesh: dict[Any, list[tuple[int, Tensor]]] = defaultdict(list)
+    by_mesh: dict[Any, list[tuple[int, DTensor]]] = defaultdict(list)
     for gi, part in enumerate(parts):
         for t in part:
             by_mesh[t.device_mesh].append((gi, t))
@@ -205,7 +210,8 @@ def _dtensor_group_norms(
         for _, t in items:
             norm_dtype = _norm_dtype(t.to_local().device, t.dtype, acc)
             norms.append(torch.linalg.vector_norm(t, p, dtype=norm_dtype).to(acc))
-        full = torch.stack(norms).full_tensor().to(device=device, dtype=acc)
+        # torch.stack of DTensors is a DTensor (its type is not in torch's signature): one cast per mesh.
+        full = cast("DTensor", torch.stack(norms)).full_tensor().to(device=device, dtype=acc)
         for j, (gi, _) in enumerate(items):
             per_group[gi].append(full[j])
     return torch.stack([_reduce(ns, p, device, acc) for ns in per_group])
@@ -273,7 +279,8 @@ def group_norms(
 
 def total_norm(norms: Tensor, norm_type: float = 2.0) -> Tensor:
     """The global norm (0-d) from the per-group norms of :func:`group_norms`."""
-    return torch.linalg.vector_norm(norms, float(norm_type))
+    norm: Tensor = torch.linalg.vector_norm(norms, float(norm_type))
+    return norm
 
 
 def scale_grads_(grads: Sequence[Tensor], scale: Tensor, foreach: bool | None = None) -> None:
@@ -289,7 +296,7 @@ def scale_grads_(grads: Sequence[Tensor], scale: Tensor, foreach: bool | None = 
     for (device, _), ts in buckets.items():
         s = scale.to(device, non_blocking=True)
         if _use_foreach(foreach, device):
-            torch._foreach_mul_(ts, s)
+            torch._foreach_mul_(ts, s)  # pyright: ignore[reportPrivateImportUsage]
         else:
             for t in ts:
                 t.mul_(s)

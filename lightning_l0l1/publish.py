@@ -54,6 +54,14 @@ class StepStatistics(Metric):
     is_differentiable = False
     higher_is_better = None
 
+    # The states registered by ``add_state`` (annotations only: no class attribute is created).
+    sums: Tensor
+    norm_max: Tensor
+    norm_min: Tensor
+    finite: Tensor
+    steps: Tensor
+    clipped: Tensor
+
     def __init__(self, n_values: int) -> None:
         super().__init__(sync_on_compute=False, dist_sync_on_step=False)
         self.n_values = n_values
@@ -64,7 +72,7 @@ class StepStatistics(Metric):
         self.add_state("steps", torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
         self.add_state("clipped", torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
 
-    def update(self, values: Tensor, finite: Tensor, clipped: Tensor) -> None:  # type: ignore[override]
+    def update(self, values: Tensor, finite: Tensor, clipped: Tensor) -> None:
         v = values.to(self.sums.dtype)
         f = finite.to(self.sums.dtype)
         self.sums += torch.where(finite, v, torch.zeros_like(v))
