@@ -1,6 +1,6 @@
 """Static typing of the public API, as a user's code sees it: mypy over ``tests/typing/``.
 
-``tests/typing/ok_*.py`` must type-check cleanly; ``tests/typing/bad_mode.py`` must give exactly
+``tests/typing/ok_*.py`` must type-check cleanly; each ``tests/typing/bad_*.py`` must give exactly
 the errors its ``# E: [<error code>]`` comments announce, on those lines. Mypy runs once for every file
 (one subprocess: its start-up is the slow part), with the project's ``[tool.mypy]`` configuration
 and the repository's ``.mypy_cache``; the tests then read its output per file.
@@ -21,7 +21,7 @@ pytest.importorskip("mypy", reason="mypy is not installed (pip install mypy) : t
 ROOT = Path(__file__).resolve().parent.parent
 TYPING = ROOT / "tests" / "typing"
 OK_FILES = sorted(TYPING.glob("ok_*.py"))
-BAD_FILES = [TYPING / "bad_mode.py"]
+BAD_FILES = sorted(TYPING.glob("bad_*.py"))
 
 _ERROR = re.compile(r"^(?P<path>[^:\n]+\.py):(?P<line>\d+): error: (?P<msg>.*?)(?:  \[(?P<code>[a-z0-9-]+)\])?$")
 _EXPECTED = re.compile(r"#\s*E:\s*\[(?P<code>[a-z0-9-]+)\]")

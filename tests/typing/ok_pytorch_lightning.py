@@ -1,4 +1,10 @@
-"""Type-checked, not run: the callback in the ``pytorch_lightning`` namespace, as its users write it."""
+"""Type-checked, not run: the callback in the ``pytorch_lightning`` namespace, as its users write it.
+
+Checked by ``tests/test_typing.py``; the code is inside a function so that importing the module
+(pytest's ``--doctest-modules`` collection) runs nothing.
+"""
+
+from __future__ import annotations
 
 import pytorch_lightning as pl
 from pytorch_lightning.callbacks import Callback
@@ -6,6 +12,9 @@ from pytorch_lightning.callbacks import Callback
 from lightning_l0l1 import L0L1Clipping
 from lightning_l0l1.pytorch_lightning import L0L1Clipping as ExplicitL0L1Clipping
 
-callbacks: list[Callback] = [L0L1Clipping(), ExplicitL0L1Clipping(mode="clip", max_norm=1.0)]
-trainer = pl.Trainer(callbacks=[L0L1Clipping(mode="adaptive", max_norm=2.0), *callbacks])
-stats: dict[str, float] = L0L1Clipping().latest()
+
+def main() -> None:
+    callbacks: list[Callback] = [L0L1Clipping(), ExplicitL0L1Clipping(mode="clip", max_norm=1.0)]
+    pl.Trainer(callbacks=[L0L1Clipping(mode="adaptive", max_norm=2.0), *callbacks])
+    stats: dict[str, float] = L0L1Clipping().latest()
+    print(stats)
