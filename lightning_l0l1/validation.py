@@ -47,7 +47,7 @@ def choice(name: str, value: Any, choices: Sequence[str]) -> str:
     """One of ``choices``."""
     if value not in choices:
         raise ValueError(f"`{name}` must be one of {', '.join(map(repr, choices))}, got {value!r}.")
-    return value
+    return choices[choices.index(value)]
 
 
 def flag(name: str, value: Any, allow_none: bool = False) -> Optional[bool]:
