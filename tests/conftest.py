@@ -12,6 +12,10 @@ os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("WANDB_SILENT", "true")
 warnings.filterwarnings("ignore", message=".*does not have many workers.*")
 
+# Type-checked by tests/test_typing.py, never imported: importing them would pull in both Lightning
+# namespaces at collection.
+collect_ignore_glob = ["typing/*"]
+
 
 @pytest.fixture(autouse=True)
 def _seed():
