@@ -13,7 +13,8 @@ fits the smoothness constants (L0, L1) of the loss (`estimate=True`, always on i
 the script prints them with the learning rate they suggest.
 
 Writes to --out (default examples/out/): quickstart_loss.png (training loss per step) and
-quickstart_grad_norm.png (gradient norm before and after clipping per step). Logs to
+quickstart_grad_norm.png (per step: the gradient norm against the threshold, with the clipped
+steps marked, and below it the effective learning rate lr x s the step used). Logs to
 Weights & Biases in offline mode when wandb is installed (`wandb sync` the run directory
 under --out later), `--wandb-online` to log online, `--no-wandb` for no logger.
 """
@@ -55,21 +56,33 @@ def plot(rows: list[dict[str, float]], out: Path, lr: float, mode: str) -> list[
     ax.grid(alpha=0.3)
     save_png(fig, paths[0])
 
-    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=100)
-    ax.plot(steps, [r["l0l1/grad_norm"] for r in rows], lw=1.5, label="before clipping ||g||")
-    # auto's factor s also carries its base step (s = eta_b / lr below the threshold), so the scaled
-    # norm sits below the raw one even where nothing is clipped: say so in the legend
-    scaled = "after scaling ||s g|| (s includes auto's base step / lr)" if mode == "auto" else "after clipping ||s g||"
-    ax.plot(steps, [r["l0l1/grad_norm_scaled"] for r in rows], lw=1.5, ls="--", label=scaled)
-    ax.plot(steps, [r["l0l1/max_norm"] for r in rows], lw=1, color="gray", ls=":",
-            label="threshold (auto: above it the step length is capped)" if mode == "auto" else "threshold")
-    ax.set_yscale("log")
-    plain_log_ticks(ax, "y")
-    ax.set_xlabel("optimizer step")
-    ax.set_ylabel("global gradient norm (log)")
-    ax.set_title("Gradient norm per step")
-    ax.legend()
-    ax.grid(alpha=0.3, which="both")
+    # Top: the norm against the threshold it is compared with (above it, the step is clipped).
+    # Bottom: what the step then used, the effective learning rate lr * s, against the lr set; under
+    # auto it also carries the base step (the flattest curvature measured), so it is shown apart from
+    # the comparison above rather than as a "scaled norm" next to the threshold.
+    fig, (top, bottom) = plt.subplots(2, 1, figsize=(7, 6.5), dpi=100, sharex=True)
+    norm = [r["l0l1/grad_norm"] for r in rows]
+    threshold = [r["l0l1/max_norm"] for r in rows]
+    clipped = [(t, n) for t, n, g in zip(steps, norm, threshold) if n > g]
+    top.plot(steps, norm, lw=1.5, label="gradient norm ||g||")
+    top.plot(steps, threshold, lw=1, color="gray", ls=":", label="threshold (clipped above it)")
+    if clipped:
+        top.scatter(*zip(*clipped), s=10, color="C3", zorder=3, label="clipped steps")
+    top.set_yscale("log")
+    plain_log_ticks(top, "y")
+    top.set_ylabel("global gradient norm (log)")
+    top.set_title(f"Gradient norm and the step it got (mode={mode})")
+    top.legend(fontsize=8)
+    top.grid(alpha=0.3, which="both")
+    bottom.plot(steps, [r["l0l1/lr_effective"] for r in rows], lw=1.5, color="C2", label="effective lr = lr x s")
+    bottom.axhline(lr, lw=1, color="gray", ls=":", label=f"learning rate set ({lr:g})")
+    bottom.set_yscale("log")
+    bottom.set_ylim(top=lr * 1.6)
+    plain_log_ticks(bottom, "y")
+    bottom.set_xlabel("optimizer step")
+    bottom.set_ylabel("learning rate (log)")
+    bottom.legend(fontsize=8)
+    bottom.grid(alpha=0.3, which="both")
     save_png(fig, paths[1])
     return paths
 
