@@ -119,7 +119,7 @@ def main(argv=None) -> str:
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument("--optimizer", choices=sorted(OPTIMIZERS), default="sgd",
-                    help="the optimizer the clipping runs in front of (default: plain SGD, the issue's protocol)")
+                    help="the optimizer the clipping runs in front of (default: plain SGD)")
     ap.add_argument("--lrs", type=str, default=None,
                     help="comma-separated learning rates: one summary row each (best of a wider grid vs auto)")
     ap.add_argument("--configs", type=str, default=None,
