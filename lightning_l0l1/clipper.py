@@ -106,7 +106,8 @@ class GradientClipper:
             or ``"l0l1"``: a key of :data:`lightning_l0l1.modes.RULES`.
         max_norm: :math:`\gamma` for ``clip`` and ``adaptive`` (required there). This and ``l0``, ``l1``,
             ``initial_step`` may be Python or numpy numbers or 0-d tensors (read once, here).
-        l0, l1: the smoothness constants for ``l0l1`` (``>= 0``, not both 0).
+        l0: the smoothness constant :math:`L_0` for ``l0l1`` (``>= 0``, not both ``l0`` and ``l1`` 0).
+        l1: the smoothness constant :math:`L_1` for ``l0l1`` (``>= 0``).
         norm_type: p of the p-norm, ``inf`` allowed.
         nonfinite: what a NaN/Inf global norm does: ``"skip"`` sets the step's
             gradients to ``None`` (torch optimizers then leave parameters, momentum and
@@ -233,7 +234,8 @@ class GradientClipper:
         Args:
             optimizer: its ``param_groups`` give the gradients (each group its own lr).
             key: which optimizer this is (one state per key).
-            process_group, is_shard: FSDP1: parameters for which ``is_shard(param)`` is
+            process_group: FSDP1: the process group the shards are sharded over (see ``is_shard``).
+            is_shard: FSDP1: parameters for which ``is_shard(param)`` is
                 true hold local shards of tensors sharded over ``process_group``.
             nonfinite_handled: someone else (a GradScaler) skips non-finite steps: read
                 nothing on the host and leave the gradients to it.

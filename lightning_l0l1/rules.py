@@ -77,7 +77,8 @@ def l0l1_scale(norm: Tensor, lr: Number, l0: Number, l1: Number) -> Tensor:
     Args:
         norm: the global gradient norm, a 0-d tensor.
         lr: the learning rate :math:`\eta` of the parameter group (float or tensor).
-        l0, l1: the smoothness constants, ``>= 0`` and not both 0.
+        l0: the smoothness constant :math:`L_0`, ``>= 0`` (``l0`` and ``l1`` not both 0).
+        l1: the smoothness constant :math:`L_1`, ``>= 0``.
 
     Returns:
         ``s`` such that the effective step :math:`\eta s = \min(\eta, 1/(L_0 + L_1\lVert g\rVert))`.

@@ -1,0 +1,97 @@
+"""MkDocs hook: fills ``docs/benchmarks.md`` with the stored results in ``benchmarks/results/*.md``.
+
+Each results file becomes one section, preceded by a line with the command that produced it and
+the machine it ran on (the file's ``Machine:`` line). The page is regenerated at every build, so
+re-running a benchmark updates the site with no other edit.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "benchmarks" / "results"
+MARKER = "<!-- benchmark-results -->"
+
+# Results files written with non-default arguments (the commands are those in README.md and
+# benchmarks/bench_lstm.py's docstring); any other file comes from ``python benchmarks/<name>.py``.
+COMMANDS = {
+    "bench_lstm_12seeds": "python benchmarks/bench_lstm.py --seeds 12"
+    " --configs clip=0.1,clip=0.25,clip=1,auto,auto+probe --out benchmarks/results/bench_lstm_12seeds.md",
+    "bench_lstm_lrs": "python benchmarks/bench_lstm.py --lrs 5,20,50,100 --out benchmarks/results/bench_lstm_lrs.md",
+    "bench_lstm_lrs_momentum": "python benchmarks/bench_lstm.py --optimizer sgd-momentum --lrs 0.5,2,5,10"
+    " --out benchmarks/results/bench_lstm_lrs_momentum.md",
+    "bench_lstm_lrs_adamw": "python benchmarks/bench_lstm.py --optimizer adamw --lrs 0.003,0.01,0.03"
+    " --out benchmarks/results/bench_lstm_lrs_adamw.md",
+}
+
+# The order of the sections; files not listed follow in alphabetical order.
+ORDER = [
+    "bench_step", "bench_e2e", "bench_stats", "bench_memory", "bench_cosh", "bench_lstm",
+    "bench_lstm_12seeds", "bench_lstm_lrs", "bench_lstm_lrs_momentum", "bench_lstm_lrs_adamw",
+]
+
+TITLES = {
+    "bench_step": "Per-step cost of the gradient work",
+    "bench_e2e": "Share of a real training step",
+    "bench_stats": "What the statistics add",
+    "bench_memory": "Peak extra memory",
+    "bench_cosh": "Convergence on cosh, with known constants",
+    "bench_lstm": "Character LSTM, SGD at lr 20, every threshold against auto",
+    "bench_lstm_12seeds": "Character LSTM, twelve seeds",
+    "bench_lstm_lrs": "Character LSTM, plain SGD across learning rates",
+    "bench_lstm_lrs_momentum": "Character LSTM, SGD with momentum across learning rates",
+    "bench_lstm_lrs_adamw": "Character LSTM, AdamW across learning rates",
+}
+
+
+def _command(stem: str) -> str:
+    if stem in COMMANDS:
+        return COMMANDS[stem]
+    script = stem if (ROOT / "benchmarks" / f"{stem}.py").exists() else stem.rsplit("_", 1)[0]
+    return f"python benchmarks/{script}.py"
+
+
+def _section(path: Path) -> str:
+    stem = path.stem
+    lines = path.read_text(encoding="utf-8").splitlines()
+    machine = None
+    body = []
+    for line in lines:
+        m = re.match(r"\s*Machine:\s*(.+)", line)
+        if m and machine is None:
+            machine = m.group(1).strip()
+            continue
+        # Headings inside a results file sit below this page's section headings.
+        h = re.match(r"(#{1,5})\s", line)
+        body.append("#" * max(len(h.group(1)), 3) + line[len(h.group(1)):] if h else line)
+    machine_text = machine or "not recorded in the results file (iteration counts, independent of the machine)"
+    title = TITLES.get(stem, stem)
+    return "\n".join([
+        f"## {title}",
+        "",
+        f"Command: `{_command(stem)}` &middot; machine: {machine_text} &middot; "
+        f"stored in `benchmarks/results/{path.name}`.",
+        "",
+        *body,
+        "",
+    ])
+
+
+def results_markdown() -> str:
+    files = {p.stem: p for p in sorted(RESULTS.glob("*.md"))}
+    stems = [s for s in ORDER if s in files] + sorted(s for s in files if s not in ORDER)
+    return "\n".join(_section(files[s]) for s in stems)
+
+
+def on_page_markdown(markdown: str, page: Any, **kwargs: Any) -> str:
+    if page.file.src_uri == "benchmarks.md" and MARKER in markdown:
+        return markdown.replace(MARKER, results_markdown())
+    return markdown
+
+
+def on_serve(server: Any, **kwargs: Any) -> Any:
+    server.watch(str(RESULTS))
+    return server
