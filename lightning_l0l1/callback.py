@@ -324,9 +324,8 @@ class L0L1ClippingBase:
             with trainer.precision_plugin.forward_context():
                 loss = probe_loss(pl_module, batch)
             if not isinstance(loss, Tensor) or loss.numel() != 1:
-                raise TypeError(
-                    f"`probe_loss` must return the loss as a one-element tensor, got {type(loss).__name__}."
-                )
+                got = f"a tensor of shape {tuple(loss.shape)}" if isinstance(loss, Tensor) else type(loss).__name__
+                raise TypeError(f"`probe_loss` must return the loss as a one-element tensor, got {got}.")
             return torch.autograd.grad(loss.float().reshape(()), params, allow_unused=True)
 
         distributed = trainer.world_size > 1 and torch.distributed.is_available() and torch.distributed.is_initialized()

@@ -17,6 +17,7 @@ Fabric loop calls :meth:`GradientClipper.step` itself. Imports only :mod:`torch`
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal, Optional, Union, get_args
@@ -178,7 +179,7 @@ class GradientClipper:
         self.snapshot_device: Optional[Literal["cpu"]] = validation.device(  # type: ignore[assignment]
             "snapshot_device", snapshot_device, (None, "cpu")
         )
-        self.initial_step = validation.positive("initial_step", initial_step)
+        self.initial_step = validation.positive("initial_step", initial_step, low=validation.FLOAT32_TINY)
         self.fused_handoff: bool = validation.flag("fused_handoff", fused_handoff)  # type: ignore[assignment]
         self.probe_enabled: bool = validation.flag("probe", probe)  # type: ignore[assignment]
         if self.probe_enabled and not self.estimate:
@@ -329,7 +330,7 @@ class GradientClipper:
         assert state.last is not None
         record = StepRecord.of(
             grad_norm=ctx.norm, grad_norm_scaled=scaled_norm, scale=per_group[0],
-            max_norm=threshold if isinstance(threshold, Tensor) else ctx.norm.new_full((), threshold),
+            max_norm=threshold if isinstance(threshold, Tensor) else _full_like(ctx.norm, threshold),
             lr_effective=lr_eff, finite=finite, dtype=state.last.dtype,
         )
         state.last = torch.where(finite, record.values, state.last)
@@ -443,6 +444,13 @@ class GradientClipper:
             int(k): OptimizerState.from_state_dict(sd, self.rule, offload)
             for k, sd in state_dict.get("optimizers", {}).items()
         }
+
+
+def _full_like(like: Tensor, value: float) -> Tensor:
+    """A 0-d tensor of ``value`` in ``like``'s dtype; a value beyond that dtype's range is infinite there."""
+    if math.isfinite(value) and abs(value) > torch.finfo(like.dtype).max:
+        value = math.copysign(math.inf, value)
+    return like.new_full((), value)
 
 
 _HANDOFF_ATTRS = ("grad_scale", "found_inf")

@@ -501,9 +501,14 @@ class EstimatorState:
             self.snapshot.to(device)
 
     def state_dict(self, with_buffers: bool) -> dict[str, Any]:
-        """``env`` (plain lists); with ``with_buffers``, also the snapshot and its step, if there is one."""
+        """``env`` (plain lists); with ``with_buffers``, also the snapshot and its step, if there is one.
+
+        A snapshot taken at a non-finite step is left out: the pair it would start is invalid and the
+        envelope ignores it, so a run resumed without it forms the same estimates.
+        """
         out: dict[str, Any] = {"env": {k: v.tolist() for k, v in self.envelope.state_dict().items()}}
-        if with_buffers and self.snapshot.valid:
+        norm = self.snapshot.norm
+        if with_buffers and self.snapshot.valid and norm is not None and bool(torch.isfinite(norm)):
             out["snapshot"] = self.snapshot.state_dict()
             out["snap_step"] = self.snap_step
         return out

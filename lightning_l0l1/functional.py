@@ -48,6 +48,11 @@ Parameters = Union[Tensor, Iterable[Tensor]]
 
 def _grad_group(parameters: Parameters, process_group: Any) -> tuple[GradGroup, Any]:
     """The gradients, and the parameters' device (for a rank that holds no gradient)."""
+    if not isinstance(parameters, (Tensor, Iterable)):  # None, a Module
+        hint = " (pass `model.parameters()`)" if isinstance(parameters, torch.nn.Module) else ""
+        raise TypeError(
+            f"`parameters` must be a tensor or an iterable of tensors{hint}, got {type(parameters).__name__}."
+        )
     params = [parameters] if isinstance(parameters, Tensor) else list(parameters)
     group = GradGroup.from_tensors((p.grad for p in params if p.grad is not None), shards=process_group is not None)
     return group, (params[0].device if params else None)
@@ -88,6 +93,7 @@ def grad_norm(
         tensor(5.)
     """
     p = validate_norm_type(norm_type)
+    validation.flag("foreach", foreach, allow_none=True)
     group, device = _grad_group(parameters, process_group)
     norms = group_norms(
         [group], p, process_group=process_group, sharded=process_group is not None, foreach=foreach, device=device
@@ -135,6 +141,7 @@ def clip_gradients_(
     """
     rule: Any = RULES[validation.choice("mode", mode, _STATELESS)]
     p = validate_norm_type(norm_type)
+    validation.flag("foreach", foreach, allow_none=True)
     rule = rule.from_settings(max_norm=max_norm)
     group, device = _grad_group(parameters, process_group)
     if not len(group) and process_group is None:  # with a group, every rank must join the all-reduce

@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from lightning_l0l1.norms import GradGroup, group_norms, is_dtensor, total_norm
+from lightning_l0l1.norms import GradGroup, group_norms, is_dtensor, require_dense, total_norm
 
 if TYPE_CHECKING:
     from torch.distributed.tensor import DTensor
@@ -30,12 +30,9 @@ _KINDS = ("r", "s", "d")
 def _kind(param: Tensor, is_shard: Optional[Callable[[Tensor], bool]]) -> str:
     """How ``param``'s gradient is distributed (one of :data:`_KINDS`)."""
     g = param.grad
-    if g.is_sparse:  # type: ignore[union-attr]
-        raise RuntimeError(
-            "L0L1 clipping does not support sparse gradients; use dense embeddings "
-            "(`sparse=False`) or clip them yourself."
-        )
-    if type(g) is not Tensor and is_dtensor(g):  # type: ignore[arg-type]
+    assert g is not None
+    require_dense(g)
+    if type(g) is not Tensor and is_dtensor(g):
         return "d"
     return "s" if is_shard is not None and is_shard(param) else "r"
 

@@ -145,6 +145,10 @@ class Rule:
         return None
 
 
+def _unused(message: str) -> None:
+    warnings.warn(message, UserWarning, stacklevel=6)  # the call that made the clipper
+
+
 def _optional(name: str, value: Any) -> Optional[float]:
     return None if value is None else validation.positive(name, value, allow_zero=True)
 
@@ -155,6 +159,8 @@ class _ThresholdRule(Rule):
     def __init__(self, max_norm: float, l0: Optional[float] = None, l1: Optional[float] = None) -> None:
         self.max_norm = validation.positive("max_norm", max_norm)
         self.l0, self.l1 = _optional("l0", l0), _optional("l1", l1)
+        if l0 is not None or l1 is not None:
+            _unused(f"`l0` and `l1` are used by `mode='l0l1'` only: `mode={self.name!r}` ignores l0={l0!r}, l1={l1!r}.")
 
     @classmethod
     def from_settings(
@@ -191,6 +197,8 @@ class AdaptiveRule(_ThresholdRule):
     name = "adaptive"
 
     def scale(self, norm: Tensor) -> Tensor:
+        if self.max_norm > torch.finfo(norm.dtype).max:  # type: ignore[operator]
+            return torch.ones_like(norm)  # gamma / (||g|| + gamma) would be inf / inf; its limit is 1
         return adaptive_scale(norm, self.max_norm)  # type: ignore[arg-type]
 
 
@@ -209,6 +217,9 @@ class L0L1Rule(Rule):
                 f"`l0` and `l1` cannot both be 0 (the step would never be limited), got l0={l0!r}, l1={l1!r}."
             )
         self.max_norm = None if max_norm is None else validation.positive("max_norm", max_norm)
+        if max_norm is not None:
+            _unused(f"`max_norm` is used by `mode='clip'` and `'adaptive'` only: `mode='l0l1'` ignores "
+                    f"max_norm={max_norm!r} (its threshold follows from `l0`, `l1` and the learning rate).")
 
     @classmethod
     def from_settings(
@@ -286,7 +297,7 @@ class AutoRule(Rule):
     needs_estimate = True
 
     def __init__(self, initial_step: float = 1e-2) -> None:
-        self.initial_step = validation.positive("initial_step", initial_step)
+        self.initial_step = validation.positive("initial_step", initial_step, low=validation.FLOAT32_TINY)
 
     @classmethod
     def from_settings(

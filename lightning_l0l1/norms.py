@@ -46,6 +46,7 @@ if TYPE_CHECKING:  # typing only: DTensor is imported at run time where a DTenso
 
 __all__ = [
     "GradGroup",
+    "require_dense",
     "group_norms",
     "scale_grads_",
     "total_norm",
@@ -67,6 +68,15 @@ def is_dtensor(t: Tensor) -> TypeGuard[DTensor]:
     """Whether ``t`` is a :class:`~torch.distributed.tensor.DTensor` (no import cost if not)."""
     cls = _dtensor_cls()
     return cls is not None and isinstance(t, cls)
+
+
+def require_dense(grad: Tensor) -> None:
+    """Raise a ``RuntimeError`` saying what to do for a sparse gradient (``nn.Embedding(sparse=True)``)."""
+    if grad.is_sparse:
+        raise RuntimeError(
+            "L0L1 clipping does not support sparse gradients; use dense embeddings "
+            "(`sparse=False`) or clip them yourself."
+        )
 
 
 class GradGroup:
@@ -92,9 +102,14 @@ class GradGroup:
 
     @classmethod
     def from_tensors(cls, grads: Iterable[Tensor], shards: bool = False) -> GradGroup:
-        """Sort ``grads`` into DTensors and plain tensors (plain ones are shards if ``shards``)."""
+        """Sort ``grads`` into DTensors and plain tensors (plain ones are shards if ``shards``).
+
+        Raises:
+            RuntimeError: for a sparse gradient.
+        """
         group = cls()
         for g in grads:
+            require_dense(g)
             if is_dtensor(g):
                 group.dtensors.append(g)
             elif shards:

@@ -11,7 +11,7 @@ import numbers
 from collections.abc import Sequence
 from typing import Any, Optional
 
-__all__ = ["choice", "count", "device", "flag", "norm_type", "positive", "text"]
+__all__ = ["FLOAT32_TINY", "choice", "count", "device", "flag", "norm_type", "positive", "text"]
 
 
 def _scalar(value: Any) -> Any:
@@ -21,9 +21,15 @@ def _scalar(value: Any) -> Any:
     return value
 
 
-def positive(name: str, value: Any, allow_zero: bool = False) -> float:
-    """A finite number ``> 0`` (``>= 0`` with ``allow_zero``), as a float. Python and numpy numbers and
-    0-d tensors are accepted (a tensor is read on the host here, once).
+#: The smallest normal float32: a smaller step bound rounds towards 0 in float32.
+FLOAT32_TINY = 1.1754943508222875e-38
+
+
+def positive(
+    name: str, value: Any, allow_zero: bool = False, low: Optional[float] = None, high: Optional[float] = None
+) -> float:
+    """A finite number ``> 0`` (``>= 0`` with ``allow_zero``), as a float, within ``[low, high]`` where given.
+    Python and numpy numbers and 0-d tensors are accepted (a tensor is read on the host here, once).
 
     Example:
         >>> positive("max_norm", 2)
@@ -40,6 +46,10 @@ def positive(name: str, value: Any, allow_zero: bool = False) -> float:
     if math.isnan(v) or math.isinf(v) or v < 0 or (v == 0 and not allow_zero):
         kind = "non-negative" if allow_zero else "positive"
         raise ValueError(f"`{name}` must be a finite {kind} number, got {value!r}.")
+    if high is not None and v > high:
+        raise ValueError(f"`{name}` must be at most {high!r} (larger overflows in float32), got {value!r}.")
+    if low is not None and v < low:
+        raise ValueError(f"`{name}` must be at least {low!r} (smaller rounds to 0 in float32), got {value!r}.")
     return v
 
 

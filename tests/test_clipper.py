@@ -755,3 +755,103 @@ def test_auto_resumes_bitwise_from_a_version_1_state_dict():
     for a, b in zip(net.parameters(), net2.parameters()):
         assert torch.equal(a, b)
     assert resumed.latest() == full.latest()
+
+
+@pytest.mark.usefixtures("one_thread")
+@pytest.mark.parametrize("policy", ["skip", "zero"])
+def test_a_checkpoint_after_a_nonfinite_step_holds_no_nan_and_resumes_bitwise(policy):
+    """The snapshot of a non-finite step (NaN gradients) is not saved: the pair it would start is invalid
+    anyway, so the resumed run forms the same estimates and the same steps as the uninterrupted one."""
+    data = batches(16, F64)
+
+    def run(clipper: GradientClipper, net: nn.Module, opt: torch.optim.Optimizer, part: list, bad: int = -1) -> None:
+        for t, (x, y) in enumerate(part):
+            backward(net, x, y)
+            if t == bad:
+                next(net.parameters()).grad.view(-1)[0] = math.nan
+            clipper.step(opt)
+            opt.step()
+
+    net, opt = mlp_opt(F64, lr=0.05)
+    full = GradientClipper(nonfinite=policy)
+    run(full, net, opt, data[:6], bad=5)  # the last step before the checkpoint is non-finite
+    saved = copy.deepcopy((full.state_dict(), opt.state_dict(), [p.detach().clone() for p in net.parameters()]))
+
+    def floats(obj: Any) -> list[float]:
+        if isinstance(obj, torch.Tensor):
+            return obj.double().reshape(-1).tolist()
+        if isinstance(obj, dict):
+            return [v for k, o in obj.items() if k not in ("window", "amp_window", "intended") for v in floats(o)]
+        if isinstance(obj, (list, tuple)):
+            return [v for o in obj for v in floats(o)]
+        return [float(obj)] if isinstance(obj, (int, float)) else []
+
+    st = saved[0]["optimizers"][0]
+    assert st["nonfinite_steps"] == 1 and "snapshot" not in st
+    assert all(math.isfinite(v) for v in floats(st)), "a NaN entered the checkpoint"
+    run(full, net, opt, data[6:])
+
+    net2, opt2 = mlp_opt(F64, lr=0.05)
+    with torch.no_grad():
+        for p, q in zip(net2.parameters(), saved[2]):
+            p.copy_(q)
+    opt2.load_state_dict(saved[1])
+    resumed = GradientClipper(nonfinite=policy)
+    resumed.load_state_dict(saved[0])
+    run(resumed, net2, opt2, data[6:])
+    for a, b in zip(net.parameters(), net2.parameters()):
+        assert torch.equal(a, b)
+    assert resumed.latest() == full.latest()
+
+
+def test_an_initial_step_that_vanishes_in_float32_is_refused():
+    """Accepted before: the first step bound rounded to 0, zero updates for 128 steps, then NaN parameters."""
+    with pytest.raises(ValueError, match=r"`initial_step` must be at least .* got 1e-46"):
+        GradientClipper(initial_step=1e-46)
+
+
+@pytest.mark.parametrize("mode", ["clip", "adaptive"])
+def test_a_threshold_beyond_float32_scales_nothing_and_records_inf(mode):
+    """Accepted before, then adaptive turned every float32 gradient into NaN (inf / inf) and the clipper
+    crashed recording the threshold ("cannot be converted to type float without overflow")."""
+    from lightning_l0l1.functional import clip_gradients_
+
+    for huge in (1e39, 1e300):
+        w = nn.Parameter(torch.zeros(3))
+        w.grad = torch.tensor([3.0, 4.0, 0.0])
+        assert float(clip_gradients_([w], huge, mode=mode)) == 5.0
+        assert torch.equal(w.grad, torch.tensor([3.0, 4.0, 0.0]))  # the limit of the rule: s = 1
+        opt = torch.optim.SGD([w], lr=0.1)
+        out = GradientClipper(mode, max_norm=huge, nonfinite="propagate").step(opt)
+        assert torch.equal(w.grad, torch.tensor([3.0, 4.0, 0.0]))
+        assert float(out.record.scale) == 1.0 and math.isinf(float(out.record.max_norm))
+
+
+def test_the_largest_float32_threshold_still_scales_by_the_rule():
+    from lightning_l0l1.functional import clip_gradients_
+
+    w = nn.Parameter(torch.zeros(3))
+    w.grad = torch.tensor([3.0, 4.0, 0.0])
+    big = float(torch.finfo(torch.float32).max)
+    norm = clip_gradients_([w], big, mode="adaptive")
+    assert float(norm) == 5.0 and torch.isfinite(w.grad).all()
+    torch.testing.assert_close(w.grad, torch.tensor([3.0, 4.0, 0.0]) * (big / (5.0 + big)))
+
+
+@pytest.mark.parametrize(("kwargs", "unused"), [
+    (dict(mode="clip", max_norm=1.0, l0=5.0), "`l0` and `l1`"),
+    (dict(mode="adaptive", max_norm=1.0, l1=2.0), "`l0` and `l1`"),
+    (dict(mode="l0l1", l0=1.0, l1=1.0, max_norm=3.0), "`max_norm`"),
+])
+def test_a_setting_the_mode_does_not_use_is_warned_about(kwargs, unused):
+    with pytest.warns(UserWarning, match=f"{unused} (are|is) used by") as record:
+        GradientClipper(**kwargs)
+    assert record[0].filename == __file__  # points at the caller's line
+
+
+def test_settings_of_the_mode_alone_warn_nothing():
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        GradientClipper("clip", max_norm=1.0)
+        GradientClipper("l0l1", l0=1.0, l1=1.0)
+        GradientClipper()

@@ -265,3 +265,32 @@ def test_torch_only_imports():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip().splitlines()[-1] == "LOADED:"
+
+
+@pytest.mark.parametrize("fn", [clip_gradients_, grad_norm])
+def test_sparse_gradients_are_refused_with_the_callbacks_message(fn):
+    emb = nn.Embedding(10, 3, sparse=True)
+    emb(torch.tensor([1, 2])).sum().backward()
+    args = (emb.parameters(), 1.0) if fn is clip_gradients_ else (emb.parameters(),)
+    with pytest.raises(RuntimeError, match="does not support sparse gradients; use dense embeddings"):
+        fn(*args)
+
+
+@pytest.mark.parametrize("fn", [clip_gradients_, grad_norm])
+@pytest.mark.parametrize(("value", "hint"), [(None, ""), (nn.Linear(2, 2), "model.parameters()"), (3.0, "")])
+def test_parameters_that_are_not_tensors_are_named(fn, value, hint):
+    args = (value, 1.0) if fn is clip_gradients_ else (value,)
+    with pytest.raises(TypeError, match="`parameters` must be a tensor or an iterable of tensors") as info:
+        fn(*args)
+    assert type(value).__name__ in str(info.value) and hint in str(info.value)
+
+
+@pytest.mark.parametrize("fn", [clip_gradients_, grad_norm])
+@pytest.mark.parametrize("value", ["x", 1, "True"])
+def test_foreach_is_checked(fn, value):
+    w = nn.Parameter(torch.zeros(2))
+    w.grad = torch.ones(2)
+    args = ([w], 1.0) if fn is clip_gradients_ else ([w],)
+    with pytest.raises(ValueError, match="`foreach` must be True, False or None") as info:
+        fn(*args, foreach=value)
+    assert repr(value) in str(info.value)

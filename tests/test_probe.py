@@ -213,6 +213,9 @@ def test_callback_probe_refuses_what_it_cannot_measure():
     bad = L0L1Clipping(mode="clip", max_norm=2.0, probe_loss=lambda m, b: [m.loss(b)])
     with pytest.raises(TypeError, match="one-element tensor"):
         fit(bad)
+    vector = L0L1Clipping(mode="clip", max_norm=2.0, probe_loss=lambda m, b: m.loss(b) * torch.ones(3))
+    with pytest.raises(TypeError, match=r"one-element tensor, got a tensor of shape \(3,\)"):
+        fit(vector)
 
 
 # ---------------------------------------------------------------------------------------- DDP
