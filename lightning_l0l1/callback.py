@@ -70,7 +70,9 @@ class L0L1ClippingBase:
 
     The callback works in ``on_before_optimizer_step``: once per optimizer step, after
     gradient accumulation, after the DDP all-reduce and AMP unscaling, before
-    Lightning's own ``gradient_clip_val`` clipping. The norm is global under DDP,
+    Lightning's own ``gradient_clip_val`` clipping. A closure-based optimizer (LBFGS) calls that
+    hook at every closure evaluation: the fixed modes scale, and count, each evaluation's gradient;
+    ``auto`` refuses LBFGS. The norm is global under DDP,
     FSDP1 (one all-reduce over the shard group) and FSDP2 / ``ModelParallelStrategy``
     (DTensor grads: one all-reduce), accumulated in float32 for half-precision grads.
     Nothing in the step reads a tensor on the host, except the single boolean the
@@ -208,16 +210,25 @@ class L0L1ClippingBase:
 
     @property
     def state_key(self) -> str:
-        return self._generate_state_key(
-            mode=self.mode, max_norm=self.max_norm, l0=self.l0, l1=self.l1, norm_type=self.norm_type,
-            estimate=self.estimate,
-        )
+        # `prefix` and `nonfinite` enter the key only where they are not the default, so that two
+        # instances differing in them can share a Trainer while checkpoints of default ones keep their key.
+        extra = {k: v for k, v in (("prefix", self.prefix), ("nonfinite", self.nonfinite))
+                 if v != {"prefix": "l0l1/", "nonfinite": "skip"}[k]}
+        return self._generate_state_key(**self._base_key(), **extra)
+
+    def _base_key(self) -> dict[str, Any]:
+        return dict(mode=self.mode, max_norm=self.max_norm, l0=self.l0, l1=self.l1, norm_type=self.norm_type,
+                    estimate=self.estimate)
 
     @property
     def _legacy_state_key(self) -> Any:
-        # Before `auto` became the default it could not refuse `max_norm`, and kept the then default
-        # `max_norm=1.0` in its state key: Lightning looks this key up when `state_key` is not in a
-        # checkpoint, so those checkpoints still resume (their estimator state loads as it is).
+        # Lightning looks this key up when `state_key` is not in a checkpoint. A callback with a
+        # non-default `prefix` or `nonfinite` was saved under the key without them before they entered
+        # it. Before `auto` became the default it could not refuse `max_norm`, and kept the then default
+        # `max_norm=1.0` in its state key: those checkpoints resume too (their estimator state loads as it is).
+        base = self._generate_state_key(**self._base_key())
+        if base != self.state_key:
+            return base
         if self.mode == "auto":
             return self._generate_state_key(
                 mode="auto", max_norm=1.0, l0=None, l1=None, norm_type=self.norm_type, estimate=True

@@ -326,6 +326,13 @@ class AutoRule(Rule):
 
     def begin(self, state: AutoState, ctx: StepContext) -> None:
         opt = ctx.optimizer
+        if isinstance(opt, torch.optim.LBFGS):
+            raise RuntimeError(
+                "`mode='auto'` measures one optimizer step per call, but LBFGS evaluates its closure (and so "
+                "calls the clipper) several times per step: its step bound and estimate would count line-search "
+                "evaluations as steps. Use `mode='clip'` (or 'adaptive', 'l0l1') with LBFGS: they scale the "
+                "gradient of every closure evaluation."
+            )
         if not state.checked:
             state.checked = True
             if isinstance(opt, _SCALE_INVARIANT):

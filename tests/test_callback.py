@@ -451,3 +451,48 @@ def test_fused_handoff_trains_like_scaling_and_skips_in_kernel_without_a_host_re
     assert runs[(True, True)][2] == 0  # handed to the fused kernel: none
     opt = runs[(True, True)][0].trainer.optimizers[0]
     assert not hasattr(opt, "grad_scale") and not hasattr(opt, "found_inf")  # cleaned up after each step
+
+
+@pytest.mark.parametrize("other", [dict(prefix="second/"), dict(nonfinite="zero")])
+def test_instances_differing_in_prefix_or_nonfinite_share_a_trainer(other):
+    """Lightning refuses two stateful callbacks with one state key ("Found more than one stateful callback"):
+    a non-default `prefix` or `nonfinite` is part of the key, the defaults keep the key they always had."""
+    first, second = L0L1Clipping(mode="clip", max_norm=0.5), L0L1Clipping(mode="clip", max_norm=0.5, **other)
+    assert first.state_key == "L0L1Clipping{'mode': 'clip', 'max_norm': 0.5, 'l0': None, 'l1': None, " \
+                              "'norm_type': 2.0, 'estimate': False}"
+    assert second.state_key != first.state_key
+    trainer(callbacks=[first, second], max_epochs=1).fit(Regressor(make_net()), loader(make_data()))
+    assert first.latest()["l0l1/steps"] == 6
+    assert second.latest()[f"{other.get('prefix', 'l0l1/')}steps"] == 6
+
+
+def test_a_checkpoint_saved_before_prefix_entered_the_state_key_still_resumes(tmp_path):
+    ds = make_data()
+    ckpt = ModelCheckpoint(dirpath=tmp_path, save_last=True)
+    cb_a = L0L1Clipping(mode="clip", max_norm=0.5, prefix="x/")
+    trainer(callbacks=[cb_a, ckpt], max_epochs=1, enable_checkpointing=True).fit(Regressor(make_net()), loader(ds))
+    data = torch.load(tmp_path / "last.ckpt", weights_only=False)
+    state = data["callbacks"].pop(cb_a.state_key)
+    data["callbacks"][L0L1Clipping(mode="clip", max_norm=0.5).state_key] = state  # the key it had before
+    torch.save(data, tmp_path / "old.ckpt")
+    cb_b = L0L1Clipping(mode="clip", max_norm=0.5, prefix="x/")
+    trainer(callbacks=[cb_b], max_epochs=2).fit(Regressor(make_net()), loader(ds), ckpt_path=tmp_path / "old.ckpt")
+    assert cb_b.latest()["x/steps"] == 12  # 6 restored + 6 new
+
+
+class _LBFGSRegressor(Regressor):
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.LBFGS(self.net.parameters(), lr=0.1, max_iter=5)
+
+
+def test_lbfgs_auto_is_refused_and_fixed_modes_scale_every_closure_evaluation():
+    """LBFGS calls its closure, and Lightning's `on_before_optimizer_step` with it, several times per step."""
+    with pytest.raises(RuntimeError, match="LBFGS evaluates its closure"):
+        trainer(callbacks=[L0L1Clipping()], max_steps=2).fit(_LBFGSRegressor(make_net()), loader(make_data()))
+    cb, counter = L0L1Clipping(mode="clip", max_norm=0.5), Recorder()
+    tr = trainer(callbacks=[cb, counter], max_steps=2)
+    tr.fit(_LBFGSRegressor(make_net()), loader(make_data()))
+    evaluations = len(counter.norms)
+    assert tr.global_step == 2 and evaluations > 2  # several closure evaluations per optimizer step
+    assert cb.latest()["l0l1/steps"] == evaluations  # one scaling per gradient evaluation
+    assert all(n <= 0.5 * (1 + 1e-5) for n in counter.norms)  # each evaluation's gradient is clipped
