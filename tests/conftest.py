@@ -30,3 +30,14 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(saved)
+
+# ---------------------------------------------------------------------------- hypothesis profiles
+# "default": small and reproducible (CI); "long": HYPOTHESIS_PROFILE=long for a deeper search.
+try:
+    from hypothesis import settings as _hyp_settings
+except ImportError:  # hypothesis is only needed by tests/test_properties.py
+    pass
+else:
+    _hyp_settings.register_profile("default", max_examples=40, deadline=None, derandomize=True)
+    _hyp_settings.register_profile("long", max_examples=500, deadline=None)
+    _hyp_settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "default"))
