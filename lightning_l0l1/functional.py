@@ -54,6 +54,11 @@ def _grad_group(parameters: Parameters, process_group: Any) -> tuple[GradGroup, 
             f"`parameters` must be a tensor or an iterable of tensors{hint}, got {type(parameters).__name__}."
         )
     params = [parameters] if isinstance(parameters, Tensor) else list(parameters)
+    stray = next((p for p in params if not isinstance(p, Tensor)), None)
+    if stray is not None:
+        raise TypeError(
+            f"`parameters` must be a tensor or an iterable of tensors, got an item of type {type(stray).__name__}."
+        )
     group = GradGroup.from_tensors((p.grad for p in params if p.grad is not None), shards=process_group is not None)
     return group, (params[0].device if params else None)
 
