@@ -20,7 +20,7 @@ from torch.optim import Optimizer
 
 from lightning_l0l1 import validation
 from lightning_l0l1.clipper import GradientClipper, NonFinite, StepOutcome
-from lightning_l0l1.gradients import average_over_ranks_
+from lightning_l0l1.gradients import all_ranks_finite, average_over_ranks_
 from lightning_l0l1.modes import Mode
 from lightning_l0l1.publish import Publisher
 
@@ -127,6 +127,14 @@ class L0L1ClippingBase:
             on the host **every step** (a sync): off by default.
         wandb_table_every: refresh the W&B smoothness table (the paper's Figure 1) at most every
             this many logging intervals (and at most every 30 s).
+        sync_nonfinite: agree on the non-finite verdict across data-parallel ranks (DDP): one
+            1-element all-reduce per step, so that a gradient made non-finite on one rank only (by a
+            hook after DDP's all-reduce) skips the step on every rank instead of on that rank alone,
+            which would leave the replicas different. ``None`` (default): on under more than one
+            process with ``skip``/``zero``/``raise``, off with ``propagate`` (which reads and
+            communicates nothing) and under an fp16 GradScaler (which skips overflow steps itself).
+            Sharded gradients (FSDP) need no extra collective: their norm's all-reduce carries a
+            NaN to every rank.
 
     Raises:
         ValueError: at construction, for any invalid argument (named, with its value).
@@ -179,6 +187,7 @@ class L0L1ClippingBase:
         prefix: str = "l0l1/",
         prog_bar: bool = False,
         wandb_table_every: int = 10,
+        sync_nonfinite: Optional[bool] = None,
     ) -> None:
         super().__init__()
         if probe_loss is not None and not callable(probe_loss):
@@ -200,6 +209,7 @@ class L0L1ClippingBase:
         self.prog_bar: bool = validation.flag("prog_bar", prog_bar)  # type: ignore[assignment]
         table_every: int = validation.count("wandb_table_every", wandb_table_every)  # type: ignore[assignment]
         self.publisher = Publisher(prefix, every, table_every, self.clipper.settings())
+        self.sync_nonfinite = validation.flag("sync_nonfinite", sync_nonfinite, allow_none=True)
         self._warned_nonfinite = False
         self._fsdp1: Optional[tuple[Any]] = None  # (process_group,) under FSDP1, else None (checked once per fit)
         self._fsdp1_checked = False
@@ -272,6 +282,7 @@ class L0L1ClippingBase:
             nonfinite_handled=scaler is not None,
             step_label=trainer.global_step,
             allow_handoff=not trainer.gradient_clip_val,
+            agree=self._agreement(trainer, scaler),
         )
         if outcome is None or outcome.record is None:
             return
@@ -366,6 +377,14 @@ class L0L1ClippingBase:
         self.publisher.load_state_dict(state_dict.get("interval") or {})  # absent in older checkpoints
 
     # ------------------------------------------------------------------ helpers
+    def _agreement(self, trainer: Trainer, scaler: Any) -> Optional[Callable[[Tensor], Tensor]]:
+        """The cross-rank verdict on non-finite gradients, where ranks could otherwise disagree."""
+        wanted = self.nonfinite != "propagate" if self.sync_nonfinite is None else self.sync_nonfinite
+        distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+        if not wanted or scaler is not None or not distributed or torch.distributed.get_world_size() < 2:
+            return None
+        return all_ranks_finite
+
     def _sharding(self, trainer: Trainer) -> tuple[Any, Any]:
         """FSDP1: the shard process group and a predicate for sharded params (detected once)."""
         if not self._fsdp1_checked:

@@ -229,6 +229,7 @@ class GradientClipper:
         nonfinite_handled: bool = False,
         step_label: Any = None,
         allow_handoff: bool = True,
+        agree: Optional[Callable[[Tensor], Tensor]] = None,
     ) -> Optional[StepOutcome]:
         """Scale the gradients of ``optimizer`` in place; ``None`` if it has no gradient (and no ``is_shard``).
 
@@ -244,6 +245,10 @@ class GradientClipper:
             allow_handoff: with ``fused_handoff``, a fused optimizer may receive the scale instead of
                 the gradients being scaled (pass False if something reads the gradients between
                 this call and ``optimizer.step()``, e.g. Lightning's own ``gradient_clip_val``).
+            agree: data parallel with whole (replicated) gradients: maps this rank's "the norm is
+                finite" flag to every rank's (e.g. :func:`~lightning_l0l1.gradients.all_ranks_finite`),
+                so that a gradient made non-finite on one rank only makes every rank treat the step as
+                non-finite. Sharded gradients need none: their norm's all-reduce carries a NaN to every rank.
         """
         grads = Gradients.collect(optimizer, process_group, is_shard)
         if grads is None:
@@ -252,6 +257,9 @@ class GradientClipper:
         ctx = StepContext(optimizer, grads, norms, total_norm(norms, self.norm_type), self.norm_type,
                           [g["lr"] for g in optimizer.param_groups])
         finite = torch.isfinite(ctx.norm)
+        if agree is not None and grads.whole:
+            finite = agree(finite)
+            ctx.norm = torch.where(finite, ctx.norm, math.nan)  # every rank then sees the step as non-finite
         _clear_handoff(optimizer)
         handoff = self._hands_off(ctx, allow_handoff, nonfinite_handled)
         read_host = self.nonfinite != "propagate" and not nonfinite_handled and not handoff

@@ -20,7 +20,7 @@ from lightning_l0l1.norms import GradGroup, group_norms, is_dtensor, require_den
 if TYPE_CHECKING:
     from torch.distributed.tensor import DTensor
 
-__all__ = ["Gradients", "average_over_ranks_"]
+__all__ = ["Gradients", "all_ranks_finite", "average_over_ranks_"]
 
 #: How one gradient is distributed: "r" replicated (whole on every rank), "s" a local shard of a
 #: tensor sharded over the process group (FSDP1), "d" a DTensor (FSDP2, tensor parallel).
@@ -162,3 +162,17 @@ def average_over_ranks_(tensors: Sequence[Tensor], group: Any = None) -> None:
     for t in tensors:
         t.copy_(flat[offset : offset + t.numel()].view_as(t))
         offset += t.numel()
+
+
+def all_ranks_finite(finite: Tensor, group: Any = None) -> Tensor:
+    """Whether ``finite`` (a 0-d bool: this rank's gradient norm is finite) holds on every rank of ``group``.
+
+    One all-reduce of one element, on the flag's device (no host read): data-parallel ranks hold the
+    same gradients after DDP's all-reduce, unless something changes them on one rank afterwards; with
+    this verdict every rank then skips (or keeps) the step together.
+    """
+    import torch.distributed as dist
+
+    bad = (~finite).to(torch.float32).reshape(1)
+    dist.all_reduce(bad, op=dist.ReduceOp.MAX, group=group)
+    return bad[0] == 0

@@ -247,8 +247,8 @@ def _check_auto_run(outs: list[dict[str, Any]]) -> None:
 def test_ddp_subprocess_norm_and_params_match_single_process_reference(jobs: dict[str, _Job]) -> None:
     outs = jobs["ddp"].outputs()
     _check_lightning_run(outs, sharded=False)
-    for out in outs:  # DDP grads are already all-reduced: the callback communicates nothing
-        assert out["all_reduces"] == [0] * len(out["cb_norm"])
+    for out in outs:  # DDP grads are already all-reduced: the norm needs none; one 1-element verdict all-reduce
+        assert out["all_reduces"] == [1] * len(out["cb_norm"])
 
 
 def test_ddp_fork_in_process_matches_reference(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -269,8 +269,28 @@ def test_auto_under_ddp_fork_matches_a_single_process_run(tmp_path: Path, monkey
     _load("lightning_train").run(str(tmp_path), "ddp_fork", "auto")
     outs = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(C.WORLD)]
     _check_auto_run(outs)
-    for out in outs:  # replicated gradients: the estimator's norms need no communication either
-        assert out["all_reduces"] == [0] * C.STEPS
+    for out in outs:  # replicated gradients: the estimator's norms need no communication either (1: the verdict)
+        assert out["all_reduces"] == [1] * C.STEPS
+
+
+@pytest.mark.parametrize("sync_nonfinite", [None, False])
+def test_a_gradient_non_finite_on_one_rank_only_is_skipped_on_every_rank(
+    sync_nonfinite: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Rank 1's gradient turns NaN after DDP's all-reduce at step 2. By default the ranks agree on the verdict
+    (one 1-element all-reduce): both skip, and the replicas stay equal. Without it (`sync_nonfinite=False`)
+    only rank 1 skips and the replicas part: the failure the default prevents."""
+    fork_env(monkeypatch)
+    _load("lightning_train").run(str(tmp_path), "ddp_fork", "clip", nan_rank=1, sync_nonfinite=sync_nonfinite)
+    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(C.WORLD))
+    counts = (r0["latest"]["l0l1/nonfinite_steps"], r1["latest"]["l0l1/nonfinite_steps"])
+    same = all(torch.equal(a, b) for a, b in zip(r0["params"], r1["params"]))
+    if sync_nonfinite is None:
+        assert counts == (1, 1) and same
+        assert r0["all_reduces"] == r1["all_reduces"] == [1] * C.STEPS
+    else:
+        assert counts == (0, 1) and not same
+        assert r0["all_reduces"] == [0] * C.STEPS
 
 
 # ---------------------------------------------------------------------------------------- FSDP2

@@ -39,6 +39,8 @@ def _local(t: torch.Tensor) -> torch.Tensor:
 
 
 def _norm(ts: list[torch.Tensor]) -> float:
+    if not ts:  # a skipped step: the callback set the gradients to None
+        return float("nan")
     return float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(t.float()) for t in ts])))
 
 
@@ -150,9 +152,26 @@ class After(Callback):
         torch.save(out, os.path.join(self.rec["out_dir"], f"rank{trainer.global_rank}.pt"))
 
 
-def run(out_dir: str, strategy: str, mode: str = "clip") -> pl.Trainer:
+class NanOnOneRank(Callback):
+    """Placed before L0L1Clipping: makes rank ``rank``'s gradient NaN at global step ``step`` only, after
+    DDP's all-reduce (as a user's hook could), so that the ranks' gradients disagree."""
+
+    def __init__(self, rank: int, step: int) -> None:
+        self.rank, self.step = rank, step
+
+    def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Any) -> None:
+        if trainer.global_rank == self.rank and trainer.global_step == self.step:
+            next(p for g in optimizer.param_groups for p in g["params"] if p.grad is not None).grad.view(-1)[0] = (
+                float("nan")
+            )
+
+
+def run(
+    out_dir: str, strategy: str, mode: str = "clip", nan_rank: Any = None, sync_nonfinite: Any = None
+) -> pl.Trainer:
     """Fit under ``strategy``: ``"ddp"`` (subprocess script launcher), ``"ddp_fork"`` or ``"fsdp2"``,
-    with ``L0L1Clipping(mode="clip", max_norm=MAX_NORM)`` or, for ``mode="auto"``, ``L0L1Clipping()``."""
+    with ``L0L1Clipping(mode="clip", max_norm=MAX_NORM)`` or, for ``mode="auto"``, ``L0L1Clipping()``;
+    with ``nan_rank``, that rank's gradient is made NaN at step 2 after the all-reduce."""
     from pytorch_lightning.strategies import DDPStrategy, ModelParallelStrategy
 
     timeout = timedelta(seconds=120)  # a rank that dies must not leave the other waiting for 30 min
@@ -172,9 +191,11 @@ def run(out_dir: str, strategy: str, mode: str = "clip") -> pl.Trainer:
         )
     }
     rec["out_dir"] = out_dir
-    clip = L0L1Clipping(mode="clip", max_norm=C.MAX_NORM) if mode == "clip" else L0L1Clipping()
+    kw = {"mode": "clip", "max_norm": C.MAX_NORM} if mode == "clip" else {}
+    clip = L0L1Clipping(**kw, sync_nonfinite=sync_nonfinite)
     count_all_reduces(clip, rec)
-    return C.fit_on_ranks(Module(fsdp2), strat, callbacks=[Before(rec), clip, After(clip, rec)])
+    inject = [] if nan_rank is None else [NanOnOneRank(nan_rank, 2)]
+    return C.fit_on_ranks(Module(fsdp2), strat, callbacks=[*inject, Before(rec), clip, After(clip, rec)])
 
 
 if __name__ == "__main__":
