@@ -23,6 +23,7 @@ from lightning_l0l1.clipper import GradientClipper, NonFinite, StepOutcome
 from lightning_l0l1.gradients import all_ranks_finite, average_over_ranks_
 from lightning_l0l1.modes import Mode
 from lightning_l0l1.publish import Publisher
+from lightning_l0l1.stats import metric_name
 
 __all__ = ["L0L1ClippingBase"]
 
@@ -334,7 +335,8 @@ class L0L1ClippingBase:
             rank_zero_warn(
                 f"`L0L1Clipping`: the global gradient norm is not finite at step {trainer.global_step}; "
                 f"the step's gradients were {outcome.action} (`nonfinite={self.nonfinite!r}`). "
-                f"Further non-finite steps are counted in `{self.prefix}nonfinite_steps` without a warning."
+                f"Further non-finite steps are counted in `{metric_name(self.prefix, 'nonfinite_steps')}` "
+                "without a warning."
             )
 
     def _probe(self, trainer: Trainer, pl_module: LightningModule, batch: Any) -> None:

@@ -221,7 +221,7 @@ class WandbSink:
             run = self._run()
             if self.log_metrics:
                 run.log({**metrics, self.STEP_KEY: step})
-            g = pair_norm if math.isfinite(pair_norm) else metrics.get(f"{self.prefix}grad_norm")
+            g = pair_norm if math.isfinite(pair_norm) else metrics.get(metric_name(self.prefix, "grad_norm"))
             sm = metrics.get(smoothness_key) if smoothness_key else None
             if g is not None and sm is not None and g > 0 and sm > 0 and math.isfinite(g) and math.isfinite(sm):
                 self.rows.append([float(step), g, sm, math.log10(g), math.log10(sm)])
@@ -243,7 +243,8 @@ class WandbSink:
         plot = wandb.plot.scatter(
             table, "log10_grad_norm", "log10_smoothness", title="Local smoothness vs gradient norm (log-log)"
         )
-        run.log({f"{self.prefix}smoothness_table": table, f"{self.prefix}figure1": plot, self.STEP_KEY: step})
+        run.log({metric_name(self.prefix, "smoothness_table"): table, metric_name(self.prefix, "figure1"): plot,
+                 self.STEP_KEY: step})
 
     def histogram(self, values: Sequence[float], step: int, epoch: int) -> None:
         def go() -> None:
@@ -252,7 +253,8 @@ class WandbSink:
             finite = [v for v in values if math.isfinite(v)]
             if finite:
                 run = self._run()
-                run.log({f"{self.prefix}grad_norm_hist": wandb.Histogram(finite), "epoch": epoch, self.STEP_KEY: step})
+                run.log({metric_name(self.prefix, "grad_norm_hist"): wandb.Histogram(finite), "epoch": epoch,
+                         self.STEP_KEY: step})
 
         self._guard("histogram", go)
 
@@ -365,7 +367,7 @@ class Publisher:
             return
         log, wb = self.sinks(loggers)
         if wb is not None:  # first: its define_metric must precede the first l0l1 row
-            wb.log(metrics, step, f"{self.prefix}smoothness" if estimate else None, pair_norm)
+            wb.log(metrics, step, metric_name(self.prefix, "smoothness") if estimate else None, pair_norm)
         log.log(metrics, step)
 
     def _read(self, counters: Callable[[int], Optional[Tensor]], estimate: bool) -> tuple[dict[str, float], float]:

@@ -45,8 +45,6 @@ RECORD_FIELDS = ("grad_norm", "grad_norm_scaled", "scale", "max_norm")
 INTERVAL_FIELDS = ("grad_norm_max", "grad_norm_min", "clip_rate", "finite_steps", "steps")
 #: The clipper's running counters and latest estimates, read at each flush.
 COUNTER_FIELDS = ("nonfinite_steps", "smoothness", "L0", "L1", "pair_norm")
-#: The estimator's metrics (published only with the estimator on).
-ESTIMATE_FIELDS = ("smoothness", "L0", "L1", "lr_suggested")
 
 
 def lr_names(n_groups: int) -> list[str]:
