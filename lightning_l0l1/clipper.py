@@ -257,7 +257,9 @@ class GradientClipper:
         ctx = StepContext(optimizer, grads, norms, total_norm(norms, self.norm_type), self.norm_type,
                           [g["lr"] for g in optimizer.param_groups])
         finite = torch.isfinite(ctx.norm)
-        if agree is not None and grads.whole:
+        # every rank must take the same branch: `sharded` (FSDP1) is the same on all of them, while a rank
+        # holding no shard of this optimizer's gradients would look "whole" on its own
+        if agree is not None and not grads.sharded and grads.whole:
             finite = agree(finite)
             ctx.norm = torch.where(finite, ctx.norm, math.nan)  # every rank then sees the step as non-finite
         _clear_handoff(optimizer)
