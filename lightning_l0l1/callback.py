@@ -19,7 +19,7 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from lightning_l0l1 import validation
-from lightning_l0l1.clipper import GradientClipper, NonFinite, StepOutcome
+from lightning_l0l1.clipper import GradientClipper, NonFinite, SnapshotKind, StepOutcome
 from lightning_l0l1.gradients import all_ranks_finite, average_over_ranks_
 from lightning_l0l1.modes import Mode
 from lightning_l0l1.publish import Publisher
@@ -87,8 +87,8 @@ class L0L1ClippingBase:
             median of smoothness / gradient norm over the last 20 pairs
             (:func:`lightning_l0l1.rules.auto_scale`). It sets a plain-SGD step, corrected under SGD with
             momentum by the measured ratio of the step taken to the step set; Adam-type optimizers (warned)
-            divide its scaling away. It holds a snapshot of the gradients and parameters: two
-            gradient-sized buffers (``snapshot_device="cpu"`` keeps them in host memory).
+            divide its scaling away. It keeps a sample of the previous step's gradients and parameters
+            (``snapshot``: about 3% of the gradient bytes).
             ``"clip"``, ``"adaptive"``: the threshold ``max_norm``; ``"l0l1"``: the constants ``l0``, ``l1``.
         max_norm: the threshold :math:`\gamma` of ``clip`` and ``adaptive`` (> 0, required there);
             ``auto`` refuses one (it sets its own), ``l0l1`` ignores it.
@@ -102,8 +102,7 @@ class L0L1ClippingBase:
         foreach: use torch's ``_foreach`` kernels (``None``: where supported).
         estimate: run the smoothness estimator (``None``: on in ``auto`` only); in the fixed modes
             it only adds ``l0l1/smoothness``, ``l0l1/L0``, ``l0l1/L1``, ``l0l1/lr_suggested``.
-            Costs two gradient-sized buffers and, per step, one extra pass over gradients and
-            parameters.
+            Costs the snapshot (``snapshot``) and a few percent of a clipping step.
         estimate_every: form a secant pair every K steps only, plus one at step 1 (cost divided by
             about K).
         probe_loss: the paper's noise-free measurement. ``probe_loss(pl_module, batch)`` returns the
@@ -113,7 +112,12 @@ class L0L1ClippingBase:
             noise biases the secant upwards. Costs one extra forward and backward pass per estimated
             step (``estimate_every`` thins it). Implies ``estimate=True``; automatic optimization,
             ``accumulate_grad_batches=1`` and unsharded gradients (single device, DDP) only.
-        snapshot_device: ``"cpu"`` keeps the estimator's snapshot in host memory.
+        snapshot: what the estimator keeps of the previous step: ``"sampled"`` (one block of 256
+            elements in 64 of every large tensor, about 3% of the gradient bytes; the norms of the
+            differences are estimated) or ``"full"`` (every gradient and parameter: two gradient-sized
+            buffers, the exact differences). ``None``: ``"full"`` with ``probe_loss`` or
+            ``snapshot_device="cpu"``, else ``"sampled"``.
+        snapshot_device: ``"cpu"`` keeps a full snapshot in host memory.
         initial_step: ``auto``: the first update moves the parameters by at most
             ``initial_step * max(||theta||, 1)``; the bound doubles every step.
         fused_handoff: with a fused optimizer (``Adam(fused=True)`` ...), no GradScaler and one scale
@@ -161,6 +165,7 @@ class L0L1ClippingBase:
     foreach = _Setting[Optional[bool]]("clipper")
     estimate = _Setting[bool]("clipper")
     estimate_every = _Setting[int]("clipper")
+    snapshot = _Setting[SnapshotKind]("clipper")
     snapshot_device = _Setting[Optional[Literal["cpu"]]]("clipper")
     initial_step = _Setting[float]("clipper")
     fused_handoff = _Setting[bool]("clipper")
@@ -189,6 +194,7 @@ class L0L1ClippingBase:
         prog_bar: bool = False,
         wandb_table_every: int = 10,
         sync_nonfinite: Optional[bool] = None,
+        snapshot: Optional[SnapshotKind] = None,
     ) -> None:
         super().__init__()
         if probe_loss is not None and not callable(probe_loss):
@@ -202,7 +208,7 @@ class L0L1ClippingBase:
             mode=mode, max_norm=max_norm, l0=l0, l1=l1, norm_type=norm_type, nonfinite=nonfinite, foreach=foreach,
             estimate=True if probe_loss is not None else estimate, estimate_every=estimate_every,
             snapshot_device=snapshot_device, initial_step=initial_step, fused_handoff=fused_handoff,
-            probe=probe_loss is not None,
+            probe=probe_loss is not None, snapshot=snapshot,
         )
         self.log_stats: bool = validation.flag("log_stats", log_stats)  # type: ignore[assignment]
         every = validation.count("log_every_n_steps", log_every_n_steps, allow_none=True)

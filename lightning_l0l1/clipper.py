@@ -34,10 +34,11 @@ from lightning_l0l1.norms import scale_grads_, total_norm
 from lightning_l0l1.state import VERSION, Counters, OptimizerState
 from lightning_l0l1.stats import StepRecord
 
-__all__ = ["GradientClipper", "Mode", "NonFinite", "NonFiniteGradientError", "StepOutcome"]
+__all__ = ["GradientClipper", "Mode", "NonFinite", "NonFiniteGradientError", "SnapshotKind", "StepOutcome"]
 
 NonFinite = Literal["skip", "zero", "raise", "propagate"]
 _NONFINITE: tuple[str, ...] = get_args(NonFinite)
+SnapshotKind = Literal["sampled", "full"]
 
 
 class NonFiniteGradientError(RuntimeError):
@@ -117,13 +118,19 @@ class GradientClipper:
             The first three read one boolean on the host per step; ``propagate`` reads none.
         foreach: use the ``torch._foreach_*`` kernels (``None``: where supported).
         estimate: run the smoothness estimator (``None``: only where the mode needs it, ``auto``). It
-            keeps one snapshot of the gradients and parameters (two gradient-sized buffers) and adds,
-            per step, one pass over them; in the fixed modes it only reports ``smoothness``, ``L0``
-            and ``L1``.
+            keeps a snapshot of the previous step (see ``snapshot``); in the fixed modes it only reports
+            ``smoothness``, ``L0`` and ``L1``.
         estimate_every: form a secant pair every K steps only (plus one at step 1); the estimator's
             time cost is divided by about K.
-        snapshot_device: ``"cpu"`` (or ``torch.device("cpu")``) keeps the snapshot in (pinned) host memory:
-            no device memory, at the price of host-device copies.
+        snapshot: what the estimator keeps of the previous step. ``"sampled"``: one block of 256
+            elements in 64 of every tensor above 16384 elements (smaller ones whole), about 3% of the
+            gradient bytes, the norms of the differences estimated from them
+            (:class:`~lightning_l0l1.snapshots.SampledSnapshot`). ``"full"``: every gradient and
+            parameter, two gradient-sized buffers and one more pass over both per step, the exact
+            differences. ``None`` (default): ``"full"`` with ``probe`` or ``snapshot_device="cpu"``,
+            else ``"sampled"``.
+        snapshot_device: ``"cpu"`` (or ``torch.device("cpu")``) keeps a full snapshot in (pinned) host
+            memory: no device memory, at the price of host-device copies.
         initial_step: ``auto``: the first update moves the parameters by at most
             ``initial_step * max(||theta||, 1)``; that bound doubles every step after.
         fused_handoff: for torch's fused optimizers (``Adam``/``AdamW``/``SGD(fused=True)``) and one
@@ -164,6 +171,7 @@ class GradientClipper:
         initial_step: float = 1e-2,
         fused_handoff: bool = True,
         probe: bool = False,
+        snapshot: Optional[SnapshotKind] = None,
     ) -> None:
         rule_cls = RULES[validation.choice("mode", mode, tuple(RULES))]
         self.nonfinite: NonFinite = validation.choice("nonfinite", nonfinite, _NONFINITE)  # type: ignore[assignment]
@@ -186,10 +194,11 @@ class GradientClipper:
             raise ValueError(
                 "`probe=True` forms the estimator's pairs, so it needs the estimator: got `estimate=False`."
             )
+        self.snapshot: SnapshotKind = _snapshot_kind(snapshot, self.probe_enabled, self.snapshot_device)
         self.rule: Rule = make_rule(mode, max_norm, l0, l1, self.initial_step)
         self.estimator: Optional[SecantEstimator] = (
-            SecantEstimator(self.norm_type, self.estimate_every, snapshot_device == "cpu", self.probe_enabled,
-                            self.foreach)
+            SecantEstimator(self.norm_type, self.estimate_every, self.snapshot_device == "cpu", self.probe_enabled,
+                            self.foreach, self.snapshot)
             if self.estimate else None
         )
         self._states: dict[int, OptimizerState] = {}
@@ -214,7 +223,7 @@ class GradientClipper:
     def settings(self) -> dict[str, Any]:
         """Every setting, as plain values (for a run's configuration)."""
         names = ("mode", "max_norm", "l0", "l1", "norm_type", "nonfinite", "foreach", "estimate", "estimate_every",
-                 "snapshot_device", "initial_step", "fused_handoff")
+                 "snapshot", "snapshot_device", "initial_step", "fused_handoff")
         return {**{k: getattr(self, k) for k in names}, "probe": self.probe_enabled}
 
     # ------------------------------------------------------------------ the step
@@ -436,8 +445,9 @@ class GradientClipper:
     # ------------------------------------------------------------------ checkpointing
     def state_dict(self) -> dict[str, Any]:
         """All state, for every optimizer: counters, last statistics and the estimates as plain
-        Python values; with the estimator on, also the snapshot (two gradient-sized lists of CPU
-        tensors) so that a resumed run forms the same next secant pair as an uninterrupted one.
+        Python values; with the estimator on, also the snapshot (CPU tensors: about 3% of the gradient
+        bytes sampled, twice them full) so that a resumed run forms the same next secant pair as an
+        uninterrupted one.
         Under sharded strategies only rank zero's state is saved by Lightning, so there the snapshot
         is left out: the first step after resuming then forms no pair.
         """
@@ -449,11 +459,26 @@ class GradientClipper:
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Restore :meth:`state_dict` (this version or an earlier one); tensors move to the gradients'
         device at the next step."""
-        offload = self.snapshot_device == "cpu"
+        empty = self.estimator.new_snapshot if self.estimator is not None else None
         self._states = {
-            int(k): OptimizerState.from_state_dict(sd, self.rule, offload)
+            int(k): OptimizerState.from_state_dict(sd, self.rule, empty)
             for k, sd in state_dict.get("optimizers", {}).items()
         }
+
+
+def _snapshot_kind(snapshot: Any, probe: bool, snapshot_device: Optional[str]) -> SnapshotKind:
+    """The snapshot in use: the one asked for, else ``"full"`` where only it can serve, else ``"sampled"``."""
+    if snapshot is None:
+        return "full" if probe or snapshot_device == "cpu" else "sampled"
+    kind: SnapshotKind = validation.choice("snapshot", snapshot, get_args(SnapshotKind))  # type: ignore[assignment]
+    if kind == "sampled" and probe:
+        raise ValueError("`probe=True` moves the parameters back to the midpoint of the step, which needs the "
+                         "whole previous parameters: use `snapshot='full'` (or None), got `snapshot='sampled'`.")
+    if kind == "sampled" and snapshot_device == "cpu":
+        raise ValueError("`snapshot_device='cpu'` offloads a full snapshot; a sampled one is about 3% of the "
+                         "gradient bytes and stays on the device: got `snapshot='sampled'`. Use "
+                         "`snapshot='full'` (or None) with `snapshot_device='cpu'`.")
+    return kind
 
 
 def _full_like(like: Tensor, value: float) -> Tensor:

@@ -20,8 +20,9 @@ The pairs feed three estimates, all in :class:`EnvelopeState`:
 * ``low``, the smallest smoothness seen;
 * ``ratio``, the lower median of :math:`\hat L_i / n_i` over the last :data:`WINDOW` pairs.
 
-:class:`SecantEstimator` forms the pairs from a :class:`Snapshot` of the previous step's gradients
-and parameters (or from a midpoint probe, :meth:`SecantEstimator.probe`). Pairs with a non-finite
+:class:`SecantEstimator` forms the pairs from a snapshot of the previous step's gradients and
+parameters (:mod:`lightning_l0l1.snapshots`: sampled by default, or whole), or from a midpoint
+probe (:meth:`SecantEstimator.probe`). Pairs with a non-finite
 value, a zero step or a zero gradient norm are ignored. ``docs/how-it-works.md`` explains the
 choices (the log-mean pairing, the envelope, minibatch noise).
 
@@ -42,6 +43,7 @@ from torch import Tensor
 
 from lightning_l0l1.gradients import Gradients
 from lightning_l0l1.norms import GradGroup, group_norms
+from lightning_l0l1.snapshots import FullSnapshot, Snapshot, make_snapshot
 
 __all__ = [
     "CAPACITY",
@@ -51,7 +53,6 @@ __all__ = [
     "MomentumState",
     "Secant",
     "SecantEstimator",
-    "Snapshot",
     "amplification_update",
     "envelope_fit",
     "envelope_init",
@@ -369,101 +370,6 @@ def secant_pair(dg: Tensor, dtheta: Tensor, norm_prev: Tensor, norm_cur: Tensor)
     return log_mean(norm_prev, norm_cur), smooth
 
 
-class Snapshot:
-    """The gradients and parameters of the previous estimation step, for the secant.
-
-    One buffer per gradient and per parameter (two gradient-sized buffers in all), on the
-    tensors' device or, with ``device="cpu"``, in (pinned, on CUDA) host memory: the difference
-    is then formed one tensor at a time on the device, so the device holds at most one
-    tensor-sized temporary, and copies are issued without blocking.
-    """
-
-    def __init__(self, offload: bool = False) -> None:
-        self.requested_offload = offload
-        self.offload = offload
-        self.grads: list[Tensor] = []
-        self.params: list[Tensor] = []
-        self.layout: tuple[tuple[int, ...], ...] = ()
-        self.norm: Tensor | None = None  # ||g|| at the snapshot
-
-    @property
-    def valid(self) -> bool:
-        return bool(self.layout)
-
-    def clear(self) -> None:
-        self.grads, self.params, self.layout, self.norm = [], [], (), None
-
-    def differences(
-        self, grads: list[Tensor], params: list[Tensor], norm_type: float
-    ) -> tuple[list[Tensor], list[Tensor]]:
-        """Tensors whose p-norm is ``||g_prev - g||`` and ``||p_prev - p||``.
-
-        On the device the differences are formed in the buffers themselves (no allocation).
-        Offloaded, each difference is formed on the device, reduced to its norm and freed before
-        the next one, and the 1-element norms are returned (their p-norm is the same).
-        """
-        if not self.offload:
-            torch._foreach_sub_(self.grads, grads)  # pyright: ignore[reportPrivateImportUsage]
-            torch._foreach_sub_(self.params, params)  # pyright: ignore[reportPrivateImportUsage]
-            return self.grads, self.params
-
-        def norms(bufs: list[Tensor], cur: list[Tensor]) -> list[Tensor]:
-            out = []
-            for b, t in zip(bufs, cur):
-                d = b.to(t.device, non_blocking=True).sub_(t)
-                acc = torch.float32 if d.dtype in (torch.float16, torch.bfloat16) else None
-                out.append(torch.linalg.vector_norm(d, norm_type, dtype=acc).view(1))
-            return out
-
-        return norms(self.grads, grads), norms(self.params, params)
-
-    def take(self, grads: list[Tensor], params: list[Tensor], norm: Tensor) -> None:
-        layout = tuple(tuple(t.shape) for t in grads)
-        if layout != self.layout:
-            # Tensors already on the CPU gain nothing from offloading: use the in-place path.
-            self.offload = self.requested_offload and any(t.device.type != "cpu" for t in grads)
-            pin = self.offload and torch.cuda.is_available()
-            dev = (lambda t: torch.device("cpu")) if self.offload else (lambda t: t.device)
-            self.grads = [torch.empty(g.shape, dtype=g.dtype, device=dev(g), pin_memory=pin) for g in grads]
-            self.params = [torch.empty(p.shape, dtype=p.dtype, device=dev(p), pin_memory=pin) for p in params]
-            self.layout = layout
-        if self.offload:
-            for b, t in zip(self.grads + self.params, grads + params):
-                b.copy_(t, non_blocking=True)
-        else:
-            torch._foreach_copy_(self.grads, grads)  # pyright: ignore[reportPrivateImportUsage]
-            torch._foreach_copy_(self.params, params)  # pyright: ignore[reportPrivateImportUsage]
-        self.norm = norm.detach().clone()
-
-    def state_dict(self) -> dict[str, Any]:
-        if not self.valid:
-            return {}
-        return {
-            "grads": [t.detach().cpu().clone() for t in self.grads],
-            "params": [t.detach().cpu().clone() for t in self.params],
-            "norm": self.norm.detach().cpu().clone(),  # type: ignore[union-attr]
-        }
-
-    def load(self, sd: dict[str, Any], device: torch.device) -> None:
-        if not sd:
-            self.clear()
-            return
-        target = torch.device("cpu") if self.offload else device
-        # copies: the buffers are modified in place, the caller's state dict must not be
-        self.grads = [t.to(target, copy=True) for t in sd["grads"]]
-        self.params = [t.to(target, copy=True) for t in sd["params"]]
-        self.layout = tuple(tuple(t.shape) for t in self.grads)
-        self.norm = sd["norm"].to(device)
-
-    def to(self, device: torch.device) -> None:
-        """Move the buffers to ``device`` (offloaded ones stay in host memory)."""
-        if not self.offload:
-            self.grads = [t.to(device) for t in self.grads]
-            self.params = [t.to(device) for t in self.params]
-        if self.norm is not None:
-            self.norm = self.norm.to(device)
-
-
 @dataclass
 class Secant:
     """One measurement: the pair that enters the envelope, and the length of the step it was taken over.
@@ -485,7 +391,7 @@ class EstimatorState:
 
     Attributes:
         envelope: the estimates (:class:`EnvelopeState`).
-        snapshot: the gradients and parameters of the step a pair starts from.
+        snapshot: the gradients and parameters (sampled or whole) of the step a pair starts from.
         snap_step: the step index the snapshot was taken at (-2: none usable).
         probe_params: the parameters to probe after the step (the probe only), in snapshot order.
     """
@@ -514,15 +420,17 @@ class EstimatorState:
         return out
 
     @classmethod
-    def from_state_dict(cls, sd: dict[str, Any], offload: bool) -> Optional[EstimatorState]:
-        """What :meth:`state_dict` saved, on the CPU; ``None`` if it holds no estimate."""
+    def from_state_dict(cls, sd: dict[str, Any], snapshot: Snapshot) -> Optional[EstimatorState]:
+        """What :meth:`state_dict` saved, on the CPU, with its snapshot restored into ``snapshot`` (an
+        empty one of the kind in use; a saved snapshot of another kind is dropped); ``None`` if it holds
+        no estimate."""
         if sd.get("env") is None:
             return None
-        snapshot = Snapshot(offload=offload)
         state = cls(EnvelopeState.from_state_dict(sd["env"], torch.device("cpu")), snapshot)
         if sd.get("snapshot"):
-            snapshot.load(sd["snapshot"], torch.device("cpu"))
-            state.snap_step = int(sd["snap_step"])
+            snapshot.load(sd["snapshot"], torch.device("cpu"), int(sd["snap_step"]))
+            if snapshot.valid:
+                state.snap_step = int(sd["snap_step"])
         return state
 
 
@@ -555,21 +463,28 @@ class SecantEstimator:
     Args:
         norm_type: the p of the norms.
         every: form a pair every this many steps.
-        offload: keep the snapshot in host memory.
-        probe: pairs come from :meth:`probe`.
+        offload: keep a full snapshot in host memory.
+        probe: pairs come from :meth:`probe` (needs ``snapshot="full"``).
         foreach: use the ``_foreach`` kernels (``None``: where supported).
+        snapshot: ``"sampled"`` (:class:`~lightning_l0l1.snapshots.SampledSnapshot`) or ``"full"``
+            (:class:`~lightning_l0l1.snapshots.FullSnapshot`).
+        seed: the sampled snapshot's seed.
     """
 
     def __init__(
         self, norm_type: float, every: int = 1, offload: bool = False, probe: bool = False,
-        foreach: Optional[bool] = None,
+        foreach: Optional[bool] = None, snapshot: str = "full", seed: int = 0,
     ) -> None:
         self.norm_type, self.every, self.offload, self.probe_enabled, self.foreach = (
             norm_type, every, offload, probe, foreach
         )
+        self.snapshot, self.seed = snapshot, seed
+
+    def new_snapshot(self) -> Snapshot:
+        return make_snapshot(self.snapshot, self.offload, self.seed)
 
     def init(self, device: torch.device) -> EstimatorState:
-        return EstimatorState(envelope_init(device), Snapshot(offload=self.offload))
+        return EstimatorState(envelope_init(device), self.new_snapshot())
 
     def observe(self, state: EstimatorState, grads: Gradients, norm: Tensor, t: int) -> Optional[Secant]:
         """Step ``t``'s measurement from the raw gradients ``grads`` (global norm ``norm``), if one forms.
@@ -588,19 +503,19 @@ class SecantEstimator:
                 )
             state.snap_step, state.probe_params = -2, []
             if take:
-                snap.take(local_grads, params, norm)
+                snap.take(local_grads, params, norm, t)
                 state.snap_step, state.probe_params = t, [p for ps in grads.params for p in ps]
             return None
         secant = None
-        if state.snap_step == t - 1 and snap.valid and snap.layout == tuple(tuple(g.shape) for g in local_grads):
+        if state.snap_step == t - 1 and snap.matches(local_grads):
             dg, dp = snap.differences(local_grads, params, self.norm_type)
             d = grads.norms(self.norm_type, self.foreach,
-                            groups=[grads.like(dg, snap.offload), grads.like(dp, snap.offload)])
+                            groups=[grads.like(dg, snap.flat), grads.like(dp, snap.flat)])
             pair_norm, smooth = secant_pair(d[0], d[1], snap.norm, norm)  # type: ignore[arg-type]
             state.envelope = envelope_update(state.envelope, pair_norm, smooth)
             secant = Secant(pair_norm, smooth, d[1])
         if take:
-            snap.take(local_grads, params, norm)
+            snap.take(local_grads, params, norm, t)
             state.snap_step = t
         return secant
 
@@ -617,6 +532,7 @@ class SecantEstimator:
         there, and the parameters are restored bit for bit. See :meth:`GradientClipper.probe`.
         """
         snap, params = state.snapshot, state.probe_params
+        assert isinstance(snap, FullSnapshot)
         if not snap.valid or state.snap_step != t - 1 or not params:
             return None
         state.snap_step, state.probe_params = -2, []  # one probe per snapshot

@@ -113,12 +113,14 @@ class Gradients:
             sharded=self.sharded, foreach=foreach, device=self.device,
         )
 
-    def like(self, tensors: Sequence[Tensor], norms_only: bool = False) -> GradGroup:
+    def like(self, tensors: Sequence[Tensor], flat: bool = False) -> GradGroup:
         """A :class:`GradGroup` of local ``tensors`` (one per entry) distributed like the gradients.
 
         Local parts of DTensor gradients are wrapped back into DTensors of the same mesh and
-        placements, so their norm is reduced the same way. ``norms_only``: the tensors are
-        1-element local norms (an offloaded snapshot's differences), which supports no DTensor.
+        placements, so their norm is reduced the same way. ``flat``: the tensors are not shaped like
+        the gradients (a sampled snapshot's 1-d samples, an offloaded snapshot's 1-element norms);
+        DTensor parts then become 1-d DTensors sharded along every mesh dimension their gradient is
+        sharded along, so that their p-norm sums the local parts over those ranks (and only those).
         """
         group = GradGroup()
         for (kind, g, _), t in zip(self.entries, tensors):
@@ -126,25 +128,29 @@ class Gradients:
                 group.replicated.append(t)
             elif kind == "s":
                 group.sharded.append(t)
-            elif norms_only:
-                raise NotImplementedError(
-                    "`snapshot_device='cpu'` does not support DTensor (FSDP2 / tensor-parallel) gradients yet; "
-                    "keep the snapshot on the device (`snapshot_device=None`)."
-                )
             else:
-                from torch.distributed.tensor import DTensor
-
-                d = cast(DTensor, g)
-                group.dtensors.append(
-                    DTensor.from_local(t, d.device_mesh, d.placements, run_check=False, shape=d.shape,
-                                       stride=d.stride())
-                )
+                group.dtensors.append(_dtensor_like(cast("DTensor", g), t, flat))
         return group
 
     def param_norm(self, norm_type: float) -> Tensor:
         """The global norm of the parameters that have a gradient."""
         _, params = self.local()
         return total_norm(self.norms(norm_type, groups=[self.like(params)]), norm_type)
+
+
+def _dtensor_like(grad: DTensor, local: Tensor, flat: bool) -> DTensor:
+    """``local`` as the local part of a DTensor on ``grad``'s mesh (see :meth:`Gradients.like`)."""
+    from torch.distributed.tensor import DTensor, Replicate, Shard
+
+    if not flat:
+        return DTensor.from_local(local, grad.device_mesh, grad.placements, run_check=False, shape=grad.shape,
+                                  stride=grad.stride())
+    placements = []
+    for placement in grad.placements:
+        if not (isinstance(placement, (Shard, Replicate))):
+            raise NotImplementedError(f"The estimator does not support DTensor gradients placed as {placement}.")
+        placements.append(Shard(0) if isinstance(placement, Shard) else Replicate())
+    return DTensor.from_local(local.reshape(-1), grad.device_mesh, placements, run_check=False)
 
 
 def average_over_ranks_(tensors: Sequence[Tensor], group: Any = None) -> None:

@@ -12,6 +12,7 @@ Imports only :mod:`torch`.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Optional
 
@@ -20,6 +21,7 @@ from torch import Tensor
 
 from lightning_l0l1.estimator import EstimatorState
 from lightning_l0l1.modes import Rule
+from lightning_l0l1.snapshots import FullSnapshot, Snapshot
 from lightning_l0l1.stats import RECORD_FIELDS
 
 __all__ = ["VERSION", "Counters", "OptimizerState"]
@@ -106,13 +108,16 @@ class OptimizerState:
         return out
 
     @classmethod
-    def from_state_dict(cls, sd: dict[str, Any], rule: Rule, offload: bool) -> OptimizerState:
-        """What :meth:`state_dict` saved (either version), on the CPU."""
+    def from_state_dict(
+        cls, sd: dict[str, Any], rule: Rule, snapshot: Optional[Callable[[], Snapshot]] = None
+    ) -> OptimizerState:
+        """What :meth:`state_dict` saved (either version), on the CPU; ``snapshot`` makes the estimator's
+        empty snapshot (``None``: the estimator is off, its saved estimates are still shown)."""
         last = list(sd.get("last") or [])
         return cls(
             counters=Counters.from_state_dict(sd),
             last=torch.tensor(last, dtype=torch.float64) if last else None,
-            estimator=EstimatorState.from_state_dict(sd, offload),
+            estimator=EstimatorState.from_state_dict(sd, (snapshot or FullSnapshot)()),
             rule=rule.load_state_dict(sd),
             restored=True,
         )

@@ -40,13 +40,13 @@ from lightning_l0l1.estimator import (
     CAPACITY,
     WINDOW,
     EnvelopeState,
-    Snapshot,
     envelope_fit,
     envelope_init,
     envelope_update,
     log_mean,
     secant_pair,
 )
+from lightning_l0l1.snapshots import FullSnapshot
 
 FACTOR = 1.5  # the fitted constants must be within this factor of the true ones
 
@@ -757,20 +757,20 @@ def train(clipper: GradientClipper, steps: int = 15, dtype: torch.dtype = F64, l
 def per_tensor_snapshot(monkeypatch):
     """On the CPU an offloaded snapshot takes the in-place path (nothing to gain from offloading); force the
     path it takes on an accelerator: host buffers, differences reduced to per-tensor norms."""
-    take = Snapshot.take
+    take = FullSnapshot.take
 
-    def forced(self, grads, params, norm):
-        take(self, grads, params, norm)
+    def forced(self, grads, params, norm, step):
+        take(self, grads, params, norm, step)
         self.offload = self.requested_offload
 
-    monkeypatch.setattr(Snapshot, "take", forced)
+    monkeypatch.setattr(FullSnapshot, "take", forced)
 
 
 @pytest.mark.parametrize("path", ["native", "per_tensor"])
 @pytest.mark.parametrize("mode", ["auto", "clip"])
 def test_cpu_snapshot_gives_the_same_estimates(mode, path, request):
     kw = dict(mode=mode, max_norm=1.0 if mode == "clip" else None, estimate=True, nonfinite="propagate")
-    a = GradientClipper(**kw)
+    a = GradientClipper(**kw, snapshot="full")
     net_a, *_ = train(a)
     if path == "per_tensor":
         request.getfixturevalue("per_tensor_snapshot")

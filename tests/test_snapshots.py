@@ -1,0 +1,204 @@
+"""The estimator's sampled snapshot against exact references.
+
+* the estimate of a difference's norm equals a reference built independently from the sampled
+  positions (index arithmetic on a float64 copy, not the snapshot's views), for every tensor size
+  class: whole (small), blocks only, blocks and a tail;
+* over all offsets the estimate of ``||x||_p^p`` averages to the exact value (closed form);
+* small tensors are kept whole: the sampled and full snapshots give bitwise the same run;
+* on a large random difference the estimate is within a few percent of the exact norm, and the
+  buffers hold about ``2 / SAMPLE_STRIDE`` of the gradient bytes;
+* determinism (same seed, same trajectory) and exact resume with sampling active, and what happens
+  to a checkpoint of the other kind;
+* the settings: validation, defaults, and the probe/offload combinations.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from lightning_l0l1 import snapshots
+from lightning_l0l1.clipper import GradientClipper
+from lightning_l0l1.snapshots import SAMPLE_BLOCK, SAMPLE_STRIDE, FullSnapshot, SampledSnapshot, sample_offset
+
+
+def reference_estimate(prev: list[torch.Tensor], cur: list[torch.Tensor], offsets: list[int], block: int,
+                       stride: int, p: float) -> float:
+    """The estimate of ||prev - cur||_p from the sampled positions, by index arithmetic in float64."""
+    total = 0.0
+    biggest = 0.0
+    for a, b, o in zip(prev, cur, offsets):
+        d = (a.double() - b.double()).reshape(-1)
+        n = d.numel()
+        nb = n // block
+        if nb <= stride:
+            idx, w = torch.arange(n), torch.ones(n, dtype=torch.float64)
+        else:
+            starts = torch.arange(o, nb, stride) * block
+            blocks = (starts[:, None] + torch.arange(block)[None, :]).reshape(-1)
+            tail = torch.arange(nb * block, n)
+            idx = torch.cat([blocks, tail])
+            w = torch.cat([torch.full((blocks.numel(),), nb / starts.numel(), dtype=torch.float64),
+                           torch.ones(tail.numel(), dtype=torch.float64)])
+        if math.isinf(p):
+            biggest = max(biggest, float(d[idx].abs().max()))
+        else:
+            total += float((w * d[idx].abs().pow(p)).sum())
+    return biggest if math.isinf(p) else total ** (1.0 / p)
+
+
+SHAPES = [(7, 9), (300, 256), (100, 333), (64 * 256 + 1,), (5000, 17)]  # whole, blocks, blocks+tail, ...
+
+
+@pytest.mark.parametrize("p", [2.0, 1.0, 3.0, math.inf])
+def test_estimate_matches_an_index_arithmetic_reference(p):
+    g = torch.Generator().manual_seed(0)
+    prev_g = [torch.randn(s, generator=g) for s in SHAPES]
+    prev_p = [torch.randn(s, generator=g) for s in SHAPES]
+    cur_g = [t + torch.randn(t.shape, generator=g) * 0.1 for t in prev_g]
+    cur_p = [t + torch.randn(t.shape, generator=g) * 0.01 for t in prev_p]
+    snap = SampledSnapshot(seed=3)
+    snap.take(prev_g, prev_p, torch.tensor(1.0), step=11)
+    offsets = [sample_offset(3, 11, i, SAMPLE_STRIDE) for i in range(len(SHAPES))]
+    dg, dp = snap.differences(cur_g, cur_p, p)
+    got_g = float(torch.linalg.vector_norm(torch.cat(dg).double(), p))
+    got_p = float(torch.linalg.vector_norm(torch.cat(dp).double(), p))
+    assert got_g == pytest.approx(reference_estimate(prev_g, cur_g, offsets, SAMPLE_BLOCK, SAMPLE_STRIDE, p),
+                                  rel=1e-5)
+    assert got_p == pytest.approx(reference_estimate(prev_p, cur_p, offsets, SAMPLE_BLOCK, SAMPLE_STRIDE, p),
+                                  rel=1e-5)
+
+
+@pytest.mark.parametrize("p", [2.0, 1.0])
+def test_average_over_every_offset_is_exact(p, monkeypatch):
+    """With a whole number of strides of blocks, every block is sampled by exactly one offset: the mean
+    of the estimated ||x||_p^p over the offsets is ||x||_p^p."""
+    x = torch.randn(SAMPLE_STRIDE * 3 * SAMPLE_BLOCK + 77, dtype=torch.float64)  # 3 blocks per offset, a tail
+    exact = float(x.abs().pow(p).sum())
+    powers = []
+    for o in range(SAMPLE_STRIDE):
+        monkeypatch.setattr(snapshots, "sample_offset", lambda seed, step, index, stride, o=o: o)
+        snap = SampledSnapshot()
+        snap.take([x], [x], torch.tensor(1.0), step=0)
+        dg, _ = snap.differences([torch.zeros_like(x)], [torch.zeros_like(x)], p)
+        powers.append(float(torch.linalg.vector_norm(dg[0], p)) ** p)
+    assert sum(powers) / len(powers) == pytest.approx(exact, rel=1e-12)
+    assert len({round(v, 6) for v in powers}) > 1  # the offsets did sample different blocks
+
+
+def test_large_difference_is_estimated_within_a_few_percent_and_buffers_are_small():
+    g = torch.Generator().manual_seed(1)
+    shapes = [(768, 768), (3072, 768), (768, 3072), (768,), (2304, 768)]
+    prev = [torch.randn(s, generator=g) for s in shapes]
+    # a difference whose scale varies by tensor and within tensors (rows), as real gradients' do
+    rows = [torch.rand(t.shape[0], generator=g).reshape(-1, *([1] * (t.dim() - 1))) for t in prev]
+    cur = [t + torch.randn(t.shape, generator=g) * (i + 1) * r for i, (t, r) in enumerate(zip(prev, rows))]
+    snap = SampledSnapshot()
+    snap.take(prev, prev, torch.tensor(1.0), step=0)
+    dg, _ = snap.differences(cur, cur, 2.0)
+    exact = float(torch.linalg.vector_norm(torch.cat([(a - b).reshape(-1) for a, b in zip(prev, cur)]).double()))
+    est = float(torch.linalg.vector_norm(torch.cat(dg).double()))
+    assert est == pytest.approx(exact, rel=0.03)
+    grad_bytes = sum(t.numel() * t.element_size() for t in prev)
+    held = sum(t.numel() * t.element_size() for t in snap.grads + snap.params)
+    assert held <= grad_bytes * (2 / SAMPLE_STRIDE) * 1.02
+
+
+def _mlp(seed: int = 0) -> tuple[nn.Module, torch.optim.Optimizer]:
+    torch.manual_seed(seed)
+    net = nn.Sequential(nn.Linear(40, 300), nn.Tanh(), nn.Linear(300, 300), nn.Tanh(), nn.Linear(300, 1))
+    return net, torch.optim.SGD(net.parameters(), lr=0.3, momentum=0.5)
+
+
+def _run(clipper: GradientClipper, steps: int, net=None, opt=None, start: int = 0):
+    if net is None:
+        net, opt = _mlp()
+    gen = torch.Generator().manual_seed(7)
+    xs = [torch.randn(16, 40, generator=gen) for _ in range(start + steps)]
+    for x in xs[start:]:
+        opt.zero_grad()
+        net(x).pow(2).mean().backward()
+        clipper.step(opt)
+        opt.step()
+    return net, opt
+
+
+def test_small_tensors_are_kept_whole_bitwise_equal_to_the_full_snapshot(monkeypatch):
+    """Two layers of the 40-300-300-1 MLP are above 16384 elements: with a stride so large that every
+    tensor is whole, the sampled run equals the full one bit for bit."""
+    a = GradientClipper(snapshot="full", nonfinite="propagate")
+    net_a, _ = _run(a, 12)
+    monkeypatch.setattr(snapshots, "SAMPLE_STRIDE", 10**6)
+    b = GradientClipper(snapshot="sampled", nonfinite="propagate")
+    net_b, _ = _run(b, 12)
+    assert b._states[0].estimator.snapshot.grads[2].numel() == 300 * 300
+    assert a.latest() == b.latest()
+    for p, q in zip(net_a.parameters(), net_b.parameters()):
+        assert torch.equal(p, q)
+
+
+def test_sampling_is_deterministic_and_resumes_bitwise(tmp_path):
+    first = GradientClipper(nonfinite="propagate")
+    net1, _ = _run(first, 15)
+    second = GradientClipper(nonfinite="propagate")
+    net2, _ = _run(second, 15)
+    assert first.latest() == second.latest()
+    assert all(torch.equal(p, q) for p, q in zip(net1.parameters(), net2.parameters()))
+    assert first._states[0].estimator.snapshot.kind == "sampled"
+    # the two large layers are sampled: their buffers hold a fraction of them
+    snap = first._states[0].estimator.snapshot
+    assert snap.grads[2].numel() < 300 * 300 / 10
+
+    # resume at step 6 from a state dict saved through a file
+    a = GradientClipper(nonfinite="propagate")
+    net, opt = _run(a, 6)
+    torch.save({"clip": a.state_dict(), "net": net.state_dict(), "opt": opt.state_dict()}, tmp_path / "ck.pt")
+    ck = torch.load(tmp_path / "ck.pt", weights_only=True)
+    _run(a, 9, net, opt, start=6)
+    net_r, opt_r = _mlp()
+    net_r.load_state_dict(ck["net"])
+    opt_r.load_state_dict(ck["opt"])
+    b = GradientClipper(nonfinite="propagate")
+    b.load_state_dict(ck["clip"])
+    _run(b, 9, net_r, opt_r, start=6)
+    assert b.latest() == a.latest() == first.latest()
+    for p, q in zip(net_r.parameters(), net1.parameters()):
+        assert torch.equal(p, q)
+
+
+@pytest.mark.parametrize(("saved", "loaded"), [("full", "sampled"), ("sampled", "full")])
+def test_a_snapshot_of_the_other_kind_is_dropped(saved, loaded):
+    a = GradientClipper(snapshot=saved, nonfinite="propagate")
+    net, opt = _run(a, 5)
+    pairs = a.latest()["l0l1/smoothness_pairs"]
+    b = GradientClipper(snapshot=loaded, nonfinite="propagate")
+    b.load_state_dict(a.state_dict())
+    assert not b._states[0].estimator.snapshot.valid
+    _run(b, 1, net, opt, start=5)  # no pair: nothing to difference against
+    assert b.latest()["l0l1/smoothness_pairs"] == pairs
+    _run(b, 1, net, opt, start=6)
+    assert b.latest()["l0l1/smoothness_pairs"] == pairs + 1
+
+
+def test_snapshot_setting_defaults_and_errors():
+    assert GradientClipper().snapshot == "sampled"
+    assert GradientClipper(probe=True).snapshot == "full"
+    assert GradientClipper(snapshot_device="cpu").snapshot == "full"
+    assert GradientClipper(snapshot="full").settings()["snapshot"] == "full"
+    assert isinstance(GradientClipper(snapshot="full").estimator.new_snapshot(), FullSnapshot)
+    with pytest.raises(ValueError, match=r"`snapshot` must be one of 'sampled', 'full', got 'exact'"):
+        GradientClipper(snapshot="exact")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match=r"`probe=True`.*got `snapshot='sampled'`"):
+        GradientClipper(probe=True, snapshot="sampled")
+    with pytest.raises(ValueError, match=r"`snapshot_device='cpu'`.*got `snapshot='sampled'`"):
+        GradientClipper(snapshot_device="cpu", snapshot="sampled")
+
+
+def test_offsets_spread_over_the_stride():
+    seen = {sample_offset(0, t, i, SAMPLE_STRIDE) for t in range(50) for i in range(20)}
+    assert seen == set(range(SAMPLE_STRIDE))
+    assert sample_offset(0, 5, 2, 64) == sample_offset(0, 5, 2, 64)
+    assert [sample_offset(1, 5, i, 64) for i in range(8)] != [sample_offset(0, 5, i, 64) for i in range(8)]
