@@ -8,6 +8,7 @@ plain copy of the same size), the host syncs per step and the bytes the step all
 
     python benchmarks/bench_step.py            # full: ~1M, 25M, 100M parameters
     python benchmarks/bench_step.py --quick    # seconds; what the test suite runs
+    python benchmarks/bench_step.py --devices cuda --out benchmarks/results/bench_step_cuda.md   # GPU rows only
 """
 
 from __future__ import annotations
@@ -44,9 +45,11 @@ def configs(params, max_norm: float = 1.0):
         ("L0L1 adaptive", dict(mode="adaptive", max_norm=max_norm, nonfinite="propagate")),
         ("L0L1 l0l1", dict(mode="l0l1", l0=1.0, l1=1.0, nonfinite="propagate")),
         ("L0L1 clip, nonfinite=skip", dict(mode="clip", max_norm=max_norm, nonfinite="skip")),
-        ("L0L1 auto", dict(mode="auto", nonfinite="propagate")),
-        ("L0L1 auto, estimate_every=4", dict(mode="auto", nonfinite="propagate", estimate_every=4)),
-        ("L0L1 auto, snapshot on cpu", dict(mode="auto", nonfinite="propagate", snapshot_device="cpu")),
+        ("L0L1 auto (sampled snapshot)", dict(mode="auto", nonfinite="propagate")),
+        ("L0L1 auto, full snapshot", dict(mode="auto", nonfinite="propagate", snapshot="full")),
+        ("L0L1 auto, full, estimate_every=4", dict(mode="auto", nonfinite="propagate", snapshot="full",
+                                                   estimate_every=4)),
+        ("L0L1 auto, full snapshot on cpu", dict(mode="auto", nonfinite="propagate", snapshot_device="cpu")),
     ]:
         cb = L0L1Clipping(**kw)
         cases[label] = lambda cb=cb: cb.on_before_optimizer_step(trainer, None, opt)
@@ -115,13 +118,20 @@ def main(argv=None) -> str:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="tiny sizes and few repetitions (smoke test)")
     ap.add_argument("--reps", type=int, default=None)
+    ap.add_argument("--devices", type=str, default=None,
+                    help="comma-separated, e.g. cuda (default: cpu, and cuda where there is one)")
+    ap.add_argument("--sizes", type=str, default=None, help="comma-separated parameter counts, e.g. 25e6,100e6")
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "bench_step.md")
     args = ap.parse_args(argv)
     devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+    if args.devices:
+        devices = [d.strip() for d in args.devices.split(",") if d.strip()]
     if args.quick:
         sizes, reps = [2e5], args.reps or 3
     else:
         sizes, reps = [1e6, 25e6, 100e6], args.reps or 15
+    if args.sizes:
+        sizes = [float(x) for x in args.sizes.split(",") if x.strip()]
     report = run(sizes, [torch.float32, torch.bfloat16], devices, reps)
     return emit(report, args.out, args.quick)
 

@@ -223,21 +223,26 @@ class SampledSnapshot(_Snapshot):
         """Matching views of the buffers and of the tensors' sampled elements; each buffer's used part;
         and the buffers' block parts with their weights."""
         mine, theirs, used, weighted = [], [], [], []
+        block, stride = self.block, self.stride
         for i, (b, t) in enumerate(zip(bufs, tensors)):
             flat = _flat(t)
-            o, k, kept, w = self._plan(flat.numel(), i, step)
-            used.append(b[:kept])
+            n = flat.numel()
+            o, k, kept, w = self._plan(n, i, step)
             if k == 0:
-                mine.append(b[:kept])
+                whole = b[:kept]
+                mine.append(whole)
                 theirs.append(flat)
+                used.append(whole)
                 continue
-            nb = flat.numel() // self.block
-            mine.append(b[: k * self.block].view(k, self.block))
-            theirs.append(flat[: nb * self.block].view(nb, self.block)[o :: self.stride])
+            # the blocks o, o + stride, ... as one strided view: one op, no copy
+            mine.append(b.as_strided((k, block), (block, 1)))
+            theirs.append(flat.as_strided((k, block), (stride * block, 1), flat.storage_offset() + o * block))
             weighted.append((mine[-1], w))
-            if kept > k * self.block:
-                mine.append(b[k * self.block : kept])
-                theirs.append(flat[nb * self.block :])
+            used.append(b[:kept])
+            tail = n - (n // block) * block
+            if tail:
+                mine.append(b[k * block : kept])
+                theirs.append(flat[n - tail :])
         return mine, theirs, used, weighted
 
     def differences(
