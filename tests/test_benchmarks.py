@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import json
 import math
 import re
 import sys
@@ -82,3 +83,39 @@ def test_lstm_learning_rate_sweep_prints_one_row_per_learning_rate(capsys):
     with pytest.raises(SystemExit):
         _load("bench_lstm").main(["--quick", "--lrs", "5,-1"])
     assert "positive learning rates" in capsys.readouterr().err
+
+
+def test_gpt_benchmark_prints_one_row_per_learning_rate_and_reuses_its_cache(tmp_path, capsys, monkeypatch):
+    cache = tmp_path / "gpt.json"
+    report = _load("bench_gpt").main(["--quick", "--lrs", "1e-3,1e-2", "--json", str(cache)])
+    rows = _rows(report)
+    summary = [r for r in rows if r[0] in ("0.001", "0.01") and len(r) == 11]
+    every = [r for r in rows if r[0] in ("0.001", "0.01") and len(r) == 4]  # lr, unclipped, clip=0.5, auto
+    assert [r[0] for r in summary] == ["0.001", "0.01"] and [r[0] for r in every] == ["0.001", "0.01", "0.001", "0.01"]
+    for s, e in zip(summary, every[:2]):
+        # the best threshold's loss is the starred cell of the full table, and auto / best is their ratio
+        assert e[2].endswith("*") and float(e[2].rstrip(" *")) == float(s[3])
+        assert float(s[5]) == pytest.approx(float(s[4]) / float(s[3]), abs=5e-4)
+        assert s[8:] == ["-", "-", "-"]  # the peers are not part of the quick run
+    data = json.loads(cache.read_text())
+    assert data["torch"] == torch.__version__ and len(data["runs"]) == 6
+    assert all(len(r["first10"]) == 10 and r["seconds"] >= 0 for r in data["runs"])
+    capsys.readouterr()
+    # --reuse runs only auto again (the one configuration that depends on this package), with the same result
+    again = _load("bench_gpt").main(["--quick", "--lrs", "1e-3,1e-2", "--json", str(cache), "--reuse"])
+    out = capsys.readouterr().out
+    assert out.count("(cached)") == 4 and again.splitlines()[3:] == report.splitlines()[3:]
+    ran = [ln for ln in out.splitlines() if ln.startswith("lr ") and "(cached)" not in ln]
+    assert len(ran) == 2 and all(ln.split()[4] == "auto:" for ln in ran)
+    # a cache from another torch is refused
+    cache.write_text(json.dumps({**data, "torch": "0.0"}))
+    with pytest.raises(SystemExit, match=r"torch 0\.0"):
+        _load("bench_gpt").main(["--quick", "--json", str(cache), "--reuse"])
+    # a peer that is not installed gives "not installed" cells, not an error
+    for name in ("zclip", "smartclip"):
+        monkeypatch.setitem(sys.modules, name, None)  # import raises ImportError
+    report = _load("bench_gpt").main(["--quick", "--configs", "unclipped,clip=0.5,zclip,autoclip,agc"])
+    summary = [r for r in _rows(report) if r[0] == "0.003" and len(r) == 11]
+    assert summary and summary[0][8:] == ["not installed"] * 3
+    with pytest.raises(SystemExit):
+        _load("bench_gpt").main(["--quick", "--configs", "auto,zclip"])  # no threshold to compare with
