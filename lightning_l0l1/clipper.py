@@ -18,6 +18,7 @@ Fabric loop calls :meth:`GradientClipper.step` itself. Imports only :mod:`torch`
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal, Optional, Union, get_args
@@ -122,9 +123,9 @@ class GradientClipper:
             ``smoothness``, ``L0`` and ``L1``.
         estimate_every: form a secant pair every K steps only (plus one at step 1); the estimator's
             time cost is divided by about K.
-        snapshot: what the estimator keeps of the previous step. ``"sampled"``: one block of 256
-            elements in 64 of every tensor above 16384 elements (smaller ones whole), about 3% of the
-            gradient bytes, the norms of the differences estimated from them
+        snapshot: what the estimator keeps of the previous step. ``"sampled"``: one block of 64
+            elements in 64 (at least 64 blocks per tensor; tensors of at most 4096 elements whole), about
+            3% of the gradient bytes, the norms of the differences estimated from them
             (:class:`~lightning_l0l1.snapshots.SampledSnapshot`). ``"full"``: every gradient and
             parameter, two gradient-sized buffers and one more pass over both per step, the exact
             differences. ``None`` (default): ``"full"`` with ``probe`` or ``snapshot_device="cpu"``,
@@ -272,6 +273,7 @@ class GradientClipper:
             finite = agree(finite)
             ctx.norm = torch.where(finite, ctx.norm, math.nan)  # every rank then sees the step as non-finite
         _clear_handoff(optimizer)
+        _restore_lrs(optimizer)
         handoff = self._hands_off(ctx, allow_handoff, nonfinite_handled)
         read_host = self.nonfinite != "propagate" and not nonfinite_handled and not handoff
         flag = _HostFlag(finite) if read_host else None
@@ -280,6 +282,8 @@ class GradientClipper:
         self._measure(state, ctx)
         scales, threshold = self.rule.scales(state.rule, ctx)
         per_group, scaled_norm = self._apply(ctx, scales, handoff, finite)
+        if ctx.lr_factors is not None:
+            _scale_lrs_for_step(optimizer, ctx.lr_factors)
         record = self._record(state, ctx, per_group, scaled_norm, threshold, finite)
 
         outcome = StepOutcome(norm=ctx.norm, finite=None, record=record)
@@ -344,7 +348,10 @@ class GradientClipper:
     ) -> StepRecord:
         """Count the step and keep its record (a non-finite step leaves the last finite one's)."""
         state.counters.steps += 1
-        lr_eff = [s * lr for s, lr in zip(per_group, ctx.lrs)]
+        if ctx.lr_factors is None:
+            lr_eff = [s * lr for s, lr in zip(per_group, ctx.lrs)]
+        else:  # a rule that steers the learning rate: the optimizer divides the gradients' scale away
+            lr_eff = [f * lr for f, lr in zip(ctx.lr_factors, ctx.lrs)]
         self.rule.end(state.rule, ctx, lr_eff, finite)
         assert state.last is not None
         record = StepRecord.of(
@@ -486,6 +493,59 @@ def _full_like(like: Tensor, value: float) -> Tensor:
     if math.isfinite(value) and abs(value) > torch.finfo(like.dtype).max:
         value = math.copysign(math.inf, value)
     return like.new_full((), value)
+
+
+def _tensor_lr_ok(optimizer: Optimizer, group: dict[str, Any]) -> bool:
+    """Whether this param group's ``step()`` takes a tensor learning rate without reading it on the host.
+
+    torch's optimizers do with ``fused=True`` or ``capturable=True``, and in their single-tensor path (the
+    default off CUDA); their ``foreach`` path refuses one. Other optimizers get a Python float.
+    """
+    if type(optimizer).__module__.split(".")[:2] != ["torch", "optim"]:
+        return False
+    if group.get("fused") or group.get("capturable"):
+        return True
+    foreach = group.get("foreach")
+    on_cuda = any(p.is_cuda for p in group["params"])
+    return not (foreach or (foreach is None and on_cuda))
+
+
+def _scale_lrs_for_step(optimizer: Optimizer, factors: Sequence[Tensor]) -> None:
+    """Multiply each group's learning rate by its factor for the coming ``optimizer.step()`` only: a
+    step post-hook puts the learning rates back (as the fused hand-off removes its attributes)."""
+    saved = []
+    for group, f in zip(optimizer.param_groups, factors):
+        lr = group["lr"]
+        saved.append(lr)
+        device = next((p.device for p in group["params"]), f.device)
+        dtype = lr.dtype if isinstance(lr, Tensor) else torch.float32 if device.type == "mps" else torch.float64
+        scaled = f.detach().to(device, dtype) * lr
+        if isinstance(lr, Tensor) or _tensor_lr_ok(optimizer, group):
+            group["lr"] = scaled
+        else:
+            group["lr"] = float(scaled)  # a host read: this optimizer takes a Python float only
+            if scaled.device.type != "cpu" and not getattr(optimizer, "_l0l1_lr_warned", False):
+                optimizer._l0l1_lr_warned = True  # type: ignore[attr-defined]
+                warnings.warn(
+                    f"`mode='auto'` scales the learning rate of `{type(optimizer).__name__}` for each step; this "
+                    "optimizer takes it only as a Python float here (torch's `foreach` path on CUDA refuses a "
+                    "tensor), so it is read on the host every step. Create the optimizer with `fused=True` (or "
+                    "`capturable=True`) to keep the step free of host syncs.",
+                    UserWarning, stacklevel=4,
+                )
+    optimizer._l0l1_lrs = saved  # type: ignore[attr-defined]
+    if not getattr(optimizer, "_l0l1_lr_hook", None):
+        optimizer._l0l1_lr_hook = optimizer.register_step_post_hook(  # type: ignore[attr-defined]
+            lambda opt, args, kwargs: _restore_lrs(opt)
+        )
+
+
+def _restore_lrs(optimizer: Optimizer) -> None:
+    """The learning rates :func:`_scale_lrs_for_step` replaced (also if the step it was for never ran)."""
+    saved = optimizer.__dict__.pop("_l0l1_lrs", None)
+    if saved is not None:
+        for group, lr in zip(optimizer.param_groups, saved):
+            group["lr"] = lr
 
 
 _HANDOFF_ATTRS = ("grad_scale", "found_inf")

@@ -40,7 +40,14 @@ from lightning_l0l1 import validation
 from lightning_l0l1.estimator import EnvelopeState, MomentumState, Secant, amplification_update, momentum_init
 from lightning_l0l1.gradients import Gradients
 from lightning_l0l1.norms import total_norm
-from lightning_l0l1.rules import adaptive_scale, auto_scale, clip_scale, l0l1_scale, l0l1_threshold
+from lightning_l0l1.rules import (
+    adaptive_scale,
+    auto_adaptive_scale,
+    auto_scale,
+    clip_scale,
+    l0l1_scale,
+    l0l1_threshold,
+)
 
 __all__ = [
     "RULES",
@@ -73,6 +80,8 @@ class StepContext:
         lrs: the learning rate of each param group (floats or tensors).
         steps: the steps this optimizer has taken before this one.
         envelope: the estimator's estimates after this step's measurement (``None``: estimator off).
+        lr_factors: set by a rule that steers through the learning rate: each group's learning rate is
+            multiplied by its factor for this step's ``optimizer.step()`` only (``None``: unchanged).
     """
 
     optimizer: Optimizer
@@ -83,6 +92,7 @@ class StepContext:
     lrs: list[Any]
     steps: int = 0
     envelope: Optional[EnvelopeState] = None
+    lr_factors: Optional[list[Tensor]] = None
 
 
 class Rule:
@@ -247,6 +257,19 @@ _SCALE_INVARIANT = tuple(
     if hasattr(torch.optim, name)
 )
 
+def _first_step_length(optimizer: Optimizer, ctx: StepContext) -> Tensor:
+    """The length of an Adam-type optimizer's first step, before any is measured: it moves each coordinate
+    with a nonzero gradient by about its learning rate (RMSprop: ``lr / sqrt(1 - alpha)``)."""
+    parts = []
+    for group, grad_group in zip(optimizer.param_groups, ctx.grads.groups):
+        per_coordinate = float(group["lr"])
+        if isinstance(optimizer, torch.optim.RMSprop):
+            per_coordinate /= math.sqrt(max(1.0 - float(group.get("alpha", 0.99)), 1e-12))
+        n = sum(t.numel() for t in grad_group.local_tensors())
+        parts.append(per_coordinate**2 * n)
+    return torch.tensor(math.sqrt(max(sum(parts), 1e-30)), dtype=torch.float64)
+
+
 #: ``auto``'s step-length bound grows by this factor every step from ``initial_step``.
 TRUST_GROWTH = 2.0
 
@@ -277,6 +300,9 @@ class AutoState:
         amplified: the optimizer is SGD with momentum: the ratio is measured and used.
         amp_max: the ratio's steady-state bound for this optimizer.
         checked: the optimizer's type was looked at (a warning is given at most once).
+        adaptive: the optimizer normalizes the gradient (Adam-type): auto steers its learning rate.
+        natural: Adam-type: the length of the step the optimizer takes at its own learning rate.
+        applied: Adam-type: the learning-rate factor of the last step.
     """
 
     delta: Optional[Tensor] = None
@@ -284,13 +310,19 @@ class AutoState:
     amplified: bool = False
     amp_max: float = 1.0
     checked: bool = False
+    adaptive: bool = False
+    natural: Optional[Tensor] = None
+    applied: Optional[Tensor] = None
 
 
 class AutoRule(Rule):
     r"""Hard clipping at the measured base step and step length, :func:`~lightning_l0l1.rules.auto_scale`,
     within a step-length bound :math:`\delta\, 2^t` with :math:`\delta` = ``initial_step`` :math:`\cdot
     \max(\lVert\theta\rVert, 1)`. Under SGD with momentum the length limit is divided by the measured
-    ratio of the step taken to the step set, clamped to :math:`[1, \text{its steady-state bound}]`."""
+    ratio of the step taken to the step set, clamped to :math:`[1, \text{its steady-state bound}]`. An
+    optimizer that normalizes the gradient (Adam-type) gets :func:`~lightning_l0l1.rules.auto_adaptive_scale`:
+    its gradient is clipped at :math:`2\underline L/\tilde r` and its learning rate scaled for the step so
+    that the step it takes stays within the same length limit and bound."""
 
     name = "auto"
     per_group = True
@@ -322,6 +354,10 @@ class AutoRule(Rule):
             state.delta = state.delta.to(like.device, like.dtype)
         if state.momentum is not None and state.momentum.amp.device != like.device:
             state.momentum = state.momentum.to(like.device)
+        for name in ("natural", "applied"):
+            t = getattr(state, name)
+            if t is not None and (t.device, t.dtype) != (like.device, like.dtype):
+                setattr(state, name, t.to(like.device, like.dtype))
         return state
 
     def begin(self, state: AutoState, ctx: StepContext) -> None:
@@ -333,17 +369,9 @@ class AutoRule(Rule):
                 "evaluations as steps. Use `mode='clip'` (or 'adaptive', 'l0l1') with LBFGS: they scale the "
                 "gradient of every closure evaluation."
             )
-        if not state.checked:
-            state.checked = True
-            if isinstance(opt, _SCALE_INVARIANT):
-                warnings.warn(
-                    f"`mode='auto'` sets the step of SGD (the update lr * s * g), but `{type(opt).__name__}` "
-                    "divides the gradient by its own running magnitude, so scaling it barely changes the "
-                    "update: auto will rarely limit this optimizer's steps. For Adam-type optimizers use "
-                    "`mode='clip'` with a `max_norm`.",
-                    UserWarning,
-                    stacklevel=4,  # the caller of GradientClipper.step(), past torch.no_grad's wrapper
-                )
+        state.adaptive = isinstance(opt, _SCALE_INVARIANT)
+        if state.adaptive and state.natural is None:
+            state.natural = _first_step_length(opt, ctx).to(ctx.norm.device, ctx.norm.dtype)
         state.amplified = _momentum_sgd(opt)
         state.amp_max = _max_amplification(opt) if state.amplified else 1.0
         if state.momentum is None:
@@ -353,6 +381,10 @@ class AutoRule(Rule):
             state.delta = self.initial_step * torch.clamp(pnorm, min=1.0).to(ctx.norm.dtype)
 
     def observe(self, state: AutoState, secant: Secant) -> None:
+        if state.adaptive and state.applied is not None and state.natural is not None:
+            # the step just measured was taken at learning-rate factor `applied`
+            natural = secant.step.to(state.natural.dtype) / state.applied.to(state.natural.dtype)
+            state.natural = torch.where(torch.isfinite(natural) & (natural > 0), natural, state.natural)
         if state.amplified:
             state.momentum = amplification_update(state.momentum, secant.step)  # type: ignore[arg-type]
 
@@ -360,6 +392,8 @@ class AutoRule(Rule):
         env = ctx.envelope
         assert env is not None and state.delta is not None and state.momentum is not None
         radius = state.delta * TRUST_GROWTH ** min(ctx.steps, 1000)
+        if state.adaptive:
+            return self._adaptive_scales(state, ctx, radius)
         amp = state.momentum.amp.clamp(1.0, state.amp_max) if state.amp_max > 1.0 else None
         scales, gammas = [], []
         for lr in ctx.lrs:
@@ -368,6 +402,15 @@ class AutoRule(Rule):
             # the SGD-equivalent step length is lr * s * ||g||; keep it <= radius
             scales.append(torch.minimum(rule, torch.clamp(radius / (ctx.norm * lr + 1e-30), max=1.0)))
         return scales, gammas[0]
+
+    def _adaptive_scales(self, state: AutoState, ctx: StepContext, radius: Tensor) -> tuple[list[Tensor], Threshold]:
+        """Adam-type optimizers: clip what enters the moments, bound the step through the learning rate."""
+        env = ctx.envelope
+        assert env is not None and state.natural is not None
+        s, gamma, c = auto_adaptive_scale(ctx.norm, env.low, env.ratio, state.natural, radius)
+        state.applied = c
+        ctx.lr_factors = [c] * len(ctx.lrs)
+        return [s] * len(ctx.lrs), gamma
 
     def end(self, state: AutoState, ctx: StepContext, lr_effective: Sequence[Tensor], finite: Tensor) -> None:
         if state.amplified:  # the step set (plain SGD's lr * s * g, per group), for the next ratio
@@ -385,6 +428,10 @@ class AutoRule(Rule):
             out["delta"] = float(state.delta)
         if state.momentum is not None:
             out["momentum"] = {k: v.tolist() for k, v in state.momentum.state_dict().items()}
+        if state.natural is not None:
+            out["natural"] = float(state.natural)
+        if state.applied is not None:
+            out["applied"] = float(state.applied)
         return out
 
     def load_state_dict(self, sd: dict[str, Any]) -> AutoState:
@@ -395,6 +442,9 @@ class AutoRule(Rule):
         momentum = sd.get("momentum") or sd.get("env")
         if momentum is not None:
             state.momentum = MomentumState.from_state_dict(momentum, torch.device("cpu"))
+        for name in ("natural", "applied"):
+            if sd.get(name) is not None:
+                setattr(state, name, torch.tensor(sd[name], dtype=torch.float64))
         return state
 
 

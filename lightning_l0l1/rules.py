@@ -31,7 +31,9 @@ from typing import Optional, Union
 import torch
 from torch import Tensor
 
-__all__ = ["CLIP_EPS", "adaptive_scale", "auto_scale", "clip_scale", "l0l1_scale", "l0l1_threshold"]
+__all__ = [
+    "CLIP_EPS", "adaptive_scale", "auto_adaptive_scale", "auto_scale", "clip_scale", "l0l1_scale", "l0l1_threshold",
+]
 
 #: The constant ``torch.nn.utils.clip_grad_norm_`` adds to the norm; kept equal so
 #: ``clip`` gives the same gradients as torch to float tolerance.
@@ -128,9 +130,9 @@ def auto_scale(
     :math:`L_1 = \tilde r/2`: below :math:`\gamma` the descent-lemma step of the flattest curvature
     seen (the learning rate caps it), above it a step of length :math:`\lambda`. With a step
     amplification :math:`a` (SGD with momentum takes steps :math:`a` times longer than
-    :math:`\eta s\lVert g\rVert`), the length limit is on the step taken:
-    :math:`\eta_\text{eff} = \min(\eta_b, \lambda/(a\lVert g\rVert))`. ``docs/how-it-works.md``
-    gives the reasons for each choice and their measurements.
+    :math:`\eta s\lVert g\rVert`), both limits are on the step taken:
+    :math:`\eta_\text{eff} = \min(\eta, 1/(a\underline L), \lambda/(a\lVert g\rVert))`.
+    ``docs/how-it-works.md`` gives the reasons for each choice and their measurements.
 
     Args:
         norm: the global gradient norm, a 0-d tensor.
@@ -155,8 +157,9 @@ def auto_scale(
     elif lr == 0:
         return torch.ones_like(norm), torch.full_like(norm, math.inf)
     low, ratio = low.to(norm.dtype), ratio.to(norm.dtype)
-    if amp is not None:  # the length limit is on the step taken, amp times the step set
-        ratio = ratio * amp.to(norm.dtype)
+    if amp is not None:  # both limits are on the step taken, amp times the step set
+        amp = amp.to(norm.dtype)
+        low, ratio = low * amp, ratio * amp
     # 1/low: 0 while nothing is measured (low = inf) and inf for a flat pair (low = 0): the lr either way
     inv = torch.reciprocal(low)
     base = torch.where((inv > 0) & (inv < lr), inv, lr)
@@ -167,3 +170,50 @@ def auto_scale(
     factor = torch.where(torch.isinf(gamma), 1.0, torch.clamp(gamma / norm, max=1.0))
     scale = torch.where(base > 0, base / lr, 1.0) * factor  # base = 0 only for a zero (tensor) lr
     return scale, gamma
+
+
+def auto_adaptive_scale(
+    norm: Tensor, low: Tensor, ratio: Tensor, natural: Tensor, radius: Tensor
+) -> tuple[Tensor, Tensor, Tensor]:
+    r"""``auto``'s rule for optimizers that normalize the gradient (Adam, AdamW, RMSprop, ...).
+
+    Such an optimizer's step does not scale with the gradient, so the two limits of the clip shape
+    act on different things. The gradient that enters its moment estimates is clipped at the norm
+    where the measured smoothness turns from flat to growing, and the step length is bounded through
+    the learning rate:
+
+    .. math::
+
+        s = \min\left(1, \frac{\gamma}{\lVert g\rVert}\right),\ \gamma = \frac{2\underline L}{\tilde r}
+        \qquad
+        c = \min\left(1, \frac{\min(\rho_t, 2/\tilde r)}{\ell}\right)
+
+    with :math:`\underline L`, :math:`\tilde r` as in :func:`auto_scale` (:math:`\gamma = L_0/L_1` for
+    :math:`L_0 = \underline L`, :math:`L_1 = \tilde r/2`), :math:`\ell` the length of the step the optimizer
+    takes at its own learning rate (measured on the last step) and :math:`\rho_t` the trust radius.
+
+    Args:
+        norm: the global gradient norm (0-d).
+        low: the smallest smoothness seen (``inf``: none yet).
+        ratio: the median ratio :math:`\tilde r` (0: none yet).
+        natural: :math:`\ell`, the optimizer's step length at factor 1 (0-d, > 0).
+        radius: :math:`\rho_t`, the step-length bound of the first steps (0-d).
+
+    Returns:
+        ``(s, gamma, c)``: the gradient factor, the threshold (``inf`` while nothing is measured: no
+        clipping), and the learning-rate factor.
+
+    Example:
+        >>> s, gamma, c = auto_adaptive_scale(torch.tensor(4.0), torch.tensor(1.0), torch.tensor(1.0),
+        ...                                   natural=torch.tensor(8.0), radius=torch.tensor(100.0))
+        >>> float(s), float(gamma), float(c)  # gamma = 2 * 1 / 1; the step limit 2 / 1 over the step 8
+        (0.5, 2.0, 0.25)
+    """
+    dtype = norm.dtype
+    low, ratio = low.to(dtype), ratio.to(dtype)
+    measured = ratio > 0
+    length = torch.where(measured, 2.0 / torch.where(measured, ratio, 1.0), math.inf)
+    c = torch.clamp(torch.minimum(radius.to(dtype), length) / natural.to(dtype), max=1.0)
+    gamma = torch.where(measured & torch.isfinite(low), 2.0 * low / torch.where(measured, ratio, 1.0), math.inf)
+    s = torch.where(torch.isinf(gamma), 1.0, torch.clamp(gamma / norm, max=1.0))
+    return s, gamma, c

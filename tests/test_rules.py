@@ -207,9 +207,9 @@ def test_l0l1_threshold_returns_python_float():
 
 # ---------------------------------------------------------------- auto
 def auto_reference(norm: float, lr: float, low: float, ratio: float, amp: float = 1.0) -> tuple[float, float]:
-    """``auto``'s effective step and threshold in plain Python: eta_b = min(lr, 1/low) (lr when nothing is
-    measured), step length lambda = 2/(amp ratio) (none while ratio = 0), eta_eff = min(eta_b, lambda/||g||)."""
-    base = min(lr, 1.0 / low) if 0 < low < math.inf else lr
+    """``auto``'s effective step and threshold in plain Python: eta_b = min(lr, 1/(amp low)) (lr when nothing
+    is measured), step length lambda = 2/(amp ratio) (none while ratio = 0), eta_eff = min(eta_b, lambda/||g||)."""
+    base = min(lr, 1.0 / (amp * low)) if 0 < low < math.inf else lr
     length = 2.0 / (amp * ratio) if ratio > 0 else math.inf
     eff = base if norm == 0 else min(base, length / norm)
     return eff, length / base
@@ -264,8 +264,8 @@ def test_auto_scale_zero_lr_scales_nothing(lr):
 @pytest.mark.parametrize("low", [math.inf, 0.0, 0.5, 50.0])
 @pytest.mark.parametrize("ratio", [0.0, 0.5, 3.0])
 def test_auto_scale_with_a_step_amplification(amp, low, ratio):
-    """Momentum makes the step taken `amp` times the step set: the step-length limit shrinks by 1/amp,
-    the base step and the learning rate do not."""
+    """Momentum makes the step taken `amp` times the step set: the step-length limit and the base step
+    1/low shrink by 1/amp, the learning rate does not."""
     for lr in (1e-3, 0.9, 20.0):
         for norm in NORMS:
             s, gamma = auto_scale(t(norm), lr, t(low), t(ratio), t(amp))

@@ -1,0 +1,214 @@
+"""``auto`` under optimizers that normalize the gradient (Adam, AdamW, RMSprop, Adagrad).
+
+References are independent of the clipper's own output where possible:
+
+* the rule's closed form (:func:`~lightning_l0l1.rules.auto_adaptive_scale`) against hand arithmetic;
+* the first step: its length is the trust radius ``initial_step * max(||theta||, 1)`` when Adam's own
+  first step (``lr`` per coordinate) is longer, measured on the parameters;
+* every later step's length stays within the limits the estimate sets (a loose bound: the factor is set
+  from the previous step's length);
+* the whole run equals torch's Adam driven by hand with the learning rate and gradient factors the
+  clipper reports, and resumes bitwise from a checkpoint;
+* the learning rate is a tensor during ``optimizer.step()`` only: schedulers see their own floats;
+* no host read in the step; an optimizer that takes only float learning rates gets one.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+
+import pytest
+import torch
+from _reference import F64, backward, batches
+from _sync import HostReads
+from torch import nn
+
+from lightning_l0l1 import GradientClipper
+from lightning_l0l1.rules import auto_adaptive_scale
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def _net(dtype: torch.dtype = F64) -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(5, 16), nn.Tanh(), nn.Linear(16, 1)).to(dtype)
+
+
+def _flat(net: nn.Module) -> torch.Tensor:
+    return torch.cat([p.detach().reshape(-1) for p in net.parameters()])
+
+
+@pytest.mark.parametrize(
+    ("norm", "low", "ratio", "natural", "radius"),
+    [
+        (4.0, 1.0, 1.0, 8.0, 100.0),  # both limits bind: gamma 2, step limit 2 over 8
+        (1.0, 1.0, 1.0, 8.0, 100.0),  # norm below gamma: no clipping
+        (4.0, 1.0, 1.0, 0.5, 100.0),  # the step is already shorter than 2 / ratio: c = 1
+        (4.0, 1.0, 1.0, 8.0, 1.0),  # the trust radius binds
+        (4.0, math.inf, 0.0, 8.0, 2.0),  # nothing measured: no clipping, the radius alone
+    ],
+)
+def test_closed_form(norm, low, ratio, natural, radius):
+    s, gamma, c = auto_adaptive_scale(*(torch.tensor(v, dtype=F64) for v in (norm, low, ratio, natural, radius)))
+    want_gamma = 2 * low / ratio if ratio > 0 and math.isfinite(low) else math.inf
+    want_s = min(1.0, want_gamma / norm)
+    want_c = min(1.0, min(radius, 2 / ratio if ratio > 0 else math.inf) / natural)
+    assert (float(s), float(gamma), float(c)) == pytest.approx((want_s, want_gamma, want_c), rel=1e-15)
+
+
+def test_the_first_step_is_the_trust_radius():
+    net = _net()
+    opt = torch.optim.Adam(net.parameters(), lr=0.5)  # lr * sqrt(n) far above the radius
+    clipper = GradientClipper(initial_step=1e-3, nonfinite="propagate")
+    x, y = batches(1, F64)[0]
+    backward(net, x, y)
+    before = _flat(net)
+    clipper.step(opt)
+    opt.step()
+    length = float(torch.linalg.vector_norm(_flat(net) - before))
+    radius = 1e-3 * max(float(torch.linalg.vector_norm(before)), 1.0)
+    # Adam's first step moves every coordinate by lr * g / (|g| + eps): the factor c = radius / (lr sqrt(n))
+    assert length == pytest.approx(radius, rel=1e-6)
+
+
+def test_every_step_stays_within_the_limits_it_sets():
+    net = _net()
+    opt = torch.optim.AdamW(net.parameters(), lr=0.2, weight_decay=0.1)
+    clipper = GradientClipper(nonfinite="propagate")
+    for t, (x, y) in enumerate(batches(40, F64)):
+        backward(net, x, y)
+        before = _flat(net)
+        clipper.step(opt)
+        st = clipper._states[0]
+        env = st.estimator.envelope
+        radius = float(st.rule.delta) * 2.0 ** t
+        limit = min(radius, 2 / float(env.ratio) if float(env.ratio) > 0 else math.inf)
+        opt.step()
+        length = float(torch.linalg.vector_norm(_flat(net) - before))
+        assert length <= 1.5 * limit, (t, length, limit)
+    assert int(clipper._states[0].counters.clipped) > 0
+
+
+def test_run_equals_torch_adam_driven_by_hand():
+    """The clipper only multiplies the gradients by ``scale`` and the learning rate by ``lr_effective / lr``:
+    torch's Adam given those two by hand takes bitwise the same steps."""
+    data = batches(25, F64)
+    net = _net()
+    opt = torch.optim.Adam(net.parameters(), lr=0.05)
+    clipper = GradientClipper(nonfinite="propagate")
+    ref = _net()
+    ref_opt = torch.optim.Adam(ref.parameters(), lr=0.05)
+    for x, y in data:
+        backward(net, x, y)
+        backward(ref, x, y)
+        clipper.step(opt)
+        opt.step()
+        st = clipper.latest()
+        for p in ref.parameters():
+            p.grad.mul_(st["l0l1/scale"])
+        ref_opt.param_groups[0]["lr"] = torch.tensor(st["l0l1/lr_effective"], dtype=F64)
+        ref_opt.step()
+        ref_opt.param_groups[0]["lr"] = 0.05
+    assert torch.equal(_flat(net), _flat(ref))
+    assert int(clipper._states[0].counters.clipped) > 0
+
+
+def test_resumes_bitwise(tmp_path):
+    data = batches(20, F64)
+
+    def run(clipper, net, opt, part):
+        for x, y in part:
+            backward(net, x, y)
+            clipper.step(opt)
+            opt.step()
+
+    net, clipper = _net(), GradientClipper(nonfinite="propagate")
+    opt = torch.optim.AdamW(net.parameters(), lr=0.05)
+    run(clipper, net, opt, data[:8])
+    torch.save({"c": clipper.state_dict(), "n": net.state_dict(), "o": opt.state_dict()}, tmp_path / "ck.pt")
+    run(clipper, net, opt, data[8:])
+    ck = torch.load(tmp_path / "ck.pt", weights_only=True)
+    net2 = _net()
+    net2.load_state_dict(ck["n"])
+    opt2 = torch.optim.AdamW(net2.parameters(), lr=0.05)
+    opt2.load_state_dict(ck["o"])
+    assert opt2.param_groups[0]["lr"] == 0.05  # saved between steps: the user's float
+    clipper2 = GradientClipper(nonfinite="propagate")
+    clipper2.load_state_dict(ck["c"])
+    run(clipper2, net2, opt2, data[8:])
+    assert torch.equal(_flat(net), _flat(net2))
+    assert clipper2.latest() == clipper.latest()
+
+
+def test_the_learning_rate_is_scaled_for_the_step_only():
+    net = _net()
+    opt = torch.optim.Adam(net.parameters(), lr=0.1)
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=3, gamma=0.5)
+    clipper = GradientClipper(nonfinite="propagate")
+    seen = []
+    for x, y in batches(9, F64):
+        backward(net, x, y)
+        clipper.step(opt)
+        during = opt.param_groups[0]["lr"]
+        assert isinstance(during, torch.Tensor)
+        assert float(during) == pytest.approx(clipper.latest()["l0l1/lr_effective"], rel=1e-15)
+        opt.step()
+        seen.append(opt.param_groups[0]["lr"])
+        sched.step()
+    assert all(type(v) is float for v in seen)
+    assert seen == [0.1] * 3 + [0.05] * 3 + [0.025] * 3
+
+
+def test_a_step_that_never_ran_does_not_leak_its_learning_rate():
+    net = _net()
+    opt = torch.optim.Adam(net.parameters(), lr=0.1)
+    clipper = GradientClipper(nonfinite="propagate")
+    x, y = batches(1, F64)[0]
+    backward(net, x, y)
+    clipper.step(opt)  # no opt.step() after it
+    clipper.step(opt)
+    opt.step()
+    assert opt.param_groups[0]["lr"] == 0.1
+
+
+@pytest.mark.parametrize("make", [
+    lambda ps: torch.optim.Adam(ps, lr=0.05),
+    lambda ps: torch.optim.AdamW(ps, lr=0.05, fused=True),
+    lambda ps: torch.optim.RMSprop(ps, lr=0.01),
+    lambda ps: torch.optim.Adagrad(ps, lr=0.1),
+])
+def test_no_host_read_in_the_step_and_no_warning(make):
+    net = _net(torch.float32)
+    opt = make(net.parameters())
+    clipper = GradientClipper(nonfinite="propagate")
+    counter = HostReads()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for x, y in batches(12):
+            backward(net, x, y)
+            with counter:
+                clipper.step(opt)
+            opt.step()
+    assert counter.n == 0
+    assert clipper.latest()["l0l1/smoothness_pairs"] == 11
+
+
+class _FloatLrAdam(torch.optim.Adam):
+    """An optimizer from outside torch.optim: given a Python float."""
+
+    __module__ = "somewhere.else"
+
+
+def test_optimizers_outside_torch_and_foreach_get_a_float():
+    for make in (lambda ps: _FloatLrAdam(ps, lr=0.05), lambda ps: torch.optim.Adam(ps, lr=0.05, foreach=True)):
+        net = _net()
+        opt = make(net.parameters())
+        clipper = GradientClipper(nonfinite="propagate")
+        x, y = batches(1, F64)[0]
+        backward(net, x, y)
+        clipper.step(opt)
+        assert type(opt.param_groups[0]["lr"]) is float
+        assert opt.param_groups[0]["lr"] == pytest.approx(clipper.latest()["l0l1/lr_effective"], rel=1e-15)
+        opt.step()
+        assert opt.param_groups[0]["lr"] == 0.05
