@@ -68,11 +68,11 @@ def quantiles(xs: list[float]) -> list[float]:
     return [statistics.median(xs), pick(0.9), xs[-1]]
 
 
-def measure(task, steps: int) -> tuple[list[list], list[list], int]:
+def measure(task, steps: int, sample: dict) -> tuple[list[list], list[list], int, int]:
     model, opt, loss_fn, _ = task
     clipper = GradientClipper(mode="auto", snapshot="full", nonfinite="propagate")
     params = [p for p in model.parameters()]
-    sampled = SampledSnapshot()
+    sampled = SampledSnapshot(**sample)
     prev = None
     errors: dict[str, list[float]] = {"gradient difference norm": [], "step length": [], "secant smoothness": []}
     env_exact, env_sampled = envelope_init(), envelope_init()
@@ -111,10 +111,16 @@ def main(argv=None) -> str:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--steps", type=int, default=300)
+    ap.add_argument("--block", type=int, default=None)
+    ap.add_argument("--stride", type=int, default=None)
+    ap.add_argument("--min-blocks", type=int, default=None)
+    ap.add_argument("--tasks", type=str, default="lstm,mlp")
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "bench_secant_accuracy.md")
     args = ap.parse_args(argv)
     torch.set_num_threads(2)
-    tasks = [lambda: lstm_task(256, 0), lambda: mlp_task(1024, 0)]
+    known = {"lstm": lambda: lstm_task(256, 0), "mlp": lambda: mlp_task(1024, 0)}
+    tasks = [known[k] for k in args.tasks.split(",")]
+    sample = dict(block=args.block, stride=args.stride, min_blocks=args.min_blocks)
     if args.quick:
         args.steps, tasks = 5, [lambda: mlp_task(256, 0)]
     out = [f"Machine: {machine()}\n\nSampled snapshot: one block of {SAMPLE_BLOCK} elements in {SAMPLE_STRIDE}, "
@@ -123,7 +129,7 @@ def main(argv=None) -> str:
     for make in tasks:
         t0 = time.time()
         task = make()
-        rows, outputs, n_params, kept = measure(task, args.steps)
+        rows, outputs, n_params, kept = measure(task, args.steps, sample)
         out.append(f"\n### {task[3]}: {n_params / 1e6:.2f}M parameters, {kept / n_params:.1%} of them sampled; "
                    f"{time.time() - t0:.0f} s\n")
         out.append(table(["relative error of", "median", "90th percentile", "max"], rows))

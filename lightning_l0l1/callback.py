@@ -112,7 +112,7 @@ class L0L1ClippingBase:
             noise biases the secant upwards. Costs one extra forward and backward pass per estimated
             step (``estimate_every`` thins it). Implies ``estimate=True``; automatic optimization,
             ``accumulate_grad_batches=1`` and unsharded gradients (single device, DDP) only.
-        snapshot: what the estimator keeps of the previous step: ``"sampled"`` (one block of 256
+        snapshot: what the estimator keeps of the previous step: ``"sampled"`` (one block of 64
             elements in 64 of every large tensor, about 3% of the gradient bytes; the norms of the
             differences are estimated) or ``"full"`` (every gradient and parameter: two gradient-sized
             buffers, the exact differences). ``None``: ``"full"`` with ``probe_loss`` or

@@ -3,15 +3,16 @@ r"""What the estimator keeps of the previous step, to measure the secant of the 
 The secant of step :math:`t` needs two numbers, :math:`\lVert g_{t+1} - g_t\rVert` and
 :math:`\lVert\theta_{t+1} - \theta_t\rVert`. Two snapshots give them:
 
-* :class:`SampledSnapshot` (the default) keeps a fixed fraction of every large tensor: every
-  :data:`SAMPLE_STRIDE`-th block of :data:`SAMPLE_BLOCK` consecutive elements, from an offset drawn
-  anew at every snapshot, plus the elements after the last whole block; tensors of at most
-  ``SAMPLE_BLOCK * SAMPLE_STRIDE`` elements are kept whole. The norms of the differences are
-  estimated from the sampled elements, each tensor's sampled blocks weighted by the inverse of
-  the fraction sampled, so that the estimate of :math:`\lVert x\rVert_p^p` is unbiased over the
-  offset. Memory: about ``2 / SAMPLE_STRIDE`` of the gradient bytes (3.1%). The offsets are a hash
-  of the seed, the step and the tensor's position: every data-parallel rank samples the same
-  elements, and a resumed run the same as an uninterrupted one.
+* :class:`SampledSnapshot` (the default) keeps a fraction of every tensor: blocks of
+  :data:`SAMPLE_BLOCK` consecutive elements, one in :data:`SAMPLE_STRIDE` (a smaller stride for a tensor
+  that would give fewer than :data:`SAMPLE_MIN_BLOCKS` blocks, and the whole tensor below
+  ``SAMPLE_BLOCK * SAMPLE_MIN_BLOCKS`` elements), from an offset drawn anew at every snapshot, plus the
+  elements after the last whole block. The norms of the differences are estimated from the sampled
+  elements, each tensor's sampled blocks weighted by the inverse of the fraction sampled, so that the
+  estimate of :math:`\lVert x\rVert_p^p` is unbiased over the offset. Memory: about
+  ``2 / SAMPLE_STRIDE`` of the gradient bytes (3.1%) for large tensors. The offsets are a hash of the
+  seed, the step and the tensor's position: every data-parallel rank samples the same elements, and a
+  resumed run the same as an uninterrupted one.
 * :class:`FullSnapshot` keeps every gradient and parameter: two gradient-sized buffers, the exact
   differences (and the only one :meth:`~lightning_l0l1.estimator.SecantEstimator.probe` can use).
 
@@ -28,12 +29,17 @@ from typing import Any, ClassVar, Optional, Union
 import torch
 from torch import Tensor
 
-__all__ = ["SAMPLE_BLOCK", "SAMPLE_STRIDE", "FullSnapshot", "SampledSnapshot", "make_snapshot", "sample_offset"]
+__all__ = [
+    "SAMPLE_BLOCK", "SAMPLE_MIN_BLOCKS", "SAMPLE_STRIDE", "FullSnapshot", "SampledSnapshot", "make_snapshot",
+    "sample_offset",
+]
 
-#: Elements per sampled block (1 KiB of float32: whole cache lines, read at full bandwidth).
-SAMPLE_BLOCK = 256
+#: Elements per sampled block (256 bytes of float32: whole cache lines).
+SAMPLE_BLOCK = 64
 #: One block in this many is kept: the sampled fraction of a large tensor.
 SAMPLE_STRIDE = 64
+#: A tensor gives at least this many blocks (a smaller stride), or is kept whole.
+SAMPLE_MIN_BLOCKS = 64
 
 _MASK = (1 << 64) - 1
 
@@ -176,46 +182,58 @@ def _flat(t: Tensor) -> Tensor:
 class SampledSnapshot(_Snapshot):
     """The sampled elements of the gradients and parameters of the previous estimation step.
 
-    Per tensor of ``n`` elements, ``nb = n // block`` whole blocks: if ``nb <= stride`` the whole
-    tensor; otherwise the blocks ``o, o + stride, ...`` (``k`` of them, ``o`` from
-    :func:`sample_offset`) and the ``n - nb * block`` elements after the last whole block. The
-    sampled blocks' difference is multiplied by ``(nb / k) ** (1/p)`` (1 for the max-norm), so the
-    p-norm of the returned tensors estimates the p-norm of the whole difference.
+    Per tensor of ``n`` elements, ``nb = n // block`` whole blocks and the stride
+    ``r = min(stride, nb // min_blocks)``: if ``r <= 1`` the whole tensor; otherwise the blocks
+    ``o, o + r, ...`` (``k`` of them, ``o`` from :func:`sample_offset`) and the ``n - nb * block``
+    elements after the last whole block. The sampled blocks' difference is multiplied by
+    ``(nb / k) ** (1/p)`` (1 for the max-norm), so the p-norm of the returned tensors estimates the
+    p-norm of the whole difference.
 
     Args:
         seed: the offsets' seed (kept in the checkpoint).
-        block, stride: the block length and the sampling stride (defaults :data:`SAMPLE_BLOCK`,
-            :data:`SAMPLE_STRIDE`).
+        block, stride, min_blocks: the block length, the largest sampling stride and the fewest blocks a
+            sampled tensor gives (defaults :data:`SAMPLE_BLOCK`, :data:`SAMPLE_STRIDE`,
+            :data:`SAMPLE_MIN_BLOCKS`).
     """
 
     kind = "sampled"
     flat = True
 
-    def __init__(self, seed: int = 0, block: Optional[int] = None, stride: Optional[int] = None) -> None:
+    def __init__(
+        self, seed: int = 0, block: Optional[int] = None, stride: Optional[int] = None, min_blocks: Optional[int] = None
+    ) -> None:
         super().__init__()
         self.seed = int(seed)
         self.block = int(block or SAMPLE_BLOCK)
         self.stride = int(stride or SAMPLE_STRIDE)
+        self.min_blocks = int(min_blocks or SAMPLE_MIN_BLOCKS)
         self.grads: list[Tensor] = []  # one 1-d buffer per tensor: the sampled blocks, then the tail
         self.params: list[Tensor] = []
 
     def clear(self) -> None:
         self.grads, self.params, self.layout, self.norm, self.step = [], [], (), None, -1
 
-    def _plan(self, numel: int, index: int, step: int) -> tuple[int, int, int, float]:
-        """``(offset, sampled blocks k, elements kept, weight nb / k)`` of a tensor; ``k = 0``: all of it."""
+    def _stride(self, numel: int) -> int:
+        """This tensor's sampling stride: ``stride``, less for a tensor that would give fewer than
+        ``min_blocks`` blocks (1: the whole tensor)."""
+        return max(1, min(self.stride, numel // self.block // self.min_blocks))
+
+    def _plan(self, numel: int, index: int, step: int) -> tuple[int, int, int, int, float]:
+        """``(offset, stride, sampled blocks k, elements kept, weight nb / k)``; ``k = 0``: all of it."""
+        stride = self._stride(numel)
+        if stride == 1:
+            return 0, 1, 0, numel, 1.0
         nb = numel // self.block
-        if nb <= self.stride:
-            return 0, 0, numel, 1.0
-        o = sample_offset(self.seed, step, index, self.stride)
-        k = (nb - o + self.stride - 1) // self.stride
-        return o, k, k * self.block + numel - nb * self.block, nb / k
+        o = sample_offset(self.seed, step, index, stride)
+        k = (nb - o + stride - 1) // stride
+        return o, stride, k, k * self.block + numel - nb * self.block, nb / k
 
     def _capacity(self, numel: int) -> int:
-        nb = numel // self.block
-        if nb <= self.stride:
+        stride = self._stride(numel)
+        if stride == 1:
             return numel
-        return -(-nb // self.stride) * self.block + numel - nb * self.block  # offset 0 keeps the most
+        nb = numel // self.block
+        return -(-nb // stride) * self.block + numel - nb * self.block  # offset 0 keeps the most
 
     def _pairs(
         self, bufs: list[Tensor], tensors: list[Tensor], step: int
@@ -223,11 +241,11 @@ class SampledSnapshot(_Snapshot):
         """Matching views of the buffers and of the tensors' sampled elements; each buffer's used part;
         and the buffers' block parts with their weights."""
         mine, theirs, used, weighted = [], [], [], []
-        block, stride = self.block, self.stride
+        block = self.block
         for i, (b, t) in enumerate(zip(bufs, tensors)):
             flat = _flat(t)
             n = flat.numel()
-            o, k, kept, w = self._plan(n, i, step)
+            o, stride, k, kept, w = self._plan(n, i, step)
             if k == 0:
                 whole = b[:kept]
                 mine.append(whole)

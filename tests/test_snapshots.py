@@ -22,24 +22,35 @@ from torch import nn
 
 from lightning_l0l1 import snapshots
 from lightning_l0l1.clipper import GradientClipper
-from lightning_l0l1.snapshots import SAMPLE_BLOCK, SAMPLE_STRIDE, FullSnapshot, SampledSnapshot, sample_offset
+from lightning_l0l1.snapshots import (
+    SAMPLE_BLOCK,
+    SAMPLE_MIN_BLOCKS,
+    SAMPLE_STRIDE,
+    FullSnapshot,
+    SampledSnapshot,
+    sample_offset,
+)
 
 
-def reference_estimate(prev: list[torch.Tensor], cur: list[torch.Tensor], offsets: list[int], block: int,
-                       stride: int, p: float) -> float:
+def stride_of(numel: int) -> int:
+    """The documented per-tensor stride: ``min(SAMPLE_STRIDE, nb // SAMPLE_MIN_BLOCKS)`` (<= 1: whole)."""
+    return max(1, min(SAMPLE_STRIDE, numel // SAMPLE_BLOCK // SAMPLE_MIN_BLOCKS))
+
+
+def reference_estimate(prev: list[torch.Tensor], cur: list[torch.Tensor], seed: int, step: int, p: float) -> float:
     """The estimate of ||prev - cur||_p from the sampled positions, by index arithmetic in float64."""
     total = 0.0
     biggest = 0.0
-    for a, b, o in zip(prev, cur, offsets):
+    for i, (a, b) in enumerate(zip(prev, cur)):
         d = (a.double() - b.double()).reshape(-1)
         n = d.numel()
-        nb = n // block
-        if nb <= stride:
+        nb, r = n // SAMPLE_BLOCK, stride_of(n)
+        if r == 1:
             idx, w = torch.arange(n), torch.ones(n, dtype=torch.float64)
         else:
-            starts = torch.arange(o, nb, stride) * block
-            blocks = (starts[:, None] + torch.arange(block)[None, :]).reshape(-1)
-            tail = torch.arange(nb * block, n)
+            starts = torch.arange(sample_offset(seed, step, i, r), nb, r) * SAMPLE_BLOCK
+            blocks = (starts[:, None] + torch.arange(SAMPLE_BLOCK)[None, :]).reshape(-1)
+            tail = torch.arange(nb * SAMPLE_BLOCK, n)
             idx = torch.cat([blocks, tail])
             w = torch.cat([torch.full((blocks.numel(),), nb / starts.numel(), dtype=torch.float64),
                            torch.ones(tail.numel(), dtype=torch.float64)])
@@ -50,7 +61,8 @@ def reference_estimate(prev: list[torch.Tensor], cur: list[torch.Tensor], offset
     return biggest if math.isinf(p) else total ** (1.0 / p)
 
 
-SHAPES = [(7, 9), (300, 256), (100, 333), (64 * 256 + 1,), (5000, 17)]  # whole, blocks, blocks+tail, ...
+# whole; a reduced stride; a reduced stride and a tail; the full stride and a tail; the full stride
+SHAPES = [(7, 9), (300, 256), (100, 333), (64 * 64 * 64 + 1,), (1024, 1024)]
 
 
 @pytest.mark.parametrize("p", [2.0, 1.0, 3.0, math.inf])
@@ -62,21 +74,19 @@ def test_estimate_matches_an_index_arithmetic_reference(p):
     cur_p = [t + torch.randn(t.shape, generator=g) * 0.01 for t in prev_p]
     snap = SampledSnapshot(seed=3)
     snap.take(prev_g, prev_p, torch.tensor(1.0), step=11)
-    offsets = [sample_offset(3, 11, i, SAMPLE_STRIDE) for i in range(len(SHAPES))]
+    assert [stride_of(math.prod(s)) for s in SHAPES] == [1, 18, 8, 64, 64]
     dg, dp = snap.differences(cur_g, cur_p, p)
     got_g = float(torch.linalg.vector_norm(torch.cat(dg).double(), p))
     got_p = float(torch.linalg.vector_norm(torch.cat(dp).double(), p))
-    assert got_g == pytest.approx(reference_estimate(prev_g, cur_g, offsets, SAMPLE_BLOCK, SAMPLE_STRIDE, p),
-                                  rel=1e-5)
-    assert got_p == pytest.approx(reference_estimate(prev_p, cur_p, offsets, SAMPLE_BLOCK, SAMPLE_STRIDE, p),
-                                  rel=1e-5)
+    assert got_g == pytest.approx(reference_estimate(prev_g, cur_g, 3, 11, p), rel=1e-5)
+    assert got_p == pytest.approx(reference_estimate(prev_p, cur_p, 3, 11, p), rel=1e-5)
 
 
 @pytest.mark.parametrize("p", [2.0, 1.0])
 def test_average_over_every_offset_is_exact(p, monkeypatch):
     """With a whole number of strides of blocks, every block is sampled by exactly one offset: the mean
     of the estimated ||x||_p^p over the offsets is ||x||_p^p."""
-    x = torch.randn(SAMPLE_STRIDE * 3 * SAMPLE_BLOCK + 77, dtype=torch.float64)  # 3 blocks per offset, a tail
+    x = torch.randn(SAMPLE_STRIDE * SAMPLE_MIN_BLOCKS * SAMPLE_BLOCK + SAMPLE_BLOCK // 2, dtype=torch.float64)  # + a tail
     exact = float(x.abs().pow(p).sum())
     powers = []
     for o in range(SAMPLE_STRIDE):
@@ -127,11 +137,11 @@ def _run(clipper: GradientClipper, steps: int, net=None, opt=None, start: int = 
 
 
 def test_small_tensors_are_kept_whole_bitwise_equal_to_the_full_snapshot(monkeypatch):
-    """Two layers of the 40-300-300-1 MLP are above 16384 elements: with a stride so large that every
+    """Two layers of the 40-300-300-1 MLP are sampled by default: with so many blocks required that every
     tensor is whole, the sampled run equals the full one bit for bit."""
     a = GradientClipper(snapshot="full", nonfinite="propagate")
     net_a, _ = _run(a, 12)
-    monkeypatch.setattr(snapshots, "SAMPLE_STRIDE", 10**6)
+    monkeypatch.setattr(snapshots, "SAMPLE_MIN_BLOCKS", 10**6)
     b = GradientClipper(snapshot="sampled", nonfinite="propagate")
     net_b, _ = _run(b, 12)
     assert b._states[0].estimator.snapshot.grads[2].numel() == 300 * 300
