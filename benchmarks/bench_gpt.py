@@ -141,7 +141,8 @@ def peer_module(config: str) -> Optional[Any]:
         return None
 
 
-def make_clip(config: str, model: nn.Module) -> Optional[Callable[[torch.optim.Optimizer], Any]]:
+def make_clip(config: str, model: nn.Module, snapshot: Optional[str] = None
+              ) -> Optional[Callable[[torch.optim.Optimizer], Any]]:
     """What runs between ``loss.backward()`` and ``opt.step()``, as each package documents it."""
     if config == "unclipped":
         return None
@@ -149,7 +150,7 @@ def make_clip(config: str, model: nn.Module) -> Optional[Callable[[torch.optim.O
         max_norm = float(config.split("=")[1])
         return lambda opt: torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
     if config == "auto":
-        clipper = GradientClipper(mode="auto")
+        clipper = GradientClipper(mode="auto", snapshot=snapshot)
         return clipper.step
     module = peer_module(config)
     if module is None:
@@ -167,7 +168,7 @@ def train(config: str, seed: int, lr: float, ids: torch.Tensor, vocab: int, args
     torch.manual_seed(seed)
     model = GPT(vocab, args.d_model, args.layers, args.heads, args.ctx)
     opt = make_optimizer(model, args.optimizer, lr)
-    clip = make_clip(config, model)
+    clip = make_clip(config, model, getattr(args, "snapshot", None))
     g = torch.Generator().manual_seed(seed)
     losses: list[float] = []
     final = math.inf
@@ -263,6 +264,9 @@ def main(argv=None) -> str:
     ap.add_argument("--threads", type=int, default=1,
                     help="torch threads (default 1: a 2-thread run slowed 3-20x whenever another process shared "
                          "the 2 cores; the losses depend on it in the last digits, so the cache records it)")
+    ap.add_argument("--snapshot", choices=["sampled", "full"], default="sampled",
+                    help="auto's snapshot (full: the exact differences, for comparison); a full-snapshot run writes "
+                         "results/bench_gpt_<optimizer>_full_snapshot.md/.json by default")
     ap.add_argument("--reuse", action="store_true",
                     help="load the JSON cache; run only the missing runs and auto (the rest do not depend on this "
                          "package)")
@@ -285,8 +289,9 @@ def main(argv=None) -> str:
                      f"clip=<threshold>; got {args.configs!r}")
     if args.seeds < 1:
         ap.error("--seeds takes a positive number")
-    out = args.out or RESULTS / f"bench_gpt_{args.optimizer}.md"
-    cache_path = args.json or RESULTS / f"bench_gpt_{args.optimizer}.json"
+    stem = f"bench_gpt_{args.optimizer}" + ("_full_snapshot" if args.snapshot == "full" else "")
+    out = args.out or RESULTS / f"{stem}.md"
+    cache_path = args.json or RESULTS / f"{stem}.json"
     write_cache = not args.quick or args.json is not None
     settings = {k: getattr(args, k) for k in SETTINGS}
     threads = torch.get_num_threads()

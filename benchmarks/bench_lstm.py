@@ -76,7 +76,7 @@ def train(config: str, seed: int, ids: torch.Tensor, vocab: int, args) -> tuple[
     if config == "unclipped":
         clipper = None
     elif config == "auto":
-        clipper = GradientClipper(mode="auto")
+        clipper = GradientClipper(mode="auto", snapshot=getattr(args, "snapshot", None))
     elif config == "auto+probe":
         clipper = GradientClipper(mode="auto", probe=True)
     else:
@@ -124,6 +124,8 @@ def main(argv=None) -> str:
                     help="comma-separated learning rates: one summary row each (best of a wider grid vs auto)")
     ap.add_argument("--configs", type=str, default=None,
                     help="comma-separated subset, e.g. clip=0.1,auto (default: unclipped, the grid, auto, auto+probe)")
+    ap.add_argument("--snapshot", choices=["sampled", "full"], default=None,
+                    help="auto's snapshot (default: sampled; full: the exact differences, for comparison)")
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "bench_lstm.md")
     args = ap.parse_args(argv)
     grid = GRID

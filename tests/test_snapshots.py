@@ -86,7 +86,8 @@ def test_estimate_matches_an_index_arithmetic_reference(p):
 def test_average_over_every_offset_is_exact(p, monkeypatch):
     """With a whole number of strides of blocks, every block is sampled by exactly one offset: the mean
     of the estimated ||x||_p^p over the offsets is ||x||_p^p."""
-    x = torch.randn(SAMPLE_STRIDE * SAMPLE_MIN_BLOCKS * SAMPLE_BLOCK + SAMPLE_BLOCK // 2, dtype=torch.float64)  # + a tail
+    n = SAMPLE_STRIDE * SAMPLE_MIN_BLOCKS * SAMPLE_BLOCK + SAMPLE_BLOCK // 2  # whole strides of blocks, a tail
+    x = torch.randn(n, dtype=torch.float64)
     exact = float(x.abs().pow(p).sum())
     powers = []
     for o in range(SAMPLE_STRIDE):
