@@ -511,8 +511,24 @@ def _tensor_lr_ok(optimizer: Optimizer, group: dict[str, Any]) -> bool:
 
 
 def _scale_lrs_for_step(optimizer: Optimizer, factors: Sequence[Tensor]) -> None:
-    """Multiply each group's learning rate by its factor for the coming ``optimizer.step()`` only: a
-    step post-hook puts the learning rates back (as the fused hand-off removes its attributes)."""
+    """Multiply each group's learning rate by its factor for the coming ``optimizer.step()`` only.
+
+    The factors are applied by a step pre-hook and the learning rates put back by a post-hook, so a
+    step that does not run (a GradScaler skipping an overflow) changes nothing, and a scheduler between
+    steps always sees its own values.
+    """
+    optimizer._l0l1_lr_factors = list(factors)  # type: ignore[attr-defined]
+    if not getattr(optimizer, "_l0l1_lr_hooks", None):
+        optimizer._l0l1_lr_hooks = (  # type: ignore[attr-defined]
+            optimizer.register_step_pre_hook(lambda opt, args, kwargs: _apply_lr_factors(opt)),
+            optimizer.register_step_post_hook(lambda opt, args, kwargs: _restore_lrs(opt)),
+        )
+
+
+def _apply_lr_factors(optimizer: Optimizer) -> None:
+    factors = optimizer.__dict__.pop("_l0l1_lr_factors", None)
+    if factors is None:
+        return
     saved = []
     for group, f in zip(optimizer.param_groups, factors):
         lr = group["lr"]
@@ -534,14 +550,11 @@ def _scale_lrs_for_step(optimizer: Optimizer, factors: Sequence[Tensor]) -> None
                     UserWarning, stacklevel=4,
                 )
     optimizer._l0l1_lrs = saved  # type: ignore[attr-defined]
-    if not getattr(optimizer, "_l0l1_lr_hook", None):
-        optimizer._l0l1_lr_hook = optimizer.register_step_post_hook(  # type: ignore[attr-defined]
-            lambda opt, args, kwargs: _restore_lrs(opt)
-        )
 
 
 def _restore_lrs(optimizer: Optimizer) -> None:
-    """The learning rates :func:`_scale_lrs_for_step` replaced (also if the step it was for never ran)."""
+    """Put back the learning rates the pre-hook replaced; drop factors staged for a step that never ran."""
+    optimizer.__dict__.pop("_l0l1_lr_factors", None)
     saved = optimizer.__dict__.pop("_l0l1_lrs", None)
     if saved is not None:
         for group, lr in zip(optimizer.param_groups, saved):

@@ -9,7 +9,8 @@ References are independent of the clipper's own output where possible:
   from the previous step's length);
 * the whole run equals torch's Adam driven by hand with the learning rate and gradient factors the
   clipper reports, and resumes bitwise from a checkpoint;
-* the learning rate is a tensor during ``optimizer.step()`` only: schedulers see their own floats;
+* the learning rate is a tensor during ``optimizer.step()`` only: schedulers see their own floats, and a
+  step that never runs (a GradScaler's overflow) changes nothing;
 * no host read in the step; an optimizer that takes only float learning rates gets one.
 """
 
@@ -146,29 +147,38 @@ def test_the_learning_rate_is_scaled_for_the_step_only():
     opt = torch.optim.Adam(net.parameters(), lr=0.1)
     sched = torch.optim.lr_scheduler.StepLR(opt, step_size=3, gamma=0.5)
     clipper = GradientClipper(nonfinite="propagate")
-    seen = []
-    for x, y in batches(9, F64):
+    seen, during = [], []
+    for t, (x, y) in enumerate(batches(9, F64)):
         backward(net, x, y)
         clipper.step(opt)
-        during = opt.param_groups[0]["lr"]
-        assert isinstance(during, torch.Tensor)
-        assert float(during) == pytest.approx(clipper.latest()["l0l1/lr_effective"], rel=1e-15)
+        assert opt.param_groups[0]["lr"] == 0.1 * 0.5 ** (t // 3)  # applied when the step runs, not before
+        if t == 0:  # runs after the clipper's pre-hook: sees the learning rate the step uses
+            opt.register_step_pre_hook(lambda o, a, k: during.append(o.param_groups[0]["lr"]))
         opt.step()
+        if t:
+            assert isinstance(during[-1], torch.Tensor)
+            assert float(during[-1]) == pytest.approx(clipper.latest()["l0l1/lr_effective"], rel=1e-15)
         seen.append(opt.param_groups[0]["lr"])
         sched.step()
     assert all(type(v) is float for v in seen)
     assert seen == [0.1] * 3 + [0.05] * 3 + [0.025] * 3
 
 
-def test_a_step_that_never_ran_does_not_leak_its_learning_rate():
+def test_a_skipped_step_changes_no_learning_rate():
+    """A GradScaler that finds an overflow does not call ``optimizer.step()``: the factor is dropped."""
     net = _net()
     opt = torch.optim.Adam(net.parameters(), lr=0.1)
     clipper = GradientClipper(nonfinite="propagate")
     x, y = batches(1, F64)[0]
     backward(net, x, y)
-    clipper.step(opt)  # no opt.step() after it
+    clipper.step(opt)  # no opt.step() after it: nothing changed
+    assert opt.param_groups[0]["lr"] == 0.1
+    backward(net, x, y)
     clipper.step(opt)
+    seen = []
+    opt.register_step_pre_hook(lambda o, a, k: seen.append(o.param_groups[0]["lr"]))
     opt.step()
+    assert float(seen[0]) == pytest.approx(clipper.latest()["l0l1/lr_effective"], rel=1e-15)
     assert opt.param_groups[0]["lr"] == 0.1
 
 
@@ -208,7 +218,9 @@ def test_optimizers_outside_torch_and_foreach_get_a_float():
         x, y = batches(1, F64)[0]
         backward(net, x, y)
         clipper.step(opt)
-        assert type(opt.param_groups[0]["lr"]) is float
-        assert opt.param_groups[0]["lr"] == pytest.approx(clipper.latest()["l0l1/lr_effective"], rel=1e-15)
+        seen = []
+        opt.register_step_pre_hook(lambda o, a, k, seen=seen: seen.append(o.param_groups[0]["lr"]))
         opt.step()
+        assert type(seen[0]) is float
+        assert seen[0] == pytest.approx(clipper.latest()["l0l1/lr_effective"], rel=1e-15)
         assert opt.param_groups[0]["lr"] == 0.05
