@@ -158,7 +158,7 @@ class MomentumState(_TensorState):
 #: Capacity of the envelope: pairs that can bind it (the vertices of the upper hull of all pairs
 #: seen, with the origin). Points below that hull can never bind a line above it and are dropped,
 #: so the envelope is exact while the hull has at most this many vertices (a handful in practice).
-CAPACITY = 32
+CAPACITY = 16
 
 #: Number of recent pairs whose lower median ratio :math:`\hat L / n` is ``ratio``.
 WINDOW = 20

@@ -10,14 +10,15 @@ The secant of step :math:`t` needs two numbers, :math:`\lVert g_{t+1} - g_t\rVer
   elements after the last whole block. The norms of the differences are estimated from the sampled
   elements, each tensor's sampled blocks weighted by the inverse of the fraction sampled, so that the
   estimate of :math:`\lVert x\rVert_p^p` is unbiased over the offset. Memory: about
-  ``2 / SAMPLE_STRIDE`` of the gradient bytes (3.1%) for large tensors. The offsets are a hash of the
+  ``2 / SAMPLE_STRIDE`` of the gradient bytes (1.6%) for large tensors. The offsets are a hash of the
   seed, the step and the tensor's position: every data-parallel rank samples the same elements, and a
   resumed run the same as an uninterrupted one.
 * :class:`FullSnapshot` keeps every gradient and parameter: two gradient-sized buffers, the exact
   differences (and the only one :meth:`~lightning_l0l1.estimator.SecantEstimator.probe` can use).
 
 Both form the differences and hand back tensors whose p-norm is the (estimated) norm of the
-difference; :attr:`flat` says they are not shaped like the gradients, so that DTensor gradients
+difference (the sampled one: one weighted norm per gradient); :attr:`flat` says they are not shaped
+like the gradients, so that DTensor gradients
 are reduced as flat shards (:meth:`~lightning_l0l1.gradients.Gradients.like`). Imports only :mod:`torch`.
 """
 
@@ -29,6 +30,8 @@ from typing import Any, ClassVar, Optional, Union
 import torch
 from torch import Tensor
 
+from lightning_l0l1.norms import _per_tensor_norms as per_tensor_norms
+
 __all__ = [
     "SAMPLE_BLOCK", "SAMPLE_MIN_BLOCKS", "SAMPLE_STRIDE", "FullSnapshot", "SampledSnapshot", "make_snapshot",
     "sample_offset",
@@ -37,7 +40,7 @@ __all__ = [
 #: Elements per sampled block (256 bytes of float32: whole cache lines).
 SAMPLE_BLOCK = 64
 #: One block in this many is kept: the sampled fraction of a large tensor.
-SAMPLE_STRIDE = 64
+SAMPLE_STRIDE = 128
 #: A tensor gives at least this many blocks (a smaller stride), or is kept whole.
 SAMPLE_MIN_BLOCKS = 64
 
@@ -175,10 +178,6 @@ class FullSnapshot(_Snapshot):
             self.norm = self.norm.to(device)
 
 
-def _flat(t: Tensor) -> Tensor:
-    return t.view(-1) if t.is_contiguous() else t.reshape(-1)
-
-
 class SampledSnapshot(_Snapshot):
     """The sampled elements of the gradients and parameters of the previous estimation step.
 
@@ -207,8 +206,10 @@ class SampledSnapshot(_Snapshot):
         self.block = int(block or SAMPLE_BLOCK)
         self.stride = int(stride or SAMPLE_STRIDE)
         self.min_blocks = int(min_blocks or SAMPLE_MIN_BLOCKS)
-        self.grads: list[Tensor] = []  # one 1-d buffer per tensor: the sampled blocks, then the tail
+        # per tensor: a buffer of its shape (kept whole), or a 1-d one for the sampled blocks, then the tail
+        self.grads: list[Tensor] = []
         self.params: list[Tensor] = []
+        self._strides: list[int] = []  # per tensor: its sampling stride (1: whole)
 
     def clear(self) -> None:
         self.grads, self.params, self.layout, self.norm, self.step = [], [], (), None, -1
@@ -218,75 +219,92 @@ class SampledSnapshot(_Snapshot):
         ``min_blocks`` blocks (1: the whole tensor)."""
         return max(1, min(self.stride, numel // self.block // self.min_blocks))
 
-    def _plan(self, numel: int, index: int, step: int) -> tuple[int, int, int, int, float]:
-        """``(offset, stride, sampled blocks k, elements kept, weight nb / k)``; ``k = 0``: all of it."""
-        stride = self._stride(numel)
+    def _buffer(self, t: Tensor) -> Tensor:
+        """A tensor kept whole gets a buffer of its shape; a sampled one a 1-d buffer for the most it samples."""
+        stride = self._stride(t.numel())
         if stride == 1:
-            return 0, 1, 0, numel, 1.0
-        nb = numel // self.block
-        o = sample_offset(self.seed, step, index, stride)
-        k = (nb - o + stride - 1) // stride
-        return o, stride, k, k * self.block + numel - nb * self.block, nb / k
-
-    def _capacity(self, numel: int) -> int:
-        stride = self._stride(numel)
-        if stride == 1:
-            return numel
-        nb = numel // self.block
-        return -(-nb // stride) * self.block + numel - nb * self.block  # offset 0 keeps the most
+            return torch.empty(t.shape, dtype=t.dtype, device=t.device)
+        nb = t.numel() // self.block
+        size = -(-nb // stride) * self.block + t.numel() - nb * self.block  # offset 0 keeps the most
+        return torch.empty(size, dtype=t.dtype, device=t.device)
 
     def _pairs(
         self, bufs: list[Tensor], tensors: list[Tensor], step: int
-    ) -> tuple[list[Tensor], list[Tensor], list[Tensor], list[tuple[Tensor, float]]]:
-        """Matching views of the buffers and of the tensors' sampled elements; each buffer's used part;
-        and the buffers' block parts with their weights."""
-        mine, theirs, used, weighted = [], [], [], []
+    ) -> tuple[list[tuple[list[Tensor], list[Tensor]]], list[Tensor], list[float], list[int]]:
+        """Matching lists of buffers and tensors (whole tensors in one pair of lists, sampled views in
+        another, so each goes to one ``_foreach`` call); the parts of the buffers in use with their
+        weights (the sampled blocks, and apart from them the tail kept whole); the parts per tensor."""
+        whole_mine, whole_theirs, mine, theirs, used, weights, counts = [], [], [], [], [], [], []
         block = self.block
         for i, (b, t) in enumerate(zip(bufs, tensors)):
-            flat = _flat(t)
-            n = flat.numel()
-            o, stride, k, kept, w = self._plan(n, i, step)
-            if k == 0:
-                whole = b[:kept]
-                mine.append(whole)
-                theirs.append(flat)
-                used.append(whole)
+            stride = self._strides[i]
+            if stride == 1:  # kept whole: no view, a contiguous foreach
+                whole_mine.append(b)
+                whole_theirs.append(t)
+                used.append(b)
+                weights.append(1.0)
+                counts.append(1)
                 continue
+            flat = t.view(-1) if t.is_contiguous() else t.reshape(-1)
+            n = flat.numel()
+            nb = n // block
+            o = sample_offset(self.seed, step, i, stride)
+            k = (nb - o + stride - 1) // stride
             # the blocks o, o + stride, ... as one strided view: one op, no copy
             mine.append(b.as_strided((k, block), (block, 1)))
             theirs.append(flat.as_strided((k, block), (stride * block, 1), flat.storage_offset() + o * block))
-            weighted.append((mine[-1], w))
-            used.append(b[:kept])
-            tail = n - (n // block) * block
+            used.append(mine[-1])
+            weights.append(nb / k)
+            counts.append(1)
+            tail = n - nb * block
             if tail:
-                mine.append(b[k * block : kept])
+                mine.append(b[k * block : k * block + tail])
                 theirs.append(flat[n - tail :])
-        return mine, theirs, used, weighted
+                used.append(mine[-1])
+                weights.append(1.0)
+                counts[-1] = 2
+        return [(whole_mine, whole_theirs), (mine, theirs)], used, weights, counts
 
     def differences(
         self, grads: list[Tensor], params: list[Tensor], norm_type: float
     ) -> tuple[list[Tensor], list[Tensor]]:
-        """1-d tensors whose p-norm estimates ``||g_prev - g||`` and ``||p_prev - p||``, formed in the buffers."""
+        """1-element tensors, one per gradient, whose p-norm estimates ``||g_prev - g||`` and
+        ``||p_prev - p||``: the differences are formed in the buffers and reduced to weighted norms
+        (``(w ||x_S||_p^p + ||x_tail||_p^p)^(1/p)``; the max-norm is not weighted)."""
         out = []
         for bufs, cur in ((self.grads, grads), (self.params, params)):
-            mine, theirs, used, weighted = self._pairs(bufs, cur, self.step)
-            torch._foreach_sub_(mine, theirs)  # pyright: ignore[reportPrivateImportUsage]
-            if weighted and not math.isinf(norm_type):
-                torch._foreach_mul_(  # pyright: ignore[reportPrivateImportUsage]
-                    [b for b, _ in weighted], [w ** (1.0 / norm_type) for _, w in weighted]
-                )
-            out.append(used)
+            pairs, used, weights, counts = self._pairs(bufs, cur, self.step)
+            for mine, theirs in pairs:
+                if mine:
+                    torch._foreach_sub_(mine, theirs)  # pyright: ignore[reportPrivateImportUsage]
+            acc = torch.float64 if any(t.dtype == torch.float64 for t in used) else torch.float32
+            norms = [n.to(acc) for n in per_tensor_norms(used, norm_type, acc, None)]
+            if not math.isinf(norm_type):
+                scaled = [(n, w ** (1.0 / norm_type)) for n, w in zip(norms, weights) if w != 1.0]
+                if scaled:
+                    torch._foreach_mul_(  # pyright: ignore[reportPrivateImportUsage]
+                        [n for n, _ in scaled], [f for _, f in scaled]
+                    )
+            per_gradient, j = [], 0
+            for c in counts:
+                part = norms[j] if c == 1 else torch.linalg.vector_norm(torch.stack(norms[j : j + c]), norm_type)
+                per_gradient.append(part.view(1))
+                j += c
+            out.append(per_gradient)
         return out[0], out[1]
 
     def take(self, grads: list[Tensor], params: list[Tensor], norm: Tensor, step: int) -> None:
         layout = tuple(tuple(t.shape) for t in grads)
         if layout != self.layout or any(b.device != t.device for b, t in zip(self.grads, grads)):
-            self.grads = [torch.empty(self._capacity(t.numel()), dtype=t.dtype, device=t.device) for t in grads]
-            self.params = [torch.empty(self._capacity(t.numel()), dtype=t.dtype, device=t.device) for t in params]
+            self.grads = [self._buffer(t) for t in grads]
+            self.params = [self._buffer(t) for t in params]
             self.layout = layout
+            self._strides = [self._stride(t.numel()) for t in grads]
         for bufs, cur in ((self.grads, grads), (self.params, params)):
-            mine, theirs, _, _ = self._pairs(bufs, cur, step)
-            torch._foreach_copy_(mine, theirs)  # pyright: ignore[reportPrivateImportUsage]
+            pairs, *_ = self._pairs(bufs, cur, step)
+            for mine, theirs in pairs:
+                if mine:
+                    torch._foreach_copy_(mine, theirs)  # pyright: ignore[reportPrivateImportUsage]
         self.norm = norm.detach().clone()
         self.step = step
 
@@ -311,6 +329,7 @@ class SampledSnapshot(_Snapshot):
         self.grads = [t.to(device, copy=True) for t in sd["grads"]]
         self.params = [t.to(device, copy=True) for t in sd["params"]]
         self.layout = tuple(tuple(s) for s in sd["layout"])
+        self._strides = [self._stride(math.prod(shape)) for shape in self.layout]
         self.norm = sd["norm"].to(device)
         self.step = step
 

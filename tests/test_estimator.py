@@ -532,8 +532,8 @@ def test_envelope_buffer_full_of_hull_vertices(order):
     state = fit_pairs(pairs if order == "increasing" else pairs[::-1])
     assert len(kept(state)) == CAPACITY
     assert_above_all(float(state.l0), float(state.l1), pairs, rtol=1e-9)
-    # the tangent of sqrt at the pivot n = 1, up to the discretisation
-    assert float(state.l0) == pytest.approx(0.5, rel=0.02) and float(state.l1) == pytest.approx(0.5, rel=0.02)
+    # the tangent of sqrt at the pivot n = 1, up to the discretisation (CAPACITY = 16 points: within 3%)
+    assert float(state.l0) == pytest.approx(0.5, rel=0.03) and float(state.l1) == pytest.approx(0.5, rel=0.03)
 
 
 @pytest.mark.parametrize("case", ["increasing", "decreasing", "logistic_trajectory"])
