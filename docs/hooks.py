@@ -25,12 +25,17 @@ COMMANDS = {
     " --out benchmarks/results/bench_lstm_lrs_momentum.md",
     "bench_lstm_lrs_adamw": "python benchmarks/bench_lstm.py --optimizer adamw --lrs 0.003,0.01,0.03"
     " --out benchmarks/results/bench_lstm_lrs_adamw.md",
+    "bench_gpt_adamw": "python benchmarks/bench_gpt.py --optimizer adamw",
+    "bench_gpt_adam": "python benchmarks/bench_gpt.py --optimizer adam",
+    "bench_gpt_adamw_full_snapshot": "python benchmarks/bench_gpt.py --optimizer adamw --snapshot full"
+    " --configs clip=0.05,auto",
 }
 
 # The order of the sections; files not listed follow in alphabetical order.
 ORDER = [
     "bench_step", "bench_e2e", "bench_stats", "bench_memory", "bench_cosh", "bench_lstm",
-    "bench_lstm_12seeds", "bench_lstm_lrs", "bench_lstm_lrs_momentum", "bench_lstm_lrs_adamw",
+    "bench_lstm_12seeds", "bench_lstm_lrs", "bench_lstm_lrs_momentum", "bench_lstm_lrs_adamw", "bench_gpt_adamw",
+    "bench_gpt_adam", "bench_lstm_demo", "bench_secant_accuracy", "bench_gpt_adamw_full_snapshot",
 ]
 
 TITLES = {
@@ -44,6 +49,11 @@ TITLES = {
     "bench_lstm_lrs": "Character LSTM, plain SGD across learning rates",
     "bench_lstm_lrs_momentum": "Character LSTM, SGD with momentum across learning rates",
     "bench_lstm_lrs_adamw": "Character LSTM, AdamW across learning rates",
+    "bench_gpt_adamw": "Small GPT, AdamW across learning rates, with ZClip, AutoClip and AGC",
+    "bench_gpt_adam": "Small GPT, Adam across learning rates, with ZClip, AutoClip and AGC",
+    "bench_lstm_demo": "Lightning's LSTM demo model: the first 50 steps",
+    "bench_secant_accuracy": "The sampled snapshot's secant against the exact one",
+    "bench_gpt_adamw_full_snapshot": "Small GPT, AdamW: auto with the full snapshot",
 }
 
 

@@ -79,6 +79,16 @@ class _Snapshot:
     def matches(self, grads: list[Tensor]) -> bool:
         return self.valid and self.layout == tuple(tuple(g.shape) for g in grads)
 
+    def _buffers_state(self, grads: list[Tensor], params: list[Tensor]) -> dict[str, Any]:
+        """The buffers and the norm as CPU copies (``{}`` for an empty snapshot)."""
+        if not self.valid or self.norm is None:
+            return {}
+        return {
+            "grads": [t.detach().cpu().clone() for t in grads],
+            "params": [t.detach().cpu().clone() for t in params],
+            "norm": self.norm.detach().cpu().clone(),
+        }
+
 
 class FullSnapshot(_Snapshot):
     """The gradients and parameters of the previous estimation step, whole.
@@ -149,13 +159,7 @@ class FullSnapshot(_Snapshot):
         self.step = step
 
     def state_dict(self) -> dict[str, Any]:
-        if not self.valid:
-            return {}
-        return {
-            "grads": [t.detach().cpu().clone() for t in self.grads],
-            "params": [t.detach().cpu().clone() for t in self.params],
-            "norm": self.norm.detach().cpu().clone(),  # type: ignore[union-attr]
-        }
+        return self._buffers_state(self.grads, self.params)
 
     def load(self, sd: dict[str, Any], device: torch.device, step: int) -> None:
         if not sd or sd.get("kind", "full") != self.kind:
@@ -309,16 +313,10 @@ class SampledSnapshot(_Snapshot):
         self.step = step
 
     def state_dict(self) -> dict[str, Any]:
-        if not self.valid:
-            return {}
-        return {
-            "kind": self.kind,
-            "seed": self.seed,
-            "layout": [list(s) for s in self.layout],
-            "grads": [t.detach().cpu().clone() for t in self.grads],
-            "params": [t.detach().cpu().clone() for t in self.params],
-            "norm": self.norm.detach().cpu().clone(),  # type: ignore[union-attr]
-        }
+        out = self._buffers_state(self.grads, self.params)
+        if out:
+            out.update(kind=self.kind, seed=self.seed, layout=[list(s) for s in self.layout])
+        return out
 
     def load(self, sd: dict[str, Any], device: torch.device, step: int) -> None:
         """Restore :meth:`state_dict`; a full snapshot's (or one sampled with another seed) is dropped:
