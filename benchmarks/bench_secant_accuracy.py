@@ -29,7 +29,7 @@ from bench_lstm import CharLSTM, corpus
 
 from lightning_l0l1 import GradientClipper
 from lightning_l0l1.estimator import envelope_init, envelope_update, secant_pair
-from lightning_l0l1.snapshots import SAMPLE_BLOCK, SAMPLE_STRIDE, SampledSnapshot
+from lightning_l0l1.snapshots import SAMPLE_BLOCK, SAMPLE_MIN_BLOCKS, SAMPLE_STRIDE, SampledSnapshot
 
 
 def lstm_task(hidden: int, seed: int):
@@ -124,8 +124,8 @@ def main(argv=None) -> str:
     if args.quick:
         args.steps, tasks = 5, [lambda: mlp_task(256, 0)]
     out = [f"Machine: {machine()}\n\nSampled snapshot: one block of {SAMPLE_BLOCK} elements in {SAMPLE_STRIDE}, "
-           f"tensors of at most {SAMPLE_BLOCK * SAMPLE_STRIDE} elements whole; {args.steps} steps per run, the "
-           "trajectory of `auto` with the full snapshot.\n"]
+           f"tensors of fewer than {2 * SAMPLE_BLOCK * SAMPLE_MIN_BLOCKS} elements whole; {args.steps} steps per "
+           "run, the trajectory of `auto` with the full snapshot.\n"]
     for make in tasks:
         t0 = time.time()
         task = make()

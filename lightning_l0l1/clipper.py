@@ -124,8 +124,9 @@ class GradientClipper:
         estimate_every: form a secant pair every K steps only (plus one at step 1); the estimator's
             time cost is divided by about K.
         snapshot: what the estimator keeps of the previous step. ``"sampled"``: one block of 64
-            elements in 64 (at least 64 blocks per tensor; tensors of at most 4096 elements whole), about
-            3% of the gradient bytes, the norms of the differences estimated from them
+            elements in 128 (at least 64 blocks per tensor; tensors of fewer than 8192 elements whole),
+            about 1.6% of the gradient bytes for large tensors, the norms of the differences estimated
+            from them
             (:class:`~lightning_l0l1.snapshots.SampledSnapshot`). ``"full"``: every gradient and
             parameter, two gradient-sized buffers and one more pass over both per step, the exact
             differences. ``None`` (default): ``"full"`` with ``probe`` or ``snapshot_device="cpu"``,
@@ -452,7 +453,7 @@ class GradientClipper:
     # ------------------------------------------------------------------ checkpointing
     def state_dict(self) -> dict[str, Any]:
         """All state, for every optimizer: counters, last statistics and the estimates as plain
-        Python values; with the estimator on, also the snapshot (CPU tensors: about 3% of the gradient
+        Python values; with the estimator on, also the snapshot (CPU tensors: about 1.6% of the gradient
         bytes sampled, twice them full) so that a resumed run forms the same next secant pair as an
         uninterrupted one.
         Under sharded strategies only rank zero's state is saved by Lightning, so there the snapshot
@@ -482,7 +483,7 @@ def _snapshot_kind(snapshot: Any, probe: bool, snapshot_device: Optional[str]) -
         raise ValueError("`probe=True` moves the parameters back to the midpoint of the step, which needs the "
                          "whole previous parameters: use `snapshot='full'` (or None), got `snapshot='sampled'`.")
     if kind == "sampled" and snapshot_device == "cpu":
-        raise ValueError("`snapshot_device='cpu'` offloads a full snapshot; a sampled one is about 3% of the "
+        raise ValueError("`snapshot_device='cpu'` offloads a full snapshot; a sampled one is about 1.6% of the "
                          "gradient bytes and stays on the device: got `snapshot='sampled'`. Use "
                          "`snapshot='full'` (or None) with `snapshot_device='cpu'`.")
     return kind

@@ -6,7 +6,7 @@ The secant of step :math:`t` needs two numbers, :math:`\lVert g_{t+1} - g_t\rVer
 * :class:`SampledSnapshot` (the default) keeps a fraction of every tensor: blocks of
   :data:`SAMPLE_BLOCK` consecutive elements, one in :data:`SAMPLE_STRIDE` (a smaller stride for a tensor
   that would give fewer than :data:`SAMPLE_MIN_BLOCKS` blocks, and the whole tensor below
-  ``SAMPLE_BLOCK * SAMPLE_MIN_BLOCKS`` elements), from an offset drawn anew at every snapshot, plus the
+  ``2 * SAMPLE_BLOCK * SAMPLE_MIN_BLOCKS`` elements), from an offset drawn anew at every snapshot, plus the
   elements after the last whole block. The norms of the differences are estimated from the sampled
   elements, each tensor's sampled blocks weighted by the inverse of the fraction sampled, so that the
   estimate of :math:`\lVert x\rVert_p^p` is unbiased over the offset. Memory: about
