@@ -264,8 +264,19 @@ def test_ddp_fork_in_process_matches_reference(tmp_path: Path, monkeypatch: pyte
     _params_close([p.detach() for p in trainer.lightning_module.net.parameters()], ref["params"], "parent module")
 
 
-def test_auto_under_ddp_fork_matches_a_single_process_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("sampled", [False, True], ids=["small-tensors-whole", "sampling"])
+def test_auto_under_ddp_fork_matches_a_single_process_run(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, sampled: bool
+) -> None:
+    """With ``sampling``, blocks of 4 elements and at least 4 of them make the sampled snapshot sample every
+    tensor of the test model (in the forked workers and in the reference alike): the ranks sample the same
+    elements with no communication, and match the single-process run."""
     fork_env(monkeypatch)
+    if sampled:
+        from lightning_l0l1 import snapshots
+
+        monkeypatch.setattr(snapshots, "SAMPLE_BLOCK", 4)
+        monkeypatch.setattr(snapshots, "SAMPLE_MIN_BLOCKS", 4)
     _load("lightning_train").run(str(tmp_path), "ddp_fork", "auto")
     outs = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(C.WORLD)]
     _check_auto_run(outs)
