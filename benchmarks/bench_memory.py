@@ -5,7 +5,9 @@ resident set size is read after the gradients exist, after two steps (the estima
 snapshot on the first and forms its first pair on the second), then after ten more steps; the last
 difference, over the gradient bytes, is the step's transient memory. The estimator's
 snapshot is allocated at the first step and counted separately as its resident size. The last
-column is what a configuration holds beyond ``L0L1 clip`` (the estimator's whole cost). CPU only
+columns are what a configuration holds beyond ``L0L1 clip`` (the estimator's whole cost, including
+a few MB of one-time allocations the first pair's code paths make, whatever the model's size) and the
+bytes of the estimator's snapshot buffers, counted exactly. CPU only
 (on a GPU, ``torch.cuda.max_memory_allocated`` would be the measure).
 
     python benchmarks/bench_memory.py [--quick]
@@ -64,7 +66,13 @@ def child(name: str, n: float, dtype: str) -> dict:
     for _ in range(10):
         step()
     after = maxrss()
-    return dict(grad_bytes=grad_bytes, first=after_first - before_first, steady=after - after_first)
+    held = 0
+    if kw is not None:  # the estimator's snapshot buffers, counted exactly
+        for st in cb.clipper._states.values():
+            if st.estimator is not None:
+                snap = st.estimator.snapshot
+                held += sum(t.numel() * t.element_size() for t in snap.grads + snap.params)
+    return dict(grad_bytes=grad_bytes, first=after_first - before_first, steady=after - after_first, held=held)
 
 
 def main(argv=None) -> str:
@@ -92,12 +100,13 @@ def main(argv=None) -> str:
             base = results["L0L1 clip"]
             rows = [
                 [name, r["first"] / gb, r["steady"] / gb,
-                 (r["first"] + r["steady"] - base["first"] - base["steady"]) / gb]
+                 (r["first"] + r["steady"] - base["first"] - base["steady"]) / gb, r["held"] / gb]
                 for name, r in results.items()
             ]
             out.append(f"\n### {dtype} gradients, {n / 1e6:.0f}M parameters, {gb / 1e6:.0f} MB\n")
             out.append(table(["configuration", "first two steps (buffers) / grad bytes",
-                              "later steps peak / grad bytes", "extra over L0L1 clip / grad bytes"], rows))
+                              "later steps peak / grad bytes", "extra over L0L1 clip / grad bytes",
+                              "snapshot buffers / grad bytes"], rows))
     report = "\n".join(out) + "\n"
     return emit(report, args.out, args.quick)
 
