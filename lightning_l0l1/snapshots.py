@@ -194,9 +194,9 @@ class SampledSnapshot(_Snapshot):
 
     Args:
         seed: the offsets' seed (kept in the checkpoint).
-        block, stride, min_blocks: the block length, the largest sampling stride and the fewest blocks a
-            sampled tensor gives (defaults :data:`SAMPLE_BLOCK`, :data:`SAMPLE_STRIDE`,
-            :data:`SAMPLE_MIN_BLOCKS`).
+        block: the block length (default :data:`SAMPLE_BLOCK`).
+        stride: the largest sampling stride (default :data:`SAMPLE_STRIDE`).
+        min_blocks: the fewest blocks a sampled tensor gives (default :data:`SAMPLE_MIN_BLOCKS`).
     """
 
     kind = "sampled"
