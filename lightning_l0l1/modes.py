@@ -290,6 +290,11 @@ def _max_amplification(optimizer: Optimizer) -> float:
     return bound
 
 
+#: Adam-type optimizers under ``auto``: the weight of the previous average in the typical gradient norm.
+TYPICAL_DECAY = 0.9
+_ADAPTIVE_FIELDS = ("natural", "applied", "typical")
+
+
 @dataclass
 class AutoState:
     """``auto``'s state for one optimizer.
@@ -303,6 +308,8 @@ class AutoState:
         adaptive: the optimizer normalizes the gradient (Adam-type): auto steers its learning rate.
         natural: Adam-type: the length of the step the optimizer takes at its own learning rate.
         applied: Adam-type: the learning-rate factor of the last step.
+        typical: Adam-type: the average of the finite gradient norms so far (weight
+            :data:`TYPICAL_DECAY` on the previous average), the floor of the threshold.
     """
 
     delta: Optional[Tensor] = None
@@ -313,6 +320,7 @@ class AutoState:
     adaptive: bool = False
     natural: Optional[Tensor] = None
     applied: Optional[Tensor] = None
+    typical: Optional[Tensor] = None
 
 
 class AutoRule(Rule):
@@ -321,8 +329,9 @@ class AutoRule(Rule):
     \max(\lVert\theta\rVert, 1)`. Under SGD with momentum the length limit is divided by the measured
     ratio of the step taken to the step set, clamped to :math:`[1, \text{its steady-state bound}]`. An
     optimizer that normalizes the gradient (Adam-type) gets :func:`~lightning_l0l1.rules.auto_adaptive_scale`:
-    its gradient is clipped at :math:`2\underline L/\tilde r` and its learning rate scaled for the step so
-    that the step it takes stays within the same length limit and bound."""
+    its gradient is clipped at :math:`2\underline L/\tilde r`, or at the typical gradient norm if that is
+    larger, and its learning rate scaled for the step so that the step it takes stays within the same
+    length limit and bound."""
 
     name = "auto"
     per_group = True
@@ -354,7 +363,7 @@ class AutoRule(Rule):
             state.delta = state.delta.to(like.device, like.dtype)
         if state.momentum is not None and state.momentum.amp.device != like.device:
             state.momentum = state.momentum.to(like.device)
-        for name in ("natural", "applied"):
+        for name in _ADAPTIVE_FIELDS:
             t = getattr(state, name)
             if t is not None and (t.device, t.dtype) != (like.device, like.dtype):
                 setattr(state, name, t.to(like.device, like.dtype))
@@ -407,8 +416,13 @@ class AutoRule(Rule):
         """Adam-type optimizers: clip what enters the moments, bound the step through the learning rate."""
         env = ctx.envelope
         assert env is not None and state.natural is not None
-        s, gamma, c = auto_adaptive_scale(ctx.norm, env.low, env.ratio, state.natural, radius)
+        s, gamma, c = auto_adaptive_scale(ctx.norm, env.low, env.ratio, state.natural, radius, state.typical)
         state.applied = c
+        # the floor follows the norms before clipping, so a run of clipped steps cannot lower it
+        norm = ctx.norm.to(state.natural.dtype)
+        prev = state.typical if state.typical is not None else torch.full_like(norm, math.nan)
+        mixed = torch.where(torch.isnan(prev), norm, TYPICAL_DECAY * prev + (1 - TYPICAL_DECAY) * norm)
+        state.typical = torch.where(torch.isfinite(norm), mixed, prev)
         ctx.lr_factors = [c] * len(ctx.lrs)
         return [s] * len(ctx.lrs), gamma
 
@@ -428,10 +442,10 @@ class AutoRule(Rule):
             out["delta"] = float(state.delta)
         if state.momentum is not None:
             out["momentum"] = {k: v.tolist() for k, v in state.momentum.state_dict().items()}
-        if state.natural is not None:
-            out["natural"] = float(state.natural)
-        if state.applied is not None:
-            out["applied"] = float(state.applied)
+        for name in _ADAPTIVE_FIELDS:
+            t = getattr(state, name)
+            if t is not None:
+                out[name] = float(t)
         return out
 
     def load_state_dict(self, sd: dict[str, Any]) -> AutoState:
@@ -442,7 +456,7 @@ class AutoRule(Rule):
         momentum = sd.get("momentum") or sd.get("env")
         if momentum is not None:
             state.momentum = MomentumState.from_state_dict(momentum, torch.device("cpu"))
-        for name in ("natural", "applied"):
+        for name in _ADAPTIVE_FIELDS:
             if sd.get(name) is not None:
                 setattr(state, name, torch.tensor(sd[name], dtype=torch.float64))
         return state

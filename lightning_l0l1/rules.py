@@ -173,7 +173,7 @@ def auto_scale(
 
 
 def auto_adaptive_scale(
-    norm: Tensor, low: Tensor, ratio: Tensor, natural: Tensor, radius: Tensor
+    norm: Tensor, low: Tensor, ratio: Tensor, natural: Tensor, radius: Tensor, typical: Optional[Tensor] = None
 ) -> tuple[Tensor, Tensor, Tensor]:
     r"""``auto``'s rule for optimizers that normalize the gradient (Adam, AdamW, RMSprop, ...).
 
@@ -184,13 +184,18 @@ def auto_adaptive_scale(
 
     .. math::
 
-        s = \min\left(1, \frac{\gamma}{\lVert g\rVert}\right),\ \gamma = \frac{2\underline L}{\tilde r}
+        s = \min\left(1, \frac{\gamma}{\lVert g\rVert}\right),\
+        \gamma = \max\left(\frac{2\underline L}{\tilde r}, \bar g\right)
         \qquad
         c = \min\left(1, \frac{\min(\rho_t, 2/\tilde r)}{\ell}\right)
 
     with :math:`\underline L`, :math:`\tilde r` as in :func:`auto_scale` (:math:`\gamma = L_0/L_1` for
-    :math:`L_0 = \underline L`, :math:`L_1 = \tilde r/2`), :math:`\ell` the length of the step the optimizer
-    takes at its own learning rate (measured on the last step) and :math:`\rho_t` the trust radius.
+    :math:`L_0 = \underline L`, :math:`L_1 = \tilde r/2`), :math:`\bar g` the typical gradient norm (an
+    average of the recent ones), :math:`\ell` the length of the step the optimizer takes at its own
+    learning rate (measured on the last step) and :math:`\rho_t` the trust radius. The floor
+    :math:`\bar g` keeps the threshold from falling below the gradients the optimizer usually sees: an
+    optimizer that normalizes the gradient takes the same steps when every gradient is scaled down,
+    so a threshold below them would only change the balance of its moment estimates.
 
     Args:
         norm: the global gradient norm (0-d).
@@ -198,6 +203,7 @@ def auto_adaptive_scale(
         ratio: the median ratio :math:`\tilde r` (0: none yet).
         natural: :math:`\ell`, the optimizer's step length at factor 1 (0-d, > 0).
         radius: :math:`\rho_t`, the step-length bound of the first steps (0-d).
+        typical: :math:`\bar g`, the floor of the threshold (0-d; ``None`` or NaN: no floor).
 
     Returns:
         ``(s, gamma, c)``: the gradient factor, the threshold (``inf`` while nothing is measured: no
@@ -215,5 +221,8 @@ def auto_adaptive_scale(
     length = torch.where(measured, 2.0 / torch.where(measured, ratio, 1.0), math.inf)
     c = torch.clamp(torch.minimum(radius.to(dtype), length) / natural.to(dtype), max=1.0)
     gamma = torch.where(measured & torch.isfinite(low), 2.0 * low / torch.where(measured, ratio, 1.0), math.inf)
+    if typical is not None:
+        typical = typical.to(dtype)
+        gamma = torch.maximum(gamma, torch.where(torch.isnan(typical), 0.0, typical))
     s = torch.where(torch.isinf(gamma), 1.0, torch.clamp(gamma / norm, max=1.0))
     return s, gamma, c

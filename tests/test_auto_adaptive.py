@@ -2,7 +2,8 @@
 
 References are independent of the clipper's own output where possible:
 
-* the rule's closed form (:func:`~lightning_l0l1.rules.auto_adaptive_scale`) against hand arithmetic;
+* the rule's closed form (:func:`~lightning_l0l1.rules.auto_adaptive_scale`) against hand arithmetic, and
+  its threshold's floor against an average of the reported norms computed here;
 * the first step: its length is the trust radius ``initial_step * max(||theta||, 1)`` when Adam's own
   first step (``lr`` per coordinate) is longer, measured on the parameters;
 * every later step's length stays within the limits the estimate sets (a loose bound: the factor is set
@@ -56,6 +57,33 @@ def test_closed_form(norm, low, ratio, natural, radius):
     want_s = min(1.0, want_gamma / norm)
     want_c = min(1.0, min(radius, 2 / ratio if ratio > 0 else math.inf) / natural)
     assert (float(s), float(gamma), float(c)) == pytest.approx((want_s, want_gamma, want_c), rel=1e-15)
+
+
+@pytest.mark.parametrize(("raw", "typical", "want"), [(2.0, 3.0, 3.0), (2.0, 1.0, 2.0), (2.0, math.nan, 2.0)])
+def test_the_threshold_is_floored_at_the_typical_norm(raw, typical, want):
+    t = torch.tensor
+    s, gamma, _ = auto_adaptive_scale(t(4.0), t(raw / 2), t(1.0), t(8.0), t(100.0), typical=t(typical))
+    assert (float(gamma), float(s)) == (want, want / 4.0)
+
+
+def test_the_floor_is_the_average_of_the_earlier_norms():
+    """The threshold on every step is at least the average (weight 0.9 on the previous one) of the norms
+    before it, computed here from the norms the clipper reports; the floor binds on some clipped steps."""
+    net = _net()
+    opt = torch.optim.AdamW(net.parameters(), lr=0.2, weight_decay=0.1)
+    clipper = GradientClipper(nonfinite="propagate")
+    average, bound = math.nan, 0
+    for x, y in batches(40, F64):
+        backward(net, x, y)
+        clipper.step(opt)
+        opt.step()
+        st = clipper.latest()
+        if not math.isnan(average):
+            assert st["l0l1/max_norm"] >= average * (1 - 1e-12)
+            bound += st["l0l1/scale"] < 1 and st["l0l1/max_norm"] == pytest.approx(average, rel=1e-12)
+        norm = st["l0l1/grad_norm"]
+        average = norm if math.isnan(average) else 0.9 * average + 0.1 * norm
+    assert bound >= 2
 
 
 def test_the_first_step_is_the_trust_radius():

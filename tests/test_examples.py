@@ -276,11 +276,11 @@ def test_ddp(tmp_path: Path) -> None:
     assert summary["world_size"] == 2 and summary["steps"] == 4, log
     assert summary["max_norm_diff_between_ranks"] == 0, log  # the norm is global
     assert summary["max_local_loss_diff_between_ranks"] > 0, log  # the data are not
-    assert len(table["norms"]) == 2 and all(len(n) == 4 for n in table["norms"])
-    assert "the norm is global" in proc.stdout
+    assert len(table["norms"]) == 2 and all(len(n) == 4 for n in table["norms"]), (table, log)
+    assert "the norm is global" in proc.stdout, log
     metrics = (out / "ddp_csv" / "version_0" / "metrics.csv").read_text()
-    assert "l0l1/grad_norm" in metrics.splitlines()[0]
-    assert len([ln for ln in metrics.splitlines()[1:] if ln.strip()]) >= 2
+    assert "l0l1/grad_norm" in metrics.splitlines()[0], (metrics, log)
+    assert len([ln for ln in metrics.splitlines()[1:] if ln.strip()]) >= 2, (metrics, log)
 
 
 # ---------------------------------------------------------------------------------------- Figure 1's line fit
