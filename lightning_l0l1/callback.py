@@ -119,7 +119,8 @@ class L0L1ClippingBase:
             ``snapshot_device="cpu"``, else ``"sampled"``.
         snapshot_device: ``"cpu"`` keeps a full snapshot in host memory.
         initial_step: ``auto``: the first update moves the parameters by at most
-            ``initial_step * max(||theta||, 1)``; the bound doubles every step.
+            ``initial_step * max(||theta||, 1)``; the bound doubles every step. ``None`` (default):
+            ``1e-2``, or ``1e-1`` for an optimizer that normalizes the gradient (Adam, AdamW, ...).
         fused_handoff: with a fused optimizer (``Adam(fused=True)`` ...), no GradScaler and one scale
             for the optimizer, hand the scale and the skip verdict to the optimizer's kernel instead
             of scaling the gradients: no scaling pass, no host read (see the README).
@@ -167,7 +168,7 @@ class L0L1ClippingBase:
     estimate_every = _Setting[int]("clipper")
     snapshot = _Setting[SnapshotKind]("clipper")
     snapshot_device = _Setting[Optional[Literal["cpu"]]]("clipper")
-    initial_step = _Setting[float]("clipper")
+    initial_step = _Setting[Optional[float]]("clipper")
     fused_handoff = _Setting[bool]("clipper")
     prefix = _Setting[str]("publisher")
     log_every_n_steps = _Setting[Optional[int]]("publisher", "every")
@@ -186,7 +187,7 @@ class L0L1ClippingBase:
         estimate_every: int = 1,
         probe_loss: Optional[Callable[[LightningModule, Any], Tensor]] = None,
         snapshot_device: Optional[Literal["cpu"]] = None,
-        initial_step: float = 1e-2,
+        initial_step: Optional[float] = None,
         fused_handoff: bool = True,
         log_stats: bool = True,
         log_every_n_steps: Optional[int] = None,

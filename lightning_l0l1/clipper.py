@@ -134,7 +134,9 @@ class GradientClipper:
         snapshot_device: ``"cpu"`` (or ``torch.device("cpu")``) keeps a full snapshot in (pinned) host
             memory: no device memory, at the price of host-device copies.
         initial_step: ``auto``: the first update moves the parameters by at most
-            ``initial_step * max(||theta||, 1)``; that bound doubles every step after.
+            ``initial_step * max(||theta||, 1)``; that bound doubles every step after. ``None``
+            (default): ``1e-2``, or ``1e-1`` for an optimizer that normalizes the gradient (Adam,
+            AdamW, RMSprop, ...).
         fused_handoff: for torch's fused optimizers (``Adam``/``AdamW``/``SGD(fused=True)``) and one
             scale for the whole optimizer, hand the scale (as ``grad_scale = 1/s``) and, with
             ``nonfinite="skip"``, the non-finite verdict (as ``found_inf``) to the optimizer's own
@@ -170,7 +172,7 @@ class GradientClipper:
         estimate: Optional[bool] = None,
         estimate_every: int = 1,
         snapshot_device: Optional[Union[Literal["cpu"], torch.device]] = None,
-        initial_step: float = 1e-2,
+        initial_step: Optional[float] = None,
         fused_handoff: bool = True,
         probe: bool = False,
         snapshot: Optional[SnapshotKind] = None,
@@ -189,7 +191,10 @@ class GradientClipper:
         self.snapshot_device: Optional[Literal["cpu"]] = validation.device(  # type: ignore[assignment]
             "snapshot_device", snapshot_device, (None, "cpu")
         )
-        self.initial_step = validation.positive("initial_step", initial_step, low=validation.FLOAT32_TINY)
+        self.initial_step: Optional[float] = (
+            None if initial_step is None
+            else validation.positive("initial_step", initial_step, low=validation.FLOAT32_TINY)
+        )
         self.fused_handoff: bool = validation.flag("fused_handoff", fused_handoff)  # type: ignore[assignment]
         self.probe_enabled: bool = validation.flag("probe", probe)  # type: ignore[assignment]
         if self.probe_enabled and not self.estimate:

@@ -116,7 +116,7 @@ class Rule:
     @classmethod
     def from_settings(
         cls, max_norm: Optional[float] = None, l0: Optional[float] = None, l1: Optional[float] = None,
-        initial_step: float = 1e-2,
+        initial_step: Optional[float] = None,
     ) -> Rule:
         """The rule for these settings (the union of every rule's), validated.
 
@@ -175,7 +175,7 @@ class _ThresholdRule(Rule):
     @classmethod
     def from_settings(
         cls, max_norm: Optional[float] = None, l0: Optional[float] = None, l1: Optional[float] = None,
-        initial_step: float = 1e-2,
+        initial_step: Optional[float] = None,
     ) -> Rule:
         if max_norm is None:
             raise ValueError(
@@ -234,7 +234,7 @@ class L0L1Rule(Rule):
     @classmethod
     def from_settings(
         cls, max_norm: Optional[float] = None, l0: Optional[float] = None, l1: Optional[float] = None,
-        initial_step: float = 1e-2,
+        initial_step: Optional[float] = None,
     ) -> Rule:
         if l0 is None or l1 is None:
             raise ValueError(
@@ -272,6 +272,12 @@ def _first_step_length(optimizer: Optimizer, ctx: StepContext) -> Tensor:
 
 #: ``auto``'s step-length bound grows by this factor every step from ``initial_step``.
 TRUST_GROWTH = 2.0
+#: ``auto``'s default ``initial_step``: the first step's bound relative to ``max(||theta||, 1)``.
+INITIAL_STEP = 1e-2
+#: The same for an optimizer that normalizes the gradient (Adam-type), whose first steps move every
+#: coordinate by about its learning rate: a bound as tight as plain SGD's cut its first steps many
+#: times over, and the trajectory did not recover from that (measured on a character LSTM).
+INITIAL_STEP_ADAPTIVE = 1e-1
 
 
 def _momentum_sgd(optimizer: Optimizer) -> bool:
@@ -337,13 +343,16 @@ class AutoRule(Rule):
     per_group = True
     needs_estimate = True
 
-    def __init__(self, initial_step: float = 1e-2) -> None:
-        self.initial_step = validation.positive("initial_step", initial_step, low=validation.FLOAT32_TINY)
+    def __init__(self, initial_step: Optional[float] = None) -> None:
+        self.initial_step: Optional[float] = (
+            None if initial_step is None
+            else validation.positive("initial_step", initial_step, low=validation.FLOAT32_TINY)
+        )
 
     @classmethod
     def from_settings(
         cls, max_norm: Optional[float] = None, l0: Optional[float] = None, l1: Optional[float] = None,
-        initial_step: float = 1e-2,
+        initial_step: Optional[float] = None,
     ) -> Rule:
         given = [(k, v) for k, v in (("max_norm", max_norm), ("l0", l0), ("l1", l1)) if v is not None]
         if given:
@@ -387,7 +396,10 @@ class AutoRule(Rule):
             state.momentum = momentum_init(ctx.norm.device)
         if state.delta is None:
             pnorm = ctx.grads.param_norm(ctx.norm_type)
-            state.delta = self.initial_step * torch.clamp(pnorm, min=1.0).to(ctx.norm.dtype)
+            first = self.initial_step
+            if first is None:
+                first = INITIAL_STEP_ADAPTIVE if state.adaptive else INITIAL_STEP
+            state.delta = first * torch.clamp(pnorm, min=1.0).to(ctx.norm.dtype)
 
     def observe(self, state: AutoState, secant: Secant) -> None:
         if state.adaptive and state.applied is not None and state.natural is not None:
@@ -468,7 +480,7 @@ RULES: dict[str, type[Rule]] = {rule.name: rule for rule in (AutoRule, ClipRule,
 
 def make_rule(
     mode: str, max_norm: Optional[float] = None, l0: Optional[float] = None, l1: Optional[float] = None,
-    initial_step: float = 1e-2,
+    initial_step: Optional[float] = None,
 ) -> Rule:
     """The registered rule for ``mode``, with its settings validated.
 

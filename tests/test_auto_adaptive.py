@@ -101,6 +101,23 @@ def test_the_first_step_is_the_trust_radius():
     assert length == pytest.approx(radius, rel=1e-6)
 
 
+@pytest.mark.parametrize(("make", "fraction"), [
+    (lambda ps: torch.optim.Adam(ps, lr=0.5), 1e-1),  # Adam-type: the default bound is 0.1 * ||theta||
+    (lambda ps: torch.optim.SGD(ps, lr=50.0), 1e-2),  # plain SGD keeps 0.01 * ||theta||
+])
+def test_the_default_first_step_depends_on_the_optimizer(make, fraction):
+    net = _net()
+    opt = make(net.parameters())
+    clipper = GradientClipper(nonfinite="propagate")
+    x, y = batches(1, F64)[0]
+    backward(net, x, y)
+    before = _flat(net)
+    clipper.step(opt)
+    opt.step()
+    length = float(torch.linalg.vector_norm(_flat(net) - before))
+    assert length == pytest.approx(fraction * max(float(torch.linalg.vector_norm(before)), 1.0), rel=1e-6)
+
+
 def test_every_step_stays_within_the_limits_it_sets():
     net = _net()
     opt = torch.optim.AdamW(net.parameters(), lr=0.2, weight_decay=0.1)

@@ -138,7 +138,7 @@ def run_callback(tmp_path: Any) -> str:
 PINNED: dict[str, str] = {
     "adaptive": "cc1d416514a627fe",
     "auto": "cbb1393ff50fa6d8",
-    "auto_adam": "cc6f346d79a2973e",  # Adam-type: the threshold is floored at the typical gradient norm
+    "auto_adam": "dbfac96b19736688",  # Adam-type: typical-norm floor, first-step bound 0.1 * norm(theta)
     "auto_cpu_snapshot": "cbb1393ff50fa6d8",
     "auto_every3": "e0376fc06596d5da",
     "auto_float64": "252863b9b47894f1",
