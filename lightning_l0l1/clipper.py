@@ -439,7 +439,7 @@ class GradientClipper:
         if st is None or st.last is None:
             return None
         return stats.counter_vector(
-            st.counters.nonfinite, None if st.estimator is None else st.estimator.envelope, st.last
+            st.counters.nonfinite, None if st.estimator is None else st.estimator.folded(), st.last
         )
 
     def latest(self, prefix: str = "l0l1/") -> dict[str, float]:

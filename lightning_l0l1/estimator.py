@@ -47,6 +47,7 @@ from lightning_l0l1.snapshots import FullSnapshot, Snapshot, make_snapshot
 
 __all__ = [
     "CAPACITY",
+    "PENDING",
     "WINDOW",
     "EnvelopeState",
     "EstimatorState",
@@ -55,7 +56,9 @@ __all__ = [
     "SecantEstimator",
     "amplification_update",
     "envelope_fit",
+    "envelope_fold",
     "envelope_init",
+    "envelope_record",
     "envelope_update",
     "log_mean",
     "momentum_init",
@@ -108,6 +111,8 @@ class EnvelopeState(_TensorState):
         window: ``[WINDOW]`` the ratios :math:`\hat L_i / n_i` of the most recent valid pairs, a ring
             buffer written at ``pairs % WINDOW`` (NaN: empty slot).
         ratio: their lower median (0 before the first pair).
+        pending_norms, pending_smooth: ``[PENDING]`` pairs recorded but not yet in the hull and the
+            fit (:func:`envelope_record`; norm 0: empty slot).
     """
 
     INTEGER_FIELDS: ClassVar[tuple[str, ...]] = ("pairs",)
@@ -124,6 +129,8 @@ class EnvelopeState(_TensorState):
     low: Tensor
     window: Tensor
     ratio: Tensor
+    pending_norms: Tensor
+    pending_smooth: Tensor
 
     @classmethod
     def from_state_dict(cls, sd: dict[str, Any], device: torch.device) -> EnvelopeState:
@@ -163,6 +170,11 @@ CAPACITY = 16
 #: Number of recent pairs whose lower median ratio :math:`\hat L / n` is ``ratio``.
 WINDOW = 20
 
+#: The estimator enters its pairs into the hull and refits the line once per this many pairs (and
+#: whenever the estimates are read): the hull and the fit are a few dozen small operations, the
+#: per-step estimates that steer ``auto`` (``low``, ``ratio``) are kept current at every pair.
+PENDING = 8
+
 
 def envelope_init(device: torch.device | str = "cpu", dtype: torch.dtype = torch.float64) -> EnvelopeState:
     """An empty envelope (float64: the fit spans many decades of norms)."""
@@ -181,6 +193,8 @@ def envelope_init(device: torch.device | str = "cpu", dtype: torch.dtype = torch
         low=torch.full((), math.inf, device=device, dtype=dtype),
         window=torch.full((WINDOW,), math.nan, device=device, dtype=dtype),
         ratio=z.clone(),
+        pending_norms=torch.zeros(PENDING, device=device, dtype=dtype),
+        pending_smooth=torch.zeros(PENDING, device=device, dtype=dtype),
     )
 
 
@@ -235,29 +249,77 @@ def _binding(norms: Tensor, smooth: Tensor) -> Tensor:
 def _compact(norms: Tensor, smooth: Tensor, keep: Tensor, capacity: int) -> tuple[Tensor, Tensor]:
     """The kept pairs, sorted by norm, in ``capacity`` slots (zeros after them).
 
-    When one more pair binds than the buffer holds, the two kept pairs closest in norm are
-    merged into (the smaller norm, the larger smoothness): any line with ``L1 >= 0`` above that
-    point is above both, so the envelope stays a valid upper bound (a slight over-estimate
-    instead of a dropped pair). Branch-free: both layouts are computed, one is selected.
+    When ``m`` pairs are kept and ``m > capacity``, the ``m - capacity`` smallest gaps in log-norm
+    between kept neighbours are closed: each run of pairs joined that way becomes one pair (its
+    smallest norm, its largest smoothness). Any line with ``L1 >= 0`` above that point is above all
+    of them, so the envelope stays a valid upper bound (a slight over-estimate instead of dropped
+    pairs). One excess pair merges the two closest. Branch-free, no host read.
     """
+    size = norms.numel()
     inf = torch.full_like(norms, float("inf"))
     order = torch.argsort(torch.where(keep, norms, inf), stable=True)
     n, L, k = norms[order], smooth[order], keep[order]
-    zero = torch.zeros((), dtype=norms.dtype, device=norms.device)
-    plain_n = torch.where(k, n, zero)[:capacity]
-    plain_l = torch.where(k, L, zero)[:capacity]
-    # merged layout: pair (j, j+1) with the smallest log-gap among kept neighbours
     both = k[1:] & k[:-1]
     gaps = torch.where(both, torch.log(n[1:].clamp_min(1e-300)) - torch.log(n[:-1].clamp_min(1e-300)), inf[1:])
-    j = torch.argmin(gaps).view(1)
-    pair_max = torch.maximum(L.gather(0, j), L.gather(0, j + 1))
-    L_m = L.scatter(0, j, pair_max)
-    slots = torch.arange(capacity, device=norms.device)
-    src = slots + (slots > j).long()  # skip index j + 1
-    merged_n = n.gather(0, src)
-    merged_l = L_m.gather(0, src)
-    overflow = k.sum() > capacity
-    return torch.where(overflow, merged_n, plain_n), torch.where(overflow, merged_l, plain_l)
+    excess = (k.sum() - capacity).clamp_min(0)
+    # rank of each gap (stable: the first of equal gaps closes first); the `excess` smallest close
+    rank = torch.empty_like(order[1:]).scatter_(
+        0, torch.argsort(gaps, stable=True), torch.arange(size - 1, device=norms.device)
+    )
+    closed = rank < excess
+    starts = torch.cat([torch.ones(1, dtype=torch.bool, device=norms.device), ~closed])
+    group = torch.cumsum(starts.long(), 0) - 1
+    zero = torch.zeros(size, dtype=norms.dtype, device=norms.device)
+    g_n = zero.scatter_reduce(0, group, torch.where(k, n, inf), "amin", include_self=False)
+    g_l = zero.scatter_reduce(0, group, torch.where(k, L, -inf), "amax", include_self=False)
+    g_k = torch.zeros(size, dtype=torch.bool, device=norms.device).scatter_reduce(0, group, k, "amax",
+                                                                                 include_self=False)
+    out_n = torch.where(g_k, g_n, zero)[:capacity]
+    out_l = torch.where(g_k, g_l, zero)[:capacity]
+    return out_n, out_l
+
+
+def envelope_record(state: EnvelopeState, norm: Tensor, smooth: Tensor) -> EnvelopeState:
+    """Add one pair like :func:`envelope_update`, except that it waits in ``pending`` for the next
+    :func:`envelope_fold` to enter the hull and the fit (``l0``, ``l1``); everything else (``low``,
+    ``ratio``, ``last``, ``pairs`` ...) is current. Call :func:`envelope_fold` at least every
+    :data:`PENDING` records, and before reading ``l0``, ``l1``, ``norms`` or ``smooth``."""
+    dtype = state.smooth.dtype
+    norm, smooth = norm.to(dtype), smooth.to(dtype)
+    valid = torch.isfinite(norm) & torch.isfinite(smooth) & (norm > 0) & (smooth >= 0)
+    zero = torch.zeros((), dtype=dtype, device=norm.device)
+    log_n = torch.log(torch.where(valid, norm, torch.ones_like(norm)))
+    safe_norm = torch.where(valid, norm, torch.ones_like(norm))
+    window, med = _ring_median(state.window, state.pairs, smooth / safe_norm, valid, zero)
+    slot = (state.pairs % state.pending_norms.numel()).view(1)
+
+    def put(buffer: Tensor, value: Tensor) -> Tensor:  # at `slot` if the pair is valid
+        return buffer.scatter(0, slot, torch.where(valid, value, buffer.gather(0, slot)[0]).view(1))
+
+    return dataclasses.replace(
+        state,
+        lo=torch.where(valid, torch.minimum(state.lo, log_n), state.lo),
+        hi=torch.where(valid, torch.maximum(state.hi, log_n), state.hi),
+        pairs=state.pairs + valid.long(),
+        last=torch.where(valid, smooth, state.last),
+        last_norm=torch.where(valid, norm, state.last_norm),
+        low=torch.where(valid, torch.minimum(state.low, smooth), state.low),
+        window=window,
+        ratio=med,
+        pending_norms=put(state.pending_norms, norm),
+        pending_smooth=put(state.pending_smooth, smooth),
+    )
+
+
+def envelope_fold(state: EnvelopeState) -> EnvelopeState:
+    """The pending pairs entered into the hull and the line refit (pending emptied)."""
+    norms = torch.cat([state.norms, state.pending_norms])
+    smooths = torch.cat([state.smooth, state.pending_smooth])
+    norms, smooths = _compact(norms, smooths, _binding(norms, smooths), state.norms.numel())
+    l0, l1 = envelope_fit(norms, smooths, torch.exp((state.lo + state.hi) / 2))
+    empty = torch.zeros_like(state.pending_norms)
+    return dataclasses.replace(state, norms=norms, smooth=smooths, l0=l0, l1=l1, pending_norms=empty,
+                               pending_smooth=empty.clone())
 
 
 def envelope_update(state: EnvelopeState, norm: Tensor, smooth: Tensor) -> EnvelopeState:
@@ -265,37 +327,7 @@ def envelope_update(state: EnvelopeState, norm: Tensor, smooth: Tensor) -> Envel
 
     Returns a new state (the input's tensors are not modified).
     """
-    dtype = state.smooth.dtype
-    norm, smooth = norm.to(dtype), smooth.to(dtype)
-    valid = torch.isfinite(norm) & torch.isfinite(smooth) & (norm > 0) & (smooth >= 0)
-    zero = torch.zeros((), dtype=dtype, device=norm.device)
-    n_new = torch.where(valid, norm, zero).view(1)
-    l_new = torch.where(valid, smooth, zero).view(1)
-    norms = torch.cat([state.norms, n_new])
-    smooths = torch.cat([state.smooth, l_new])
-    keep = _binding(norms, smooths)
-    norms, smooths = _compact(norms, smooths, keep, state.norms.numel())
-    log_n = torch.log(torch.where(valid, norm, torch.ones_like(norm)))
-    lo = torch.where(valid, torch.minimum(state.lo, log_n), state.lo)
-    hi = torch.where(valid, torch.maximum(state.hi, log_n), state.hi)
-    l0, l1 = envelope_fit(norms, smooths, torch.exp((lo + hi) / 2))
-    safe_norm = torch.where(valid, norm, torch.ones_like(norm))
-    window, med = _ring_median(state.window, state.pairs, smooth / safe_norm, valid, zero)
-    return dataclasses.replace(
-        state,
-        norms=norms,
-        smooth=smooths,
-        lo=lo,
-        hi=hi,
-        l0=l0,
-        l1=l1,
-        pairs=state.pairs + valid.long(),
-        last=torch.where(valid, smooth, state.last),
-        last_norm=torch.where(valid, norm, state.last_norm),
-        low=torch.where(valid, torch.minimum(state.low, smooth), state.low),
-        window=window,
-        ratio=med,
-    )
+    return envelope_fold(envelope_record(state, norm, smooth))
 
 
 def _ring_median(window: Tensor, count: Tensor, value: Tensor, valid: Tensor, empty: Tensor) -> tuple[Tensor, Tensor]:
@@ -394,12 +426,28 @@ class EstimatorState:
         snapshot: the gradients and parameters (sampled or whole) of the step a pair starts from.
         snap_step: the step index the snapshot was taken at (-2: none usable).
         probe_params: the parameters to probe after the step (the probe only), in snapshot order.
+        unfolded: pairs recorded since the envelope's hull was last refit (see :meth:`folded`).
     """
 
     envelope: EnvelopeState
     snapshot: Snapshot
     snap_step: int = -2
     probe_params: list[Tensor] = dataclasses.field(default_factory=list)
+    unfolded: int = 0
+
+    def record(self, norm: Tensor, smooth: Tensor) -> None:
+        """Add a pair: ``low``, ``ratio`` and the rest at once, the hull and the fit every :data:`PENDING`."""
+        self.envelope = envelope_record(self.envelope, norm, smooth)
+        self.unfolded += 1
+        if self.unfolded >= PENDING:
+            self.folded()
+
+    def folded(self) -> EnvelopeState:
+        """The envelope with every recorded pair in its hull and fit (what ``l0``, ``l1`` are read from)."""
+        if self.unfolded:
+            self.envelope = envelope_fold(self.envelope)
+            self.unfolded = 0
+        return self.envelope
 
     def to(self, device: torch.device) -> None:
         if self.envelope.l0.device != device:
@@ -412,7 +460,7 @@ class EstimatorState:
         A snapshot taken at a non-finite step is left out: the pair it would start is invalid and the
         envelope ignores it, so a run resumed without it forms the same estimates.
         """
-        out: dict[str, Any] = {"env": {k: v.tolist() for k, v in self.envelope.state_dict().items()}}
+        out: dict[str, Any] = {"env": {k: v.tolist() for k, v in self.folded().state_dict().items()}}
         norm = self.snapshot.norm
         if with_buffers and self.snapshot.valid and norm is not None and bool(torch.isfinite(norm)):
             out["snapshot"] = self.snapshot.state_dict()
@@ -508,11 +556,14 @@ class SecantEstimator:
             return None
         secant = None
         if state.snap_step == t - 1 and snap.matches(local_grads):
-            dg, dp = snap.differences(local_grads, params, self.norm_type)
-            d = grads.norms(self.norm_type, self.foreach,
-                            groups=[grads.like(dg, snap.flat), grads.like(dp, snap.flat)])
+            if grads.distributed:  # local parts: reduced like the gradients
+                dg, dp = snap.differences(local_grads, params, self.norm_type)
+                d = grads.norms(self.norm_type, self.foreach,
+                                groups=[grads.like(dg, snap.flat), grads.like(dp, snap.flat)])
+            else:  # every gradient whole here: the local norms are the global ones
+                d = torch.stack(snap.difference_norms(local_grads, params, self.norm_type))
             pair_norm, smooth = secant_pair(d[0], d[1], snap.norm, norm)  # type: ignore[arg-type]
-            state.envelope = envelope_update(state.envelope, pair_norm, smooth)
+            state.record(pair_norm, smooth)
             secant = Secant(pair_norm, smooth, d[1])
         if take:
             snap.take(local_grads, params, norm, t)
@@ -547,5 +598,5 @@ class SecantEstimator:
         d = group_norms([GradGroup(replicated=dg), GradGroup(replicated=dp), GradGroup(replicated=mid_grads)],
                         self.norm_type, foreach=self.foreach)
         pair_norm, smooth = secant_pair(d[0], d[1], snap.norm, d[2])  # type: ignore[arg-type]
-        state.envelope = envelope_update(state.envelope, pair_norm, smooth)
+        state.record(pair_norm, smooth)
         return Secant(pair_norm, smooth, 2 * d[1])  # dp is half the step

@@ -30,6 +30,7 @@ from typing import Any, ClassVar, Optional, Union
 import torch
 from torch import Tensor
 
+from lightning_l0l1.norms import _norm_dtype as norm_dtype
 from lightning_l0l1.norms import _per_tensor_norms as per_tensor_norms
 
 __all__ = [
@@ -60,6 +61,17 @@ def sample_offset(seed: int, step: int, index: int, stride: int) -> int:
     return _mix(_mix(_mix(seed) ^ step) ^ index) % stride
 
 
+def _total(tensors: list[Tensor], norm_type: float, factors: Optional[list[float]] = None) -> Tensor:
+    """The p-norm of ``tensors`` together, in float32 (float64 if any is), each tensor's p-norm multiplied
+    by its entry in ``factors`` where given."""
+    acc = torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
+    norms = per_tensor_norms(tensors, norm_type, acc, None)
+    if factors is not None and any(f != 1.0 for f in factors):
+        norms = list(torch._foreach_mul(norms, factors))  # pyright: ignore[reportPrivateImportUsage]
+    total: Tensor = torch.linalg.vector_norm(torch.stack([n.to(acc) for n in norms]), norm_type)
+    return total
+
+
 class _Snapshot:
     """What both snapshots share: the step they were taken at, the gradient norm there, the layout."""
 
@@ -78,6 +90,17 @@ class _Snapshot:
 
     def matches(self, grads: list[Tensor]) -> bool:
         return self.valid and self.layout == tuple(tuple(g.shape) for g in grads)
+
+    def differences(
+        self, grads: list[Tensor], params: list[Tensor], norm_type: float
+    ) -> tuple[list[Tensor], list[Tensor]]:
+        raise NotImplementedError
+
+    def difference_norms(self, grads: list[Tensor], params: list[Tensor], norm_type: float) -> tuple[Tensor, Tensor]:
+        """The (estimated) norms of ``g_prev - g`` and ``p_prev - p`` over the local tensors (0-d each): the
+        global norms where every gradient is whole on this rank."""
+        dg, dp = self.differences(grads, params, norm_type)
+        return _total(dg, norm_type), _total(dp, norm_type)
 
     def _buffers_state(self, grads: list[Tensor], params: list[Tensor]) -> dict[str, Any]:
         """The buffers and the norm as CPU copies (``{}`` for an empty snapshot)."""
@@ -214,9 +237,23 @@ class SampledSnapshot(_Snapshot):
         self.grads: list[Tensor] = []
         self.params: list[Tensor] = []
         self._strides: list[int] = []  # per tensor: its sampling stride (1: whole)
+        self._plan: list[tuple[int, int]] = []  # per tensor: (first block, blocks kept) at the snapshot
 
     def clear(self) -> None:
         self.grads, self.params, self.layout, self.norm, self.step = [], [], (), None, -1
+        self._plan = []
+
+    def _plan_for(self, step: int) -> list[tuple[int, int]]:
+        """Per tensor, the first sampled block and the number of blocks kept at ``step`` (``(0, 0)``: whole)."""
+        plan = []
+        for i, (shape, stride) in enumerate(zip(self.layout, self._strides)):
+            if stride == 1:
+                plan.append((0, 0))
+                continue
+            nb = math.prod(shape) // self.block
+            o = sample_offset(self.seed, step, i, stride)
+            plan.append((o, (nb - o + stride - 1) // stride))
+        return plan
 
     def _stride(self, numel: int) -> int:
         """This tensor's sampling stride: ``stride``, less for a tensor that would give fewer than
@@ -233,41 +270,50 @@ class SampledSnapshot(_Snapshot):
         return torch.empty(size, dtype=t.dtype, device=t.device)
 
     def _pairs(
-        self, bufs: list[Tensor], tensors: list[Tensor], step: int
-    ) -> tuple[list[tuple[list[Tensor], list[Tensor]]], list[Tensor], list[float], list[int]]:
+        self, bufs: list[Tensor], tensors: list[Tensor], plan: list[tuple[int, int]]
+    ) -> tuple[list[tuple[list[Tensor], list[Tensor]]], list[Tensor], list[float]]:
         """Matching lists of buffers and tensors (whole tensors in one pair of lists, sampled views in
-        another, so each goes to one ``_foreach`` call); the parts of the buffers in use with their
-        weights (the sampled blocks, and apart from them the tail kept whole); the parts per tensor."""
-        whole_mine, whole_theirs, mine, theirs, used, weights, counts = [], [], [], [], [], [], []
+        another, so each goes to one ``_foreach`` call); the parts of the buffers in use and their
+        weights (the sampled blocks ``nb / k``; the tails and whole tensors 1)."""
+        whole_mine, whole_theirs, mine, theirs, used, weights = [], [], [], [], [], []
         block = self.block
-        for i, (b, t) in enumerate(zip(bufs, tensors)):
-            stride = self._strides[i]
+        for b, t, stride, (o, k) in zip(bufs, tensors, self._strides, plan):
             if stride == 1:  # kept whole: no view, a contiguous foreach
                 whole_mine.append(b)
                 whole_theirs.append(t)
                 used.append(b)
                 weights.append(1.0)
-                counts.append(1)
                 continue
             flat = t.view(-1) if t.is_contiguous() else t.reshape(-1)
             n = flat.numel()
             nb = n // block
-            o = sample_offset(self.seed, step, i, stride)
-            k = (nb - o + stride - 1) // stride
             # the blocks o, o + stride, ... as one strided view: one op, no copy
             mine.append(b.as_strided((k, block), (block, 1)))
             theirs.append(flat.as_strided((k, block), (stride * block, 1), flat.storage_offset() + o * block))
             used.append(mine[-1])
             weights.append(nb / k)
-            counts.append(1)
             tail = n - nb * block
             if tail:
                 mine.append(b[k * block : k * block + tail])
                 theirs.append(flat[n - tail :])
                 used.append(mine[-1])
                 weights.append(1.0)
-                counts[-1] = 2
-        return [(whole_mine, whole_theirs), (mine, theirs)], used, weights, counts
+        return [(whole_mine, whole_theirs), (mine, theirs)], used, weights
+
+    def _subtract(self, grads: list[Tensor], params: list[Tensor]) -> list[tuple[list[Tensor], list[float]]]:
+        """Form ``prev - cur`` in the buffers' parts in use; per side, those parts and their weights."""
+        out = []
+        for bufs, cur in ((self.grads, grads), (self.params, params)):
+            pairs, used, weights = self._pairs(bufs, cur, self._plan)
+            for mine, theirs in pairs:
+                if mine:
+                    torch._foreach_sub_(mine, theirs)  # pyright: ignore[reportPrivateImportUsage]
+            out.append((used, weights))
+        return out
+
+    def _factors(self, weights: list[float], norm_type: float) -> list[float]:
+        """What each part's p-norm is multiplied by: ``w ** (1/p)`` (1 for the max-norm)."""
+        return [1.0] * len(weights) if math.isinf(norm_type) else [w ** (1.0 / norm_type) for w in weights]
 
     def differences(
         self, grads: list[Tensor], params: list[Tensor], norm_type: float
@@ -276,26 +322,38 @@ class SampledSnapshot(_Snapshot):
         ``||p_prev - p||``: the differences are formed in the buffers and reduced to weighted norms
         (``(w ||x_S||_p^p + ||x_tail||_p^p)^(1/p)``; the max-norm is not weighted)."""
         out = []
-        for bufs, cur in ((self.grads, grads), (self.params, params)):
-            pairs, used, weights, counts = self._pairs(bufs, cur, self.step)
-            for mine, theirs in pairs:
-                if mine:
-                    torch._foreach_sub_(mine, theirs)  # pyright: ignore[reportPrivateImportUsage]
+        for used, weights in self._subtract(grads, params):
             acc = torch.float64 if any(t.dtype == torch.float64 for t in used) else torch.float32
             norms = [n.to(acc) for n in per_tensor_norms(used, norm_type, acc, None)]
-            if not math.isinf(norm_type):
-                scaled = [(n, w ** (1.0 / norm_type)) for n, w in zip(norms, weights) if w != 1.0]
-                if scaled:
-                    torch._foreach_mul_(  # pyright: ignore[reportPrivateImportUsage]
-                        [n for n, _ in scaled], [f for _, f in scaled]
-                    )
+            scaled = [(n, f) for n, f in zip(norms, self._factors(weights, norm_type)) if f != 1.0]
+            if scaled:
+                torch._foreach_mul_([n for n, _ in scaled], [f for _, f in scaled])  # pyright: ignore[reportPrivateImportUsage]
             per_gradient, j = [], 0
-            for c in counts:
+            for stride, shape in zip(self._strides, self.layout):
+                # a sampled tensor with a tail has two parts
+                c = 2 if stride > 1 and math.prod(shape) % self.block else 1
                 part = norms[j] if c == 1 else torch.linalg.vector_norm(torch.stack(norms[j : j + c]), norm_type)
                 per_gradient.append(part.view(1))
                 j += c
             out.append(per_gradient)
         return out[0], out[1]
+
+    def difference_norms(self, grads: list[Tensor], params: list[Tensor], norm_type: float) -> tuple[Tensor, Tensor]:
+        # every part's weighted p-norm goes straight into one total: no per-gradient grouping, and both
+        # sides' parts in one norm call where they share a dtype (the usual case)
+        (gu, gw), (pu, pw) = self._subtract(grads, params)
+        parts = gu + pu
+        if len({t.dtype for t in parts}) > 1 or len({t.device for t in parts}) > 1:
+            return (_total(gu, norm_type, self._factors(gw, norm_type)),
+                    _total(pu, norm_type, self._factors(pw, norm_type)))
+        acc = torch.float64 if parts[0].dtype == torch.float64 else torch.float32
+        norms = torch._foreach_norm(parts, norm_type, dtype=norm_dtype(parts[0].device, parts[0].dtype, acc))  # pyright: ignore[reportPrivateImportUsage]
+        factors = self._factors(gw + pw, norm_type)
+        if any(f != 1.0 for f in factors):
+            norms = torch._foreach_mul(norms, factors)  # pyright: ignore[reportPrivateImportUsage]
+        stacked = torch.stack(norms).to(acc)
+        g, p = stacked[: len(gu)], stacked[len(gu) :]
+        return torch.linalg.vector_norm(g, norm_type), torch.linalg.vector_norm(p, norm_type)
 
     def take(self, grads: list[Tensor], params: list[Tensor], norm: Tensor, step: int) -> None:
         layout = tuple(tuple(t.shape) for t in grads)
@@ -304,8 +362,9 @@ class SampledSnapshot(_Snapshot):
             self.params = [self._buffer(t) for t in params]
             self.layout = layout
             self._strides = [self._stride(t.numel()) for t in grads]
+        self._plan = self._plan_for(step)
         for bufs, cur in ((self.grads, grads), (self.params, params)):
-            pairs, *_ = self._pairs(bufs, cur, step)
+            pairs, *_ = self._pairs(bufs, cur, self._plan)
             for mine, theirs in pairs:
                 if mine:
                     torch._foreach_copy_(mine, theirs)  # pyright: ignore[reportPrivateImportUsage]
@@ -328,6 +387,7 @@ class SampledSnapshot(_Snapshot):
         self.params = [t.to(device, copy=True) for t in sd["params"]]
         self.layout = tuple(tuple(s) for s in sd["layout"])
         self._strides = [self._stride(math.prod(shape)) for shape in self.layout]
+        self._plan = self._plan_for(step)
         self.norm = sd["norm"].to(device)
         self.step = step
 

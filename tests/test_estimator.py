@@ -38,10 +38,13 @@ from lightning_l0l1 import L0L1Clipping
 from lightning_l0l1.clipper import GradientClipper
 from lightning_l0l1.estimator import (
     CAPACITY,
+    PENDING,
     WINDOW,
     EnvelopeState,
     envelope_fit,
+    envelope_fold,
     envelope_init,
+    envelope_record,
     envelope_update,
     log_mean,
     secant_pair,
@@ -550,6 +553,75 @@ def test_envelope_buffer_overflow_keeps_the_line_above_every_pair(case):
         assert len(kept(state)) <= CAPACITY
         l0, l1 = float(state.l0), float(state.l1)
     assert_above_all(l0, l1, pairs, rtol=1e-9)
+
+
+def fit_pairs_pending(pairs: Sequence[tuple[float, float]], every: int = PENDING):
+    """What the estimator does: record each pair, fold every ``every`` records and at the end."""
+    state = envelope_init()
+    for i, (n, s) in enumerate(pairs, 1):
+        state = envelope_record(state, torch.tensor(n, dtype=F64), torch.tensor(s, dtype=F64))
+        if i % every == 0:
+            state = envelope_fold(state)
+    return envelope_fold(state)
+
+
+def test_pending_pairs_fold_into_the_envelope_fed_one_by_one():
+    """Without overflow, folding pairs in batches gives bitwise the envelope fed pair by pair, invalid pairs
+    (NaN, zero norm, negative smoothness) included."""
+    gen = torch.Generator().manual_seed(5)
+    for trial in range(24):
+        pairs = random_pairs(gen, trial)
+        pairs[trial % len(pairs)] = (float("nan"), 1.0) if trial % 3 == 0 else (0.0, 1.0)
+        pairs[(trial + 1) % len(pairs)] = (1.0, -1.0)
+        eager = fit_pairs(pairs)
+        assert len(kept(eager)) < CAPACITY
+        for every in (3, PENDING):
+            assert state_equal(fit_pairs_pending(pairs, every), eager), (trial, every)
+
+
+@pytest.mark.parametrize("extra", [1, 3, PENDING])
+def test_folding_many_hull_vertices_at_once_keeps_the_line_above_every_pair(extra):
+    """More binding pairs than slots arrive in one fold: as many closest neighbours are merged as needed."""
+    pairs = concave_pairs(CAPACITY + extra)  # every pair a hull vertex
+    batch = fit_pairs(pairs[:CAPACITY])  # a full hull, then `extra` more vertices in one fold
+    for n, s in pairs[CAPACITY:]:
+        batch = envelope_record(batch, torch.tensor(n, dtype=F64), torch.tensor(s, dtype=F64))
+    batch = envelope_fold(batch)
+    assert 0 < len(kept(batch)) <= CAPACITY
+    assert set(n for n, _ in kept(batch)) <= set(n for n, _ in pairs)  # merged pairs keep a fed norm
+    assert_above_all(float(batch.l0), float(batch.l1), pairs, rtol=1e-9)
+    if extra == 1:  # one excess pair: the single closest pair merged, as when fed one by one
+        assert state_equal(batch, fit_pairs(pairs))
+
+
+def test_the_estimator_reads_its_estimates_with_every_pair_folded(monkeypatch):
+    """Mid-way between folds, what the clipper reports (and saves) equals a run that folds at every pair."""
+    import lightning_l0l1.estimator as est
+
+    def run() -> tuple[dict[str, float], dict]:
+        net = _net_for_fold()
+        opt = torch.optim.SGD(net.parameters(), lr=0.1)
+        clipper = GradientClipper(mode="auto", nonfinite="propagate")
+        for x, y in batches(PENDING + 4, F64):
+            backward(net, x, y)
+            clipper.step(opt)
+            opt.step()
+        return clipper.latest(), clipper.state_dict()
+
+    lazy, lazy_sd = run()
+    monkeypatch.setattr(est, "PENDING", 1)
+    eager, eager_sd = run()
+    assert lazy["l0l1/smoothness_pairs"] == PENDING + 3
+    assert lazy == eager
+    saved = [{k: repr(v) for k, v in sd["optimizers"][0]["env"].items() if not k.startswith("pending")}
+             for sd in (lazy_sd, eager_sd)]
+    assert saved[0] == saved[1]  # (repr: an empty window slot is NaN)
+    assert set(lazy_sd["optimizers"][0]["env"]["pending_norms"]) == {0.0}  # saved with every pair folded
+
+
+def _net_for_fold() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(5, 16), nn.Tanh(), nn.Linear(16, 1)).to(F64)
 
 
 def test_empty_and_large_norm_only_envelopes():

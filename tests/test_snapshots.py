@@ -80,6 +80,12 @@ def test_estimate_matches_an_index_arithmetic_reference(p):
     got_p = float(torch.linalg.vector_norm(torch.cat(dp).double(), p))
     assert got_g == pytest.approx(reference_estimate(prev_g, cur_g, 3, 11, p), rel=1e-5)
     assert got_p == pytest.approx(reference_estimate(prev_p, cur_p, 3, 11, p), rel=1e-5)
+    # the totals the estimator takes for whole gradients, from a second snapshot of the same step
+    again = SampledSnapshot(seed=3)
+    again.take(prev_g, prev_p, torch.tensor(1.0), step=11)
+    tg, tp = again.difference_norms(cur_g, cur_p, p)
+    assert float(tg) == pytest.approx(reference_estimate(prev_g, cur_g, 3, 11, p), rel=1e-5)
+    assert float(tp) == pytest.approx(reference_estimate(prev_p, cur_p, 3, 11, p), rel=1e-5)
 
 
 @pytest.mark.parametrize("p", [2.0, 1.0])
