@@ -36,7 +36,6 @@ import statistics
 import subprocess
 import sys
 import time
-import warnings
 from pathlib import Path
 from typing import Any, Callable, Optional
 
@@ -173,25 +172,22 @@ def train(config: str, seed: int, lr: float, ids: torch.Tensor, vocab: int, args
     losses: list[float] = []
     final = math.inf
     n = len(ids) - args.ctx - 1
-    with warnings.catch_warnings():
-        # auto warns once that Adam-type optimizers normalize the gradient away: known, and what is measured here
-        warnings.filterwarnings("ignore", message="`mode='auto'` sets the step of SGD", category=UserWarning)
-        for _ in range(args.steps):
-            starts = torch.randint(n, (args.batch,), generator=g)
-            chunk = ids[starts[:, None] + torch.arange(args.ctx + 1)]
-            logits = model(chunk[:, :-1])
-            loss = F.cross_entropy(logits.flatten(0, 1), chunk[:, 1:].flatten())
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            if clip is not None:
-                clip(opt)
-            opt.step()
-            value = float(loss.detach())
-            losses.append(value)
-            if not math.isfinite(value) or value > 50:
-                break
-        else:
-            final = statistics.mean(losses[-max(1, args.steps // 10) :])
+    for _ in range(args.steps):
+        starts = torch.randint(n, (args.batch,), generator=g)
+        chunk = ids[starts[:, None] + torch.arange(args.ctx + 1)]
+        logits = model(chunk[:, :-1])
+        loss = F.cross_entropy(logits.flatten(0, 1), chunk[:, 1:].flatten())
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if clip is not None:
+            clip(opt)
+        opt.step()
+        value = float(loss.detach())
+        losses.append(value)
+        if not math.isfinite(value) or value > 50:
+            break
+    else:
+        final = statistics.mean(losses[-max(1, args.steps // 10) :])
     return {"final": final, "first10": losses[:10], "seconds": time.perf_counter() - t0}
 
 
