@@ -88,7 +88,7 @@ class L0L1ClippingBase:
             (:func:`lightning_l0l1.rules.auto_scale`). It sets a plain-SGD step, corrected under SGD with
             momentum by the measured ratio of the step taken to the step set; Adam-type optimizers (warned)
             divide its scaling away. It keeps a sample of the previous step's gradients and parameters
-            (``snapshot``: about 1.6% of the gradient bytes).
+            (``snapshot``: under 2% of the gradient bytes).
             ``"clip"``, ``"adaptive"``: the threshold ``max_norm``; ``"l0l1"``: the constants ``l0``, ``l1``.
         max_norm: the threshold :math:`\gamma` of ``clip`` and ``adaptive`` (> 0, required there);
             ``auto`` refuses one (it sets its own), ``l0l1`` ignores it.
@@ -113,7 +113,7 @@ class L0L1ClippingBase:
             step (``estimate_every`` thins it). Implies ``estimate=True``; automatic optimization,
             ``accumulate_grad_batches=1`` and unsharded gradients (single device, DDP) only.
         snapshot: what the estimator keeps of the previous step: ``"sampled"`` (one block of 64
-            elements in 128 of every large tensor, about 1.6% of the gradient bytes; the norms of the
+            elements in 128 of every large tensor, under 2% of the gradient bytes; the norms of the
             differences are estimated) or ``"full"`` (every gradient and parameter: two gradient-sized
             buffers, the exact differences). ``None``: ``"full"`` with ``probe_loss`` or
             ``snapshot_device="cpu"``, else ``"sampled"``.

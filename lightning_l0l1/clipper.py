@@ -458,7 +458,7 @@ class GradientClipper:
     # ------------------------------------------------------------------ checkpointing
     def state_dict(self) -> dict[str, Any]:
         """All state, for every optimizer: counters, last statistics and the estimates as plain
-        Python values; with the estimator on, also the snapshot (CPU tensors: about 1.6% of the gradient
+        Python values; with the estimator on, also the snapshot (CPU tensors: under 2% of the gradient
         bytes sampled, twice them full) so that a resumed run forms the same next secant pair as an
         uninterrupted one.
         Under sharded strategies only rank zero's state is saved by Lightning, so there the snapshot
@@ -488,7 +488,7 @@ def _snapshot_kind(snapshot: Any, probe: bool, snapshot_device: Optional[str]) -
         raise ValueError("`probe=True` moves the parameters back to the midpoint of the step, which needs the "
                          "whole previous parameters: use `snapshot='full'` (or None), got `snapshot='sampled'`.")
     if kind == "sampled" and snapshot_device == "cpu":
-        raise ValueError("`snapshot_device='cpu'` offloads a full snapshot; a sampled one is about 1.6% of the "
+        raise ValueError("`snapshot_device='cpu'` offloads a full snapshot; a sampled one is under 2% of the "
                          "gradient bytes and stays on the device: got `snapshot='sampled'`. Use "
                          "`snapshot='full'` (or None) with `snapshot_device='cpu'`.")
     return kind
