@@ -272,8 +272,8 @@ def _compact(norms: Tensor, smooth: Tensor, keep: Tensor, capacity: int) -> tupl
     zero = torch.zeros(size, dtype=norms.dtype, device=norms.device)
     g_n = zero.scatter_reduce(0, group, torch.where(k, n, inf), "amin", include_self=False)
     g_l = zero.scatter_reduce(0, group, torch.where(k, L, -inf), "amax", include_self=False)
-    g_k = torch.zeros(size, dtype=torch.bool, device=norms.device).scatter_reduce(0, group, k, "amax",
-                                                                                 include_self=False)
+    # (a float count, not a bool reduction: that one is not implemented on every device)
+    g_k = zero.scatter_reduce(0, group, k.to(norms.dtype), "amax", include_self=False) > 0
     out_n = torch.where(g_k, g_n, zero)[:capacity]
     out_l = torch.where(g_k, g_l, zero)[:capacity]
     return out_n, out_l
