@@ -2,7 +2,9 @@
 
 For each model size and gradient dtype, on the CPU (and on the GPU when there is one), the
 configurations below run interleaved on the same gradients; the table gives the median time,
-the ratio to ``torch.nn.utils.clip_grad_norm_`` (foreach), the achieved fraction of the
+the ratio to ``torch.nn.utils.clip_grad_norm_`` (foreach; with ``--rounds R`` the whole interleaved
+measurement is repeated R times and the table gives the median over the rounds and the range of the
+ratio, since on a shared machine the memory bandwidth drifts between rounds), the achieved fraction of the
 memory-traffic floor (3 x gradient bytes / bandwidth, bandwidth measured in the same run by a
 plain copy of the same size), the host syncs per step and the bytes the step allocates.
 
@@ -14,6 +16,7 @@ plain copy of the same size), the host syncs per step and the bytes the step all
 from __future__ import annotations
 
 import argparse
+import statistics
 import sys
 from pathlib import Path
 
@@ -56,7 +59,7 @@ def configs(params, max_norm: float = 1.0):
     return cases
 
 
-def run(sizes, dtypes, devices, reps: int) -> str:
+def run(sizes, dtypes, devices, reps: int, rounds: int = 1) -> str:
     out = [f"Machine: {machine()}\n"]
     for device in devices:
         for dtype in dtypes:
@@ -78,10 +81,11 @@ def run(sizes, dtypes, devices, reps: int) -> str:
 
                 cases = configs(params)
                 cases["plain copy (bandwidth probe)"] = lambda s=flat_src, d=flat_dst: d.copy_(s)
-                times = interleaved(cases, reset, reps, device)
+                per_round = [interleaved(cases, reset, reps, device) for _ in range(rounds)]
+                times = {k: statistics.median(r[k] for r in per_round) for k in cases}
+                ratios = {k: [r[k] / r["torch clip_grad_norm_"] for r in per_round] for k in cases}
                 bandwidth = 2 * grad_bytes / times.pop("plain copy (bandwidth probe)")
                 floor = 3 * grad_bytes / bandwidth
-                ref = times["torch clip_grad_norm_"]
                 rows = []
                 for name, t in times.items():
                     reset()
@@ -93,10 +97,11 @@ def run(sizes, dtypes, devices, reps: int) -> str:
                         [
                             name,
                             t * 1e3,
-                            t / ref,
+                            statistics.median(ratios[name]),
                             floor / t if name != "no clipping" else float("nan"),
                             counter.syncs,
                             counter.alloc_bytes / grad_bytes,
+                            f"{min(ratios[name]):.3g}-{max(ratios[name]):.3g}" if rounds > 1 else "-",
                         ]
                     )
                 n_real = sum(p.numel() for p in params)
@@ -107,7 +112,7 @@ def run(sizes, dtypes, devices, reps: int) -> str:
                 out.append(
                     table(
                         ["configuration", "ms (median)", "x clip_grad_norm_", "floor / time", "host syncs",
-                         "allocated / grad bytes"],
+                         "allocated / grad bytes", f"x clip_grad_norm_, range over {rounds} rounds"],
                         rows,
                     )
                 )
@@ -121,6 +126,8 @@ def main(argv=None) -> str:
     ap.add_argument("--devices", type=str, default=None,
                     help="comma-separated, e.g. cuda (default: cpu, and cuda where there is one)")
     ap.add_argument("--sizes", type=str, default=None, help="comma-separated parameter counts, e.g. 25e6,100e6")
+    ap.add_argument("--rounds", type=int, default=None,
+                    help="repeat the interleaved measurement this many times (default 5; --quick 1)")
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "bench_step.md")
     args = ap.parse_args(argv)
     devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
@@ -132,7 +139,10 @@ def main(argv=None) -> str:
         sizes, reps = [1e6, 25e6, 100e6], args.reps or 15
     if args.sizes:
         sizes = [float(x) for x in args.sizes.split(",") if x.strip()]
-    report = run(sizes, [torch.float32, torch.bfloat16], devices, reps)
+    rounds = args.rounds or (1 if args.quick else 5)
+    if rounds < 1:
+        ap.error(f"--rounds takes a positive number, got {rounds}")
+    report = run(sizes, [torch.float32, torch.bfloat16], devices, reps, rounds)
     return emit(report, args.out, args.quick)
 
 
