@@ -20,7 +20,7 @@ PY
 
 status=0
 "$py" -m pytest -q -p no:cacheprovider tests/test_cuda.py 2>&1 | tee "$out/gpu_tests.log" || status=1
-"$py" benchmarks/bench_step.py --devices cuda --sizes 25e6,100e6 --reps 30 \
+"$py" benchmarks/bench_step.py --devices cuda --sizes 25e6,100e6 --reps 20 --rounds 3 \
     --out "$out/bench_step_cuda.md" 2>&1 | tail -n 40 || status=1
 echo "gpu_check: $([ $status = 0 ] && echo passed || echo FAILED); reports in $out"
 exit $status
