@@ -416,9 +416,11 @@ class AutoRule(Rule):
         if state.adaptive:
             return self._adaptive_scales(state, ctx, radius)
         amp = state.momentum.amp.clamp(1.0, state.amp_max) if state.amp_max > 1.0 else None
+        # the base step by the geometric mean of the measured ratio and its steady-state bound
+        base_amp = None if amp is None else torch.sqrt(amp * state.amp_max)
         scales, gammas = [], []
         for lr in ctx.lrs:
-            rule, gamma = auto_scale(ctx.norm, lr, env.low, env.ratio, amp)
+            rule, gamma = auto_scale(ctx.norm, lr, env.low, env.ratio, amp, base_amp)
             gammas.append(gamma)
             # the SGD-equivalent step length is lr * s * ||g||; keep it <= radius
             scales.append(torch.minimum(rule, torch.clamp(radius / (ctx.norm * lr + 1e-30), max=1.0)))

@@ -113,7 +113,8 @@ def l0l1_threshold(lr: float, l0: float, l1: float) -> float:
 
 
 def auto_scale(
-    norm: Tensor, lr: Number, low: Tensor, ratio: Tensor, amp: Optional[Tensor] = None
+    norm: Tensor, lr: Number, low: Tensor, ratio: Tensor, amp: Optional[Tensor] = None,
+    base_amp: Optional[Tensor] = None,
 ) -> tuple[Tensor, Tensor]:
     r"""``auto``'s rule: hard clipping, with a base step and a step length measured on the trajectory.
 
@@ -131,7 +132,8 @@ def auto_scale(
     seen (the learning rate caps it), above it a step of length :math:`\lambda`. With a step
     amplification :math:`a` (SGD with momentum takes steps :math:`a` times longer than
     :math:`\eta s\lVert g\rVert`), both limits are on the step taken:
-    :math:`\eta_\text{eff} = \min(\eta, 1/(a\underline L), \lambda/(a\lVert g\rVert))`.
+    :math:`\eta_\text{eff} = \min(\eta, 1/(a_b\underline L), \lambda/(a\lVert g\rVert))`, with
+    :math:`a_b` the amplification the base step is divided by (:math:`a` unless given).
     ``docs/how-it-works.md`` gives the reasons for each choice and their measurements.
 
     Args:
@@ -140,6 +142,7 @@ def auto_scale(
         low: the smallest smoothness seen (0-d; ``inf``: none yet, 0: the learning rate is used).
         ratio: the median ratio :math:`\tilde r \ge 0` (0-d; 0: none yet, nothing is clipped).
         amp: the step amplification :math:`a \ge 1` of the optimizer (0-d; ``None``: 1, plain SGD).
+        base_amp: :math:`a_b`, the amplification for the base step (0-d; ``None``: ``amp``).
 
     Returns:
         ``(s, gamma)``: the factor with :math:`\eta s = \eta_\text{eff}` and the threshold in use
@@ -159,7 +162,8 @@ def auto_scale(
     low, ratio = low.to(norm.dtype), ratio.to(norm.dtype)
     if amp is not None:  # both limits are on the step taken, amp times the step set
         amp = amp.to(norm.dtype)
-        low, ratio = low * amp, ratio * amp
+        low = low * (amp if base_amp is None else base_amp.to(norm.dtype))
+        ratio = ratio * amp
     # 1/low: 0 while nothing is measured (low = inf) and inf for a flat pair (low = 0): the lr either way
     inv = torch.reciprocal(low)
     base = torch.where((inv > 0) & (inv < lr), inv, lr)

@@ -618,13 +618,14 @@ def test_auto_with_estimate_every_measures_at_step_one(every):
 
 
 @pytest.mark.usefixtures("one_thread")
-@pytest.mark.parametrize("probe", [False, True])
-def test_auto_measures_how_much_longer_momentum_makes_its_steps(probe):
+@pytest.mark.parametrize(("probe", "lr"), [(False, 0.05), (True, 0.05), (False, 50.0)])
+def test_auto_measures_how_much_longer_momentum_makes_its_steps(probe, lr):
     """Under SGD with momentum, `amp` is the (lower) median over the last WINDOW steps of the step taken,
-    ||theta_t+1 - theta_t||, over the step auto set, lr_eff * ||g||: both read here from the run itself."""
-    net, opt = mlp_opt(F64, lr=0.05)
+    ||theta_t+1 - theta_t||, over the step auto set, lr_eff * ||g||: both read here from the run itself.
+    At lr 50 the base step binds on some steps."""
+    net, opt = mlp_opt(F64, lr=lr)
     clipper = GradientClipper(nonfinite="propagate", probe=probe)
-    ratios, used = [], []
+    ratios, used, base_bound = [], [], 0
     for x, y in batches(3 * WINDOW, F64):
         backward(net, x, y)
         before = torch.cat([p.detach().reshape(-1) for p in net.parameters()]).clone()
@@ -638,18 +639,22 @@ def test_auto_measures_how_much_longer_momentum_makes_its_steps(probe):
         stats = clipper.latest()
         taken = float((torch.cat([p.detach().reshape(-1) for p in net.parameters()]) - before).norm())
         ratios.append(taken / (stats["l0l1/lr_effective"] * stats["l0l1/grad_norm"]))
-        # the scale used the ratio, clamped to [1, 1/(1 - momentum)] = [1, 10], on the step-length limit only
+        # the scale used the ratio clamped to [1, 1/(1 - momentum)] = [1, 10] on the step-length limit, and
+        # the geometric mean of that and 10 on the base step
         low, r, a = used[-1]
         if len(ratios) > 20:  # past the first steps' doubling bound
-            base = min(0.05, 1 / low) if 0 < low < math.inf else 0.05
-            want = min(base, 2 / (min(max(a, 1.0), 10.0) * r * stats["l0l1/grad_norm"])) if r > 0 else base
+            a = min(max(a, 1.0), 10.0)
+            base = min(lr, 1 / (math.sqrt(a * 10.0) * low)) if 0 < low < math.inf else lr
+            want = min(base, 2 / (a * r * stats["l0l1/grad_norm"])) if r > 0 else base
             assert stats["l0l1/lr_effective"] == pytest.approx(want, rel=1e-9), len(ratios)
+            base_bound += want == base < lr
     mom = clipper._states[0].rule.momentum
     # a secant pair at step t records step t-1 (the last step's ratio is not in yet); the probe, every step
     recorded = ratios if probe else ratios[:-1]
     assert int(mom.amp_count) == len(recorded)
     assert float(mom.amp) == pytest.approx(statistics.median_low(recorded[-WINDOW:]), rel=1e-9)
     assert float(mom.amp) != 1.0  # measured, not the default (about 1; oscillating gradients cancel in momentum)
+    assert (base_bound > 0) == (lr > 1)
 
 
 @pytest.mark.usefixtures("one_thread")

@@ -142,11 +142,11 @@ PINNED: dict[str, str] = {
     "auto_cpu_snapshot": "cbb1393ff50fa6d8",
     "auto_every3": "e0376fc06596d5da",
     "auto_float64": "252863b9b47894f1",
-    "auto_momentum": "88a74e802000fe03",  # momentum SGD: auto's base step is on the step taken
-    "auto_momentum_probe": "2a4a1c1e5c39410d",  # momentum SGD: auto's base step is on the step taken
+    "auto_momentum": "1cd2818e6d530120",  # momentum SGD: base step by sqrt(measured * steady-state amp)
+    "auto_momentum_probe": "536c784640721759",  # momentum SGD: base step by sqrt(measured * steady-state amp)
     "auto_probe": "aaf86409b6d6f850",
     "auto_propagate": "706d53423937b4bd",
-    "auto_skip_nan": "1d813481e59a7d9a",  # momentum SGD: auto's base step is on the step taken
+    "auto_skip_nan": "7c0d2d958d2cd473",  # momentum SGD: base step by sqrt(measured * steady-state amp)
     "auto_two_groups": "cb46e41b81f3293e",
     "clip": "339502fcaef10aae",
     "clip_estimate": "e72a8ccaaf0e5a32",
@@ -159,7 +159,7 @@ PINNED: dict[str, str] = {
     "clip_zero_nan": "c07854951dfe3359",
     "l0l1": "5181fa9014c068d9",
     "l0l1_estimate": "99dc7d09b527ed72",
-    "callback": "a8a7c696f96d6047",  # momentum SGD: auto's base step is on the step taken
+    "callback": "8b6a728c3ffc0d6d",  # momentum SGD: base step by sqrt(measured * steady-state amp)
 }
 
 

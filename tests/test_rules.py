@@ -206,10 +206,14 @@ def test_l0l1_threshold_returns_python_float():
 
 
 # ---------------------------------------------------------------- auto
-def auto_reference(norm: float, lr: float, low: float, ratio: float, amp: float = 1.0) -> tuple[float, float]:
-    """``auto``'s effective step and threshold in plain Python: eta_b = min(lr, 1/(amp low)) (lr when nothing
-    is measured), step length lambda = 2/(amp ratio) (none while ratio = 0), eta_eff = min(eta_b, lambda/||g||)."""
-    base = min(lr, 1.0 / (amp * low)) if 0 < low < math.inf else lr
+def auto_reference(
+    norm: float, lr: float, low: float, ratio: float, amp: float = 1.0, base_amp: float | None = None
+) -> tuple[float, float]:
+    """``auto``'s effective step and threshold in plain Python: eta_b = min(lr, 1/(base_amp low)) (lr when
+    nothing is measured; base_amp = amp unless given), step length lambda = 2/(amp ratio) (none while
+    ratio = 0), eta_eff = min(eta_b, lambda/||g||)."""
+    base_amp = amp if base_amp is None else base_amp
+    base = min(lr, 1.0 / (base_amp * low)) if 0 < low < math.inf else lr
     length = 2.0 / (amp * ratio) if ratio > 0 else math.inf
     eff = base if norm == 0 else min(base, length / norm)
     return eff, length / base
@@ -270,5 +274,18 @@ def test_auto_scale_with_a_step_amplification(amp, low, ratio):
         for norm in NORMS:
             s, gamma = auto_scale(t(norm), lr, t(low), t(ratio), t(amp))
             eff, ref_gamma = auto_reference(norm, lr, low, ratio, amp)
+            assert float(s) * lr == pytest.approx(eff, rel=1e-12), (lr, norm)
+            assert float(gamma) == pytest.approx(ref_gamma, rel=1e-12)
+
+
+@pytest.mark.parametrize("base_amp", [1.0, 3.0, 10.0])
+@pytest.mark.parametrize("low", [math.inf, 0.5, 50.0])
+@pytest.mark.parametrize("ratio", [0.0, 0.5, 3.0])
+def test_auto_scale_with_its_own_amplification_for_the_base_step(base_amp, low, ratio):
+    """The base step 1/low may be divided by another amplification than the step-length limit."""
+    for lr in (1e-3, 0.9, 20.0):
+        for norm in NORMS:
+            s, gamma = auto_scale(t(norm), lr, t(low), t(ratio), t(2.0), t(base_amp))
+            eff, ref_gamma = auto_reference(norm, lr, low, ratio, 2.0, base_amp)
             assert float(s) * lr == pytest.approx(eff, rel=1e-12), (lr, norm)
             assert float(gamma) == pytest.approx(ref_gamma, rel=1e-12)
