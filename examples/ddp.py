@@ -118,6 +118,10 @@ def main(argv: Optional[list[str]] = None) -> dict[str, float]:
         trainer.fit(MLP(dim, args.hidden, args.lr), DataLoader(ds, batch_size=args.batch_size, shuffle=True))
     finally:
         finish_wandb(trainer.is_global_zero and any(type(lg).__name__ == "WandbLogger" for lg in trainer.loggers))
+        # Training is over and nothing below communicates: close the process group on every rank, so that
+        # its threads stop before the interpreter exits (left to exit, gloo can abort the process there).
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
     if not trainer.is_global_zero:
         return {}
 

@@ -256,6 +256,30 @@ _SCALE_INVARIANT = tuple(
                  "Adafactor")
     if hasattr(torch.optim, name)
 )
+# What auto knows how to steer: these, SGD (with or without momentum), and their subclasses.
+_KNOWN = (*_SCALE_INVARIANT, torch.optim.SGD)
+
+
+def _normalizes_the_gradient(optimizer: Optimizer) -> bool:
+    """Adam-type: one of torch's, or an optimizer from elsewhere whose settings have ``betas`` (the
+    moment decays of Adam, AdamW, LAMB, Lion and their relatives)."""
+    if isinstance(optimizer, _SCALE_INVARIANT):
+        return True
+    return not isinstance(optimizer, _KNOWN) and "betas" in getattr(optimizer, "defaults", {})
+
+
+def _warn_unknown(optimizer: Optimizer, adaptive: bool) -> None:
+    """Once per rule state: ``auto`` treats an optimizer it does not know by a guess; say which."""
+    name = type(optimizer).__qualname__
+    how = ("as Adam-type (its settings have `betas`): the gradient is clipped and the step length bounded "
+           "through a per-step learning-rate factor" if adaptive else
+           "as plain SGD: its step is taken to be `lr * s * g`")
+    warnings.warn(
+        f"`mode='auto'` does not know the optimizer `{name}` and treats it {how}. If its step is something "
+        "else, auto's step bounds do not hold: use `mode='clip'` with a tuned `max_norm` for it.",
+        UserWarning, stacklevel=2,
+    )
+
 
 def _first_step_length(optimizer: Optimizer, ctx: StepContext) -> Tensor:
     """The length of an Adam-type optimizer's first step, before any is measured: it moves each coordinate
@@ -387,7 +411,11 @@ class AutoRule(Rule):
                 "evaluations as steps. Use `mode='clip'` (or 'adaptive', 'l0l1') with LBFGS: they scale the "
                 "gradient of every closure evaluation."
             )
-        state.adaptive = isinstance(opt, _SCALE_INVARIANT)
+        state.adaptive = _normalizes_the_gradient(opt)
+        if not state.checked:
+            state.checked = True
+            if not isinstance(opt, _KNOWN):
+                _warn_unknown(opt, state.adaptive)
         if state.adaptive and state.natural is None:
             state.natural = _first_step_length(opt, ctx).to(ctx.norm.device, ctx.norm.dtype)
         state.amplified = _momentum_sgd(opt)

@@ -257,3 +257,53 @@ def test_optimizers_outside_torch_and_foreach_get_a_float():
         assert type(seen[0]) is float
         assert seen[0] == pytest.approx(clipper.latest()["l0l1/lr_effective"], rel=1e-15)
         assert opt.param_groups[0]["lr"] == 0.05
+
+
+class _Lion(torch.optim.Optimizer):
+    """A sign-based optimizer from outside torch.optim (Lion's update): its step ignores the gradient's scale."""
+
+    def __init__(self, params, lr=1e-3, betas=(0.9, 0.99)):
+        super().__init__(params, dict(lr=lr, betas=betas))
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is not None:
+                    p.add_(torch.sign(p.grad), alpha=-float(group["lr"]))
+
+
+class _PlainDescent(torch.optim.Optimizer):
+    """Gradient descent from outside torch.optim, without `betas`."""
+
+    def __init__(self, params, lr=0.1):
+        super().__init__(params, dict(lr=lr))
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is not None:
+                    p.add_(p.grad, alpha=-float(group["lr"]))
+
+
+@pytest.mark.parametrize(("make", "adaptive"), [
+    (lambda ps: _Lion(ps, lr=0.05), True),
+    (lambda ps: _PlainDescent(ps, lr=0.05), False),
+])
+def test_an_optimizer_auto_does_not_know_is_named_with_how_it_is_treated(make, adaptive):
+    net = _net()
+    opt = make(net.parameters())
+    clipper = GradientClipper(nonfinite="propagate")
+    with pytest.warns(UserWarning) as record:
+        for x, y in batches(6, F64):
+            backward(net, x, y)
+            clipper.step(opt)
+            opt.step()
+    messages = [str(w.message) for w in record if "does not know" in str(w.message)]
+    assert len(messages) == 1  # once
+    assert type(opt).__qualname__ in messages[0] and "mode='clip'" in messages[0]
+    assert ("Adam-type" in messages[0]) == adaptive
+    # Adam-type: a learning-rate factor is set for each step
+    assert clipper._states[0].rule.adaptive == adaptive
+    assert (clipper._states[0].rule.applied is not None) == adaptive

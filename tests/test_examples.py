@@ -268,7 +268,8 @@ def test_ddp(tmp_path: Path) -> None:
         )
     except subprocess.TimeoutExpired as e:  # pragma: no cover
         pytest.fail(f"ddp.py timed out after 240 s:\n{(e.stdout or '')[-3000:]}\n{(e.stderr or '')[-3000:]}")
-    log = f"{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
+    log = (f"ddp.py exited with {proc.returncode}\n--- stdout ---\n{proc.stdout[-4000:]}\n"
+           f"--- stderr ---\n{proc.stderr[-4000:]}")
     assert proc.returncode == 0, log
     summary = json.loads((out / "ddp_summary.json").read_text())
     table = summary.pop("table")
