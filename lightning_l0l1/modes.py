@@ -262,10 +262,14 @@ _KNOWN = (*_SCALE_INVARIANT, torch.optim.SGD)
 
 def _normalizes_the_gradient(optimizer: Optimizer) -> bool:
     """Adam-type: one of torch's, or an optimizer from elsewhere whose settings have ``betas`` (the
-    moment decays of Adam, AdamW, LAMB, Lion and their relatives)."""
+    moment decays of Adam, AdamW, LAMB, Lion and their relatives) and whose name does not say SGD or
+    LARS (some packages keep momentum SGD's ``(momentum, dampening)`` under ``betas``)."""
     if isinstance(optimizer, _SCALE_INVARIANT):
         return True
-    return not isinstance(optimizer, _KNOWN) and "betas" in getattr(optimizer, "defaults", {})
+    if isinstance(optimizer, _KNOWN) or "betas" not in getattr(optimizer, "defaults", {}):
+        return False
+    name = type(optimizer).__name__.upper()
+    return "SGD" not in name and "LARS" not in name
 
 
 def _warn_unknown(optimizer: Optimizer, adaptive: bool) -> None:

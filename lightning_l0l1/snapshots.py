@@ -62,13 +62,15 @@ def sample_offset(seed: int, step: int, index: int, stride: int) -> int:
 
 
 def _total(tensors: list[Tensor], norm_type: float, factors: Optional[list[float]] = None) -> Tensor:
-    """The p-norm of ``tensors`` together, in float32 (float64 if any is), each tensor's p-norm multiplied
-    by its entry in ``factors`` where given."""
+    """The p-norm of ``tensors`` together, in float32 (float64 if any is), on the first tensor's device
+    (a model spread over several devices in one process), each tensor's p-norm multiplied by its entry
+    in ``factors`` where given."""
     acc = torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
-    norms = per_tensor_norms(tensors, norm_type, acc, None)
+    device = tensors[0].device
+    norms = [n.to(device=device, dtype=acc) for n in per_tensor_norms(tensors, norm_type, acc, None)]
     if factors is not None and any(f != 1.0 for f in factors):
         norms = list(torch._foreach_mul(norms, factors))  # pyright: ignore[reportPrivateImportUsage]
-    total: Tensor = torch.linalg.vector_norm(torch.stack([n.to(acc) for n in norms]), norm_type)
+    total: Tensor = torch.linalg.vector_norm(torch.stack(norms), norm_type)
     return total
 
 
@@ -347,10 +349,14 @@ class SampledSnapshot(_Snapshot):
             return (_total(gu, norm_type, self._factors(gw, norm_type)),
                     _total(pu, norm_type, self._factors(pw, norm_type)))
         acc = torch.float64 if parts[0].dtype == torch.float64 else torch.float32
-        norms = torch._foreach_norm(parts, norm_type, dtype=norm_dtype(parts[0].device, parts[0].dtype, acc))  # pyright: ignore[reportPrivateImportUsage]
+        norms: list[Tensor] = list(torch._foreach_norm(  # pyright: ignore[reportPrivateImportUsage]
+            parts, norm_type, dtype=norm_dtype(parts[0].device, parts[0].dtype, acc)
+        ))
+        if norms[0].dtype != acc:  # bfloat16 on the CPU: weighted in acc, not in bfloat16
+            norms = [n.to(acc) for n in norms]
         factors = self._factors(gw + pw, norm_type)
         if any(f != 1.0 for f in factors):
-            norms = torch._foreach_mul(norms, factors)  # pyright: ignore[reportPrivateImportUsage]
+            norms = list(torch._foreach_mul(norms, factors))  # pyright: ignore[reportPrivateImportUsage]
         stacked = torch.stack(norms).to(acc)
         g, p = stacked[: len(gu)], stacked[len(gu) :]
         return torch.linalg.vector_norm(g, norm_type), torch.linalg.vector_norm(p, norm_type)

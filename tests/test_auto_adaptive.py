@@ -287,9 +287,17 @@ class _PlainDescent(torch.optim.Optimizer):
                     p.add_(p.grad, alpha=-float(group["lr"]))
 
 
+class SGD8bit(_PlainDescent):
+    """A momentum SGD from another package that keeps ``(momentum, dampening)`` under ``betas``."""
+
+    def __init__(self, params, lr=0.1):
+        torch.optim.Optimizer.__init__(self, params, dict(lr=lr, betas=(0.9, 0.0)))
+
+
 @pytest.mark.parametrize(("make", "adaptive"), [
     (lambda ps: _Lion(ps, lr=0.05), True),
     (lambda ps: _PlainDescent(ps, lr=0.05), False),
+    (lambda ps: SGD8bit(ps, lr=0.05), False),  # `betas`, but SGD by name
 ])
 def test_an_optimizer_auto_does_not_know_is_named_with_how_it_is_treated(make, adaptive):
     net = _net()
