@@ -30,7 +30,6 @@ from typing import Any, ClassVar, Optional, Union
 import torch
 from torch import Tensor
 
-from lightning_l0l1.norms import _norm_dtype as norm_dtype
 from lightning_l0l1.norms import _per_tensor_norms as per_tensor_norms
 
 __all__ = [
@@ -341,25 +340,9 @@ class SampledSnapshot(_Snapshot):
         return out[0], out[1]
 
     def difference_norms(self, grads: list[Tensor], params: list[Tensor], norm_type: float) -> tuple[Tensor, Tensor]:
-        # every part's weighted p-norm goes straight into one total: no per-gradient grouping, and both
-        # sides' parts in one norm call where they share a dtype (the usual case)
+        # every part's weighted p-norm goes straight into one total: no per-gradient grouping
         (gu, gw), (pu, pw) = self._subtract(grads, params)
-        parts = gu + pu
-        if len({t.dtype for t in parts}) > 1 or len({t.device for t in parts}) > 1:
-            return (_total(gu, norm_type, self._factors(gw, norm_type)),
-                    _total(pu, norm_type, self._factors(pw, norm_type)))
-        acc = torch.float64 if parts[0].dtype == torch.float64 else torch.float32
-        norms: list[Tensor] = list(torch._foreach_norm(  # pyright: ignore[reportPrivateImportUsage]
-            parts, norm_type, dtype=norm_dtype(parts[0].device, parts[0].dtype, acc)
-        ))
-        if norms[0].dtype != acc:  # bfloat16 on the CPU: weighted in acc, not in bfloat16
-            norms = [n.to(acc) for n in norms]
-        factors = self._factors(gw + pw, norm_type)
-        if any(f != 1.0 for f in factors):
-            norms = list(torch._foreach_mul(norms, factors))  # pyright: ignore[reportPrivateImportUsage]
-        stacked = torch.stack(norms).to(acc)
-        g, p = stacked[: len(gu)], stacked[len(gu) :]
-        return torch.linalg.vector_norm(g, norm_type), torch.linalg.vector_norm(p, norm_type)
+        return _total(gu, norm_type, self._factors(gw, norm_type)), _total(pu, norm_type, self._factors(pw, norm_type))
 
     def take(self, grads: list[Tensor], params: list[Tensor], norm: Tensor, step: int) -> None:
         layout = tuple(tuple(t.shape) for t in grads)
