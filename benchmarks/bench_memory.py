@@ -71,7 +71,7 @@ def child(name: str, n: float, dtype: str) -> dict:
         for st in cb.clipper._states.values():
             if st.estimator is not None:
                 snap = st.estimator.snapshot
-                held += sum(t.numel() * t.element_size() for t in snap.grads + snap.params)
+                held += snap.nbytes
     return dict(grad_bytes=grad_bytes, first=after_first - before_first, steady=after - after_first, held=held)
 
 

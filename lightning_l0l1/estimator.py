@@ -561,7 +561,7 @@ class SecantEstimator:
                 d = grads.norms(self.norm_type, self.foreach,
                                 groups=[grads.like(dg, snap.flat), grads.like(dp, snap.flat)])
             else:  # every gradient whole here: the local norms are the global ones
-                d = torch.stack(snap.difference_norms(local_grads, params, self.norm_type))
+                d = snap.difference_norms(local_grads, params, self.norm_type)
             pair_norm, smooth = secant_pair(d[0], d[1], snap.norm, norm)  # type: ignore[arg-type]
             state.record(pair_norm, smooth)
             secant = Secant(pair_norm, smooth, d[1])

@@ -66,6 +66,8 @@ def _dtensor_cls() -> Any:
 
 def is_dtensor(t: Tensor) -> TypeGuard[DTensor]:
     """Whether ``t`` is a :class:`~torch.distributed.tensor.DTensor` (no import cost if not)."""
+    if type(t) is Tensor:  # the common case, without the lookup
+        return False
     cls = _dtensor_cls()
     return cls is not None and isinstance(t, cls)
 

@@ -9,27 +9,31 @@ The secant of step :math:`t` needs two numbers, :math:`\lVert g_{t+1} - g_t\rVer
   ``2 * SAMPLE_BLOCK * SAMPLE_MIN_BLOCKS`` elements), from an offset drawn anew at every snapshot, plus the
   elements after the last whole block. The norms of the differences are estimated from the sampled
   elements, each tensor's sampled blocks weighted by the inverse of the fraction sampled, so that the
-  estimate of :math:`\lVert x\rVert_p^p` is unbiased over the offset. Memory: about
-  ``2 / SAMPLE_STRIDE`` of the gradient bytes (1.6%) for large tensors. The offsets are a hash of the
-  seed, the step and the tensor's position: every data-parallel rank samples the same elements, and a
-  resumed run the same as an uninterrupted one.
+  estimate of :math:`\lVert x\rVert_p^p` is unbiased over the offset. The samples of all tensors of
+  one dtype share one buffer of whole blocks, so the norms are a few operations whatever the number
+  of tensors. Memory: about ``2 / SAMPLE_STRIDE`` of the gradient bytes (1.6%) for large tensors.
+  The offsets are a hash of the seed, the step and the tensor's position: every data-parallel rank
+  samples the same elements, and a resumed run the same as an uninterrupted one.
 * :class:`FullSnapshot` keeps every gradient and parameter: two gradient-sized buffers, the exact
   differences (and the only one :meth:`~lightning_l0l1.estimator.SecantEstimator.probe` can use).
 
-Both form the differences and hand back tensors whose p-norm is the (estimated) norm of the
-difference (the sampled one: one weighted norm per gradient); :attr:`flat` says they are not shaped
-like the gradients, so that DTensor gradients
+Both form the differences in their buffers. :meth:`~_Snapshot.difference_norms` gives the two
+(estimated) norms at once; :meth:`~_Snapshot.differences` gives, per gradient, a tensor whose p-norm is
+its part of them (the sampled one: one weighted 1-element norm per gradient), for gradients that are
+reduced over ranks; :attr:`flat` says they are not shaped like the gradients, so that DTensor gradients
 are reduced as flat shards (:meth:`~lightning_l0l1.gradients.Gradients.like`). Imports only :mod:`torch`.
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Any, ClassVar, Optional, Union
 
 import torch
 from torch import Tensor
 
+from lightning_l0l1.norms import _norm_dtype
 from lightning_l0l1.norms import _per_tensor_norms as per_tensor_norms
 
 __all__ = [
@@ -60,15 +64,12 @@ def sample_offset(seed: int, step: int, index: int, stride: int) -> int:
     return _mix(_mix(_mix(seed) ^ step) ^ index) % stride
 
 
-def _total(tensors: list[Tensor], norm_type: float, factors: Optional[list[float]] = None) -> Tensor:
+def _total(tensors: list[Tensor], norm_type: float) -> Tensor:
     """The p-norm of ``tensors`` together, in float32 (float64 if any is), on the first tensor's device
-    (a model spread over several devices in one process), each tensor's p-norm multiplied by its entry
-    in ``factors`` where given."""
+    (a model spread over several devices in one process)."""
     acc = torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
     device = tensors[0].device
     norms = [n.to(device=device, dtype=acc) for n in per_tensor_norms(tensors, norm_type, acc, None)]
-    if factors is not None and any(f != 1.0 for f in factors):
-        norms = list(torch._foreach_mul(norms, factors))  # pyright: ignore[reportPrivateImportUsage]
     total: Tensor = torch.linalg.vector_norm(torch.stack(norms), norm_type)
     return total
 
@@ -97,21 +98,11 @@ class _Snapshot:
     ) -> tuple[list[Tensor], list[Tensor]]:
         raise NotImplementedError
 
-    def difference_norms(self, grads: list[Tensor], params: list[Tensor], norm_type: float) -> tuple[Tensor, Tensor]:
-        """The (estimated) norms of ``g_prev - g`` and ``p_prev - p`` over the local tensors (0-d each): the
-        global norms where every gradient is whole on this rank."""
+    def difference_norms(self, grads: list[Tensor], params: list[Tensor], norm_type: float) -> Tensor:
+        """The (estimated) norms of ``g_prev - g`` and ``p_prev - p`` over the local tensors, as one
+        2-element tensor: the global norms where every gradient is whole on this rank."""
         dg, dp = self.differences(grads, params, norm_type)
-        return _total(dg, norm_type), _total(dp, norm_type)
-
-    def _buffers_state(self, grads: list[Tensor], params: list[Tensor]) -> dict[str, Any]:
-        """The buffers and the norm as CPU copies (``{}`` for an empty snapshot)."""
-        if not self.valid or self.norm is None:
-            return {}
-        return {
-            "grads": [t.detach().cpu().clone() for t in grads],
-            "params": [t.detach().cpu().clone() for t in params],
-            "norm": self.norm.detach().cpu().clone(),
-        }
+        return torch.stack([_total(dg, norm_type), _total(dp, norm_type)])
 
 
 class FullSnapshot(_Snapshot):
@@ -182,8 +173,20 @@ class FullSnapshot(_Snapshot):
         self.norm = norm.detach().clone()
         self.step = step
 
+    @property
+    def nbytes(self) -> int:
+        """The bytes the snapshot holds (on the device, or in host memory when offloaded)."""
+        return sum(t.numel() * t.element_size() for t in self.grads + self.params)
+
     def state_dict(self) -> dict[str, Any]:
-        return self._buffers_state(self.grads, self.params)
+        """The buffers and the norm as CPU copies (``{}`` for an empty snapshot)."""
+        if not self.valid or self.norm is None:
+            return {}
+        return {
+            "grads": [t.detach().cpu().clone() for t in self.grads],
+            "params": [t.detach().cpu().clone() for t in self.params],
+            "norm": self.norm.detach().cpu().clone(),
+        }
 
     def load(self, sd: dict[str, Any], device: torch.device, step: int) -> None:
         if not sd or sd.get("kind", "full") != self.kind:
@@ -206,15 +209,58 @@ class FullSnapshot(_Snapshot):
             self.norm = self.norm.to(device)
 
 
+@dataclass(frozen=True)
+class _Slot:
+    """Where one tensor's sample lives (its group, its first block there) and how it is sampled
+    (``stride == 1``: kept whole, over ``ceil(numel / block)`` blocks; else up to ``kmax`` sampled
+    blocks, then one block for the ``tail`` elements after the last whole block)."""
+
+    group: int
+    start: int
+    numel: int
+    stride: int
+    nb: int
+    kmax: int
+    tail: int
+
+
+class _Group:
+    """The buffer of the tensors of one dtype on one device.
+
+    ``buffer`` holds ``2 * blocks`` blocks, zero-initialised: the gradients' blocks, then the
+    parameters' in the same order. ``member`` gives, per block, which of the group's tensors it belongs
+    to; ``rank`` a sampled block's index among its tensor's sampled blocks (-1 for the blocks of
+    tensors kept whole and of tails, which are always in use). The blocks past a tensor's data (the
+    end of a whole tensor or of a tail) stay zero and add nothing to a norm.
+    """
+
+    def __init__(self, members: list[int], blocks: int, block: int, member: Tensor, rank: Tensor,
+                 dtype: torch.dtype, device: torch.device) -> None:
+        self.members, self.blocks = members, blocks
+        self.buffer = torch.zeros(2 * blocks * block, dtype=dtype, device=device)
+        self.member, self.rank = member.to(device), rank.to(device)
+
+    def to(self, device: torch.device) -> None:
+        self.buffer, self.member, self.rank = self.buffer.to(device), self.member.to(device), self.rank.to(device)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.buffer, self.member, self.rank))
+
+
 class SampledSnapshot(_Snapshot):
     """The sampled elements of the gradients and parameters of the previous estimation step.
 
     Per tensor of ``n`` elements, ``nb = n // block`` whole blocks and the stride
     ``r = min(stride, nb // min_blocks)``: if ``r <= 1`` the whole tensor; otherwise the blocks
     ``o, o + r, ...`` (``k`` of them, ``o`` from :func:`sample_offset`) and the ``n - nb * block``
-    elements after the last whole block. The sampled blocks' difference is multiplied by
-    ``(nb / k) ** (1/p)`` (1 for the max-norm), so the p-norm of the returned tensors estimates the
-    p-norm of the whole difference.
+    elements after the last whole block. The sampled blocks' p-th powers are weighted by ``nb / k``
+    (the max-norm is not weighted), so the p-norm of the returned values estimates the p-norm of the
+    whole difference.
+
+    The samples of all tensors of one dtype and device share one buffer of whole blocks (the
+    gradients', then the parameters'), so that the differences' norms are a few operations on it
+    whatever the number of tensors: one norm per block, weighted, then one norm per side.
 
     Args:
         seed: the offsets' seed (kept in the checkpoint).
@@ -234,137 +280,236 @@ class SampledSnapshot(_Snapshot):
         self.block = int(block or SAMPLE_BLOCK)
         self.stride = int(stride or SAMPLE_STRIDE)
         self.min_blocks = int(min_blocks or SAMPLE_MIN_BLOCKS)
-        # per tensor: a buffer of its shape (kept whole), or a 1-d one for the sampled blocks, then the tail
-        self.grads: list[Tensor] = []
-        self.params: list[Tensor] = []
-        self._strides: list[int] = []  # per tensor: its sampling stride (1: whole)
+        self._slots: list[_Slot] = []
+        self._groups: list[_Group] = []
+        self._signature: tuple[tuple[torch.dtype, torch.device], ...] = ()
         self._plan: list[tuple[int, int]] = []  # per tensor: (first block, blocks kept) at the snapshot
+        self._specs: list[Optional[tuple[int, int, int, int, int]]] = []  # per tensor: how to view its sample
+        self._kept: Optional[tuple[int, ...]] = None  # per tensor: the blocks kept at the current plan
+        self._views: dict[tuple[int, int, int], Tensor] = {}  # (side, tensor, blocks) -> view of the buffer
+        self._mine: list[Tensor] = []  # the parts of the buffer in use at the current plan
+        self._weights: Optional[tuple[float, list[tuple[Tensor, Tensor]]]] = None  # (p, per group)
 
     def clear(self) -> None:
-        self.grads, self.params, self.layout, self.norm, self.step = [], [], (), None, -1
-        self._plan = []
+        self.layout, self.norm, self.step = (), None, -1
+        self._slots, self._groups, self._signature, self._plan, self._specs = [], [], (), [], []
+        self._kept, self._views, self._mine, self._weights = None, {}, [], None
 
-    def _plan_for(self, step: int) -> list[tuple[int, int]]:
-        """Per tensor, the first sampled block and the number of blocks kept at ``step`` (``(0, 0)``: whole)."""
-        plan = []
-        for i, (shape, stride) in enumerate(zip(self.layout, self._strides)):
-            if stride == 1:
-                plan.append((0, 0))
-                continue
-            nb = math.prod(shape) // self.block
-            o = sample_offset(self.seed, step, i, stride)
-            plan.append((o, (nb - o + stride - 1) // stride))
-        return plan
+    @property
+    def nbytes(self) -> int:
+        """The bytes the snapshot holds: the sample buffers and the blocks' bookkeeping."""
+        return sum(g.nbytes for g in self._groups)
+
+    # -- layout ------------------------------------------------------------------------------
 
     def _stride(self, numel: int) -> int:
         """This tensor's sampling stride: ``stride``, less for a tensor that would give fewer than
         ``min_blocks`` blocks (1: the whole tensor)."""
         return max(1, min(self.stride, numel // self.block // self.min_blocks))
 
-    def _buffer(self, t: Tensor) -> Tensor:
-        """A tensor kept whole gets a buffer of its shape; a sampled one a 1-d buffer for the most it samples."""
-        stride = self._stride(t.numel())
-        if stride == 1:
-            return torch.empty(t.shape, dtype=t.dtype, device=t.device)
-        nb = t.numel() // self.block
-        size = -(-nb // stride) * self.block + t.numel() - nb * self.block  # offset 0 keeps the most
-        return torch.empty(size, dtype=t.dtype, device=t.device)
-
-    def _pairs(
-        self, bufs: list[Tensor], tensors: list[Tensor], plan: list[tuple[int, int]]
-    ) -> tuple[list[tuple[list[Tensor], list[Tensor]]], list[Tensor], list[float]]:
-        """Matching lists of buffers and tensors (whole tensors in one pair of lists, sampled views in
-        another, so each goes to one ``_foreach`` call); the parts of the buffers in use and their
-        weights (the sampled blocks ``nb / k``; the tails and whole tensors 1)."""
-        whole_mine, whole_theirs, mine, theirs, used, weights = [], [], [], [], [], []
+    def _allocate(self, shapes: list[tuple[int, ...]], signature: list[tuple[torch.dtype, torch.device]]) -> None:
+        """Lay the tensors' samples out in one buffer per dtype and device (zeros)."""
+        self.clear()
         block = self.block
-        for b, t, stride, (o, k) in zip(bufs, tensors, self._strides, plan):
-            if stride == 1:  # kept whole: no view, a contiguous foreach
-                whole_mine.append(b)
-                whole_theirs.append(t)
-                used.append(b)
-                weights.append(1.0)
-                continue
-            flat = t.view(-1) if t.is_contiguous() else t.reshape(-1)
-            n = flat.numel()
-            nb = n // block
-            # the blocks o, o + stride, ... as one strided view: one op, no copy
-            mine.append(b.as_strided((k, block), (block, 1)))
-            theirs.append(flat.as_strided((k, block), (stride * block, 1), flat.storage_offset() + o * block))
-            used.append(mine[-1])
-            weights.append(nb / k)
-            tail = n - nb * block
-            if tail:
-                mine.append(b[k * block : k * block + tail])
-                theirs.append(flat[n - tail :])
-                used.append(mine[-1])
-                weights.append(1.0)
-        return [(whole_mine, whole_theirs), (mine, theirs)], used, weights
+        by_key: dict[tuple[torch.dtype, torch.device], list[int]] = {}
+        for i, key in enumerate(signature):
+            by_key.setdefault(key, []).append(i)
+        slots: dict[int, _Slot] = {}
+        for g, ((dtype, device), members) in enumerate(by_key.items()):
+            start, member, rank = 0, [], []
+            for j, i in enumerate(members):
+                numel = math.prod(shapes[i])
+                stride, nb = self._stride(numel), numel // block
+                if stride == 1:
+                    kmax, tail, count = 0, 0, -(-numel // block)
+                else:
+                    kmax, tail = -(-nb // stride), numel - nb * block
+                    count = kmax + (1 if tail else 0)
+                slots[i] = _Slot(g, start, numel, stride, nb, kmax, tail)
+                member.append(torch.full((count,), j, dtype=torch.long))
+                rank += [torch.arange(kmax), torch.full((count - kmax,), -1, dtype=torch.long)]
+                start += count
+            self._groups.append(_Group(members, start, block, torch.cat(member), torch.cat(rank), dtype, device))
+        self._slots = [slots[i] for i in range(len(shapes))]
+        self.layout = tuple(shapes)
+        self._signature = tuple(signature)
 
-    def _subtract(self, grads: list[Tensor], params: list[Tensor]) -> list[tuple[list[Tensor], list[float]]]:
-        """Form ``prev - cur`` in the buffers' parts in use; per side, those parts and their weights."""
+    def _view(self, side: int, i: int, k: int) -> Tensor:
+        """The part of the buffer holding side ``side`` (0 gradients, 1 parameters) of tensor ``i``:
+        a whole tensor's elements shaped like it (``k == 0``), ``k`` sampled blocks as ``(k, block)``, or
+        the tail (``k == -1``)."""
+        key = (side, i, k)
+        view = self._views.get(key)
+        if view is None:
+            s = self._slots[i]
+            grp = self._groups[s.group]
+            base = (side * grp.blocks + s.start) * self.block
+            if k == 0:
+                view = grp.buffer[base : base + s.numel].view(self.layout[i])
+            elif k > 0:
+                view = grp.buffer[base : base + k * self.block].view(k, self.block)
+            else:
+                base += s.kmax * self.block
+                view = grp.buffer[base : base + s.tail]
+            self._views[key] = view
+        return view
+
+    # -- the sample ----------------------------------------------------------------------------
+
+    def _set_plan(self, step: int) -> None:
+        """Draw the sample of ``step``: per tensor, the first sampled block and the number of blocks kept
+        (``(0, 0)``: whole), and what :meth:`_pairs` needs to view them."""
+        plan: list[tuple[int, int]] = []
+        specs: list[Optional[tuple[int, int, int, int, int]]] = []
+        for i, s in enumerate(self._slots):
+            if s.stride == 1:
+                plan.append((0, 0))
+                specs.append(None)
+                continue
+            o = sample_offset(self.seed, step, i, s.stride)
+            k = (s.nb - o + s.stride - 1) // s.stride
+            plan.append((o, k))
+            specs.append((k, o * self.block, s.stride * self.block, s.numel - s.tail, s.tail))
+        self._plan, self._specs = plan, specs
+        kept = tuple(k for _, k in plan)
+        if kept != self._kept:
+            self._kept, self._weights = kept, None
+            self._bind()
+
+    def _bind(self) -> None:
+        """The parts of the buffer in use at the current plan, in :meth:`_pairs`' order."""
+        mine = []
+        for side in (0, 1):
+            for i, (s, (_, k)) in enumerate(zip(self._slots, self._plan)):
+                mine.append(self._view(side, i, 0 if s.stride == 1 else k))
+                if s.stride > 1 and s.tail:
+                    mine.append(self._view(side, i, -1))
+        self._mine = mine
+
+    def _pairs(self, grads: list[Tensor], params: list[Tensor]) -> tuple[list[Tensor], list[Tensor]]:
+        """Matching lists, for one ``_foreach`` call: the parts of the buffer in use and the sampled parts
+        of the tensors (strided views, no copy) at the current plan."""
+        theirs: list[Tensor] = []
+        block = self.block
+        for tensors in (grads, params):
+            for t, spec in zip(tensors, self._specs):
+                if spec is None:
+                    theirs.append(t)
+                    continue
+                k, first, jump, tail_at, tail = spec
+                if not t.is_contiguous():  # a copy; gradients and parameters are contiguous as a rule
+                    t = t.contiguous()
+                base = t.storage_offset()
+                theirs.append(t.as_strided((k, block), (jump, 1), base + first))
+                if tail:
+                    theirs.append(t.as_strided((tail,), (1,), base + tail_at))
+        return self._mine, theirs
+
+    def _block_weights(self, norm_type: float) -> list[tuple[Tensor, Tensor]]:
+        """Per group, what each block's norm is multiplied by (``(nb / k) ** (1/p)`` for a sampled block,
+        1 otherwise and for the max-norm) and whether the block is out of use at the current plan (a
+        tensor's last sampled block is when it keeps fewer than ``kmax``). Rebuilt only when the numbers of
+        blocks kept change (never, when every sampled tensor is a whole number of strides)."""
+        if self._weights is not None and self._weights[0] == norm_type:
+            return self._weights[1]
         out = []
-        for bufs, cur in ((self.grads, grads), (self.params, params)):
-            pairs, used, weights = self._pairs(bufs, cur, self._plan)
-            for mine, theirs in pairs:
-                if mine:
-                    torch._foreach_sub_(mine, theirs)  # pyright: ignore[reportPrivateImportUsage]
-            out.append((used, weights))
+        for grp in self._groups:
+            kept, factor = [], []
+            for i in grp.members:
+                s, k = self._slots[i], self._plan[i][1]
+                kept.append(k)  # 0 for a whole tensor, whose blocks have rank -1
+                w = s.nb / k if k else 1.0
+                factor.append(1.0 if math.isinf(norm_type) else w ** (1.0 / norm_type))
+            device = grp.buffer.device
+            acc = torch.float64 if grp.buffer.dtype == torch.float64 else torch.float32
+            kept_t = torch.tensor(kept, dtype=torch.long).to(device, non_blocking=True)
+            factor_t = torch.tensor(factor, dtype=acc).to(device, non_blocking=True)
+            sampled = grp.rank >= 0  # the other blocks (whole tensors, tails) are not weighted
+            factors = torch.where(sampled, factor_t[grp.member], torch.ones((), dtype=acc, device=device))
+            out.append((factors, grp.rank >= kept_t[grp.member]))
+        self._weights = (norm_type, out)
         return out
 
-    def _factors(self, weights: list[float], norm_type: float) -> list[float]:
-        """What each part's p-norm is multiplied by: ``w ** (1/p)`` (1 for the max-norm)."""
-        return [1.0] * len(weights) if math.isinf(norm_type) else [w ** (1.0 / norm_type) for w in weights]
+    def _block_norms(self, norm_type: float) -> list[Tensor]:
+        """Per group, the weighted p-norm of every block in use (0 for the others), ``(2, blocks)``."""
+        out = []
+        for grp, (factor, unused) in zip(self._groups, self._block_weights(norm_type)):
+            device, dtype = grp.buffer.device, grp.buffer.dtype
+            acc = torch.float64 if dtype == torch.float64 else torch.float32
+            blocks = grp.buffer.view(2 * grp.blocks, self.block)
+            norms = torch.linalg.vector_norm(blocks, norm_type, dim=1, dtype=_norm_dtype(device, dtype, acc))
+            norms = norms.to(acc).view(2, grp.blocks).mul_(factor)
+            # filled, not multiplied by 0: a block out of use may hold a stale non-finite value
+            out.append(norms.masked_fill_(unused, 0.0))
+        return out
+
+    def _subtract(self, grads: list[Tensor], params: list[Tensor]) -> None:
+        """Form ``prev - cur`` in the buffer's parts in use."""
+        mine, theirs = self._pairs(grads, params)
+        torch._foreach_sub_(mine, theirs)  # pyright: ignore[reportPrivateImportUsage]
+
+    def difference_norms(self, grads: list[Tensor], params: list[Tensor], norm_type: float) -> Tensor:
+        self._subtract(grads, params)
+        sides: list[Tensor] = [torch.linalg.vector_norm(n, norm_type, dim=1) for n in self._block_norms(norm_type)]
+        return sides[0] if len(sides) == 1 else _combine(sides, norm_type)
 
     def differences(
         self, grads: list[Tensor], params: list[Tensor], norm_type: float
     ) -> tuple[list[Tensor], list[Tensor]]:
         """1-element tensors, one per gradient, whose p-norm estimates ``||g_prev - g||`` and
-        ``||p_prev - p||``: the differences are formed in the buffers and reduced to weighted norms
+        ``||p_prev - p||``: the differences are formed in the buffer and reduced to weighted norms
         (``(w ||x_S||_p^p + ||x_tail||_p^p)^(1/p)``; the max-norm is not weighted)."""
-        out = []
-        for used, weights in self._subtract(grads, params):
-            acc = torch.float64 if any(t.dtype == torch.float64 for t in used) else torch.float32
-            norms = [n.to(acc) for n in per_tensor_norms(used, norm_type, acc, None)]
-            scaled = [(n, f) for n, f in zip(norms, self._factors(weights, norm_type)) if f != 1.0]
-            if scaled:
-                torch._foreach_mul_([n for n, _ in scaled], [f for _, f in scaled])  # pyright: ignore[reportPrivateImportUsage]
-            per_gradient, j = [], 0
-            for stride, shape in zip(self._strides, self.layout):
-                # a sampled tensor with a tail has two parts
-                c = 2 if stride > 1 and math.prod(shape) % self.block else 1
-                part = norms[j] if c == 1 else torch.linalg.vector_norm(torch.stack(norms[j : j + c]), norm_type)
-                per_gradient.append(part.view(1))
-                j += c
-            out.append(per_gradient)
+        self._subtract(grads, params)
+        out: list[list[Tensor]] = [[torch.empty(0)] * len(self._slots) for _ in range(2)]
+        for grp, norms in zip(self._groups, self._block_norms(norm_type)):
+            parts, where = [], []
+            for i in grp.members:
+                s = self._slots[i]
+                count = -(-s.numel // self.block) if s.stride == 1 else s.kmax + (1 if s.tail else 0)
+                for side in (0, 1):
+                    parts.append(norms[side, s.start : s.start + count])
+                    where.append((side, i))
+            per = torch._foreach_norm(parts, norm_type) if parts else []  # pyright: ignore[reportPrivateImportUsage]
+            for (side, i), n in zip(where, per):
+                out[side][i] = n.view(1)
         return out[0], out[1]
-
-    def difference_norms(self, grads: list[Tensor], params: list[Tensor], norm_type: float) -> tuple[Tensor, Tensor]:
-        # every part's weighted p-norm goes straight into one total: no per-gradient grouping
-        (gu, gw), (pu, pw) = self._subtract(grads, params)
-        return _total(gu, norm_type, self._factors(gw, norm_type)), _total(pu, norm_type, self._factors(pw, norm_type))
 
     def take(self, grads: list[Tensor], params: list[Tensor], norm: Tensor, step: int) -> None:
         layout = tuple(tuple(t.shape) for t in grads)
-        if layout != self.layout or any(b.device != t.device for b, t in zip(self.grads, grads)):
-            self.grads = [self._buffer(t) for t in grads]
-            self.params = [self._buffer(t) for t in params]
-            self.layout = layout
-            self._strides = [self._stride(t.numel()) for t in grads]
-        self._plan = self._plan_for(step)
-        for bufs, cur in ((self.grads, grads), (self.params, params)):
-            pairs, *_ = self._pairs(bufs, cur, self._plan)
-            for mine, theirs in pairs:
-                if mine:
-                    torch._foreach_copy_(mine, theirs)  # pyright: ignore[reportPrivateImportUsage]
+        signature = tuple((t.dtype, t.device) for t in grads)
+        if layout != self.layout or signature != self._signature:
+            self._allocate(list(layout), list(signature))
+        self._set_plan(step)
+        mine, theirs = self._pairs(grads, params)
+        torch._foreach_copy_(mine, theirs)  # pyright: ignore[reportPrivateImportUsage]
         self.norm = norm.detach().clone()
         self.step = step
 
-    def state_dict(self) -> dict[str, Any]:
-        out = self._buffers_state(self.grads, self.params)
-        if out:
-            out.update(kind=self.kind, seed=self.seed, layout=[list(s) for s in self.layout])
+    # -- checkpoints ----------------------------------------------------------------------------
+
+    def _saved_form(self, side: int) -> list[Tensor]:
+        """Per tensor, its sample as checkpoints hold it (CPU copies): a whole tensor in its shape; a sampled
+        one as one 1-d tensor of ``kmax * block + tail`` elements, the ``k`` blocks kept then the tail."""
+        out = []
+        for i, (s, (_, k)) in enumerate(zip(self._slots, self._plan)):
+            if s.stride == 1:
+                out.append(self._view(side, i, 0).detach().cpu().clone())
+                continue
+            t = self._view(side, i, k).detach().cpu().reshape(-1)
+            flat = torch.zeros(s.kmax * self.block + s.tail, dtype=t.dtype)
+            flat[: t.numel()] = t
+            if s.tail:
+                flat[t.numel() : t.numel() + s.tail] = self._view(side, i, -1).detach().cpu()
+            out.append(flat)
         return out
+
+    def state_dict(self) -> dict[str, Any]:
+        if not self.valid or self.norm is None:
+            return {}
+        return {
+            "grads": self._saved_form(0), "params": self._saved_form(1), "norm": self.norm.detach().cpu().clone(),
+            "kind": self.kind, "seed": self.seed, "layout": [list(s) for s in self.layout],
+        }
 
     def load(self, sd: dict[str, Any], device: torch.device, step: int) -> None:
         """Restore :meth:`state_dict`; a full snapshot's (or one sampled with another seed) is dropped:
@@ -372,19 +517,61 @@ class SampledSnapshot(_Snapshot):
         if not sd or sd.get("kind") != self.kind or int(sd.get("seed", -1)) != self.seed:
             self.clear()
             return
-        self.grads = [t.to(device, copy=True) for t in sd["grads"]]
-        self.params = [t.to(device, copy=True) for t in sd["params"]]
-        self.layout = tuple(tuple(s) for s in sd["layout"])
-        self._strides = [self._stride(math.prod(shape)) for shape in self.layout]
-        self._plan = self._plan_for(step)
+        shapes = [tuple(int(d) for d in s) for s in sd["layout"]]
+        self._allocate(shapes, [(t.dtype, device) for t in sd["grads"]])
+        self._set_plan(step)
+        for side, saved in ((0, sd["grads"]), (1, sd["params"])):
+            for i, (t, s, (_, k)) in enumerate(zip(saved, self._slots, self._plan)):
+                if s.stride == 1:
+                    self._view(side, i, 0).copy_(t)
+                    continue
+                t = t.reshape(-1)
+                self._view(side, i, k).view(-1).copy_(t[: k * self.block])
+                if s.tail:
+                    self._view(side, i, -1).copy_(t[k * self.block : k * self.block + s.tail])
         self.norm = sd["norm"].to(device)
         self.step = step
 
     def to(self, device: torch.device) -> None:
-        self.grads = [t.to(device) for t in self.grads]
-        self.params = [t.to(device) for t in self.params]
+        for grp in self._groups:
+            grp.to(device)
+        self._signature = tuple((dtype, device) for dtype, _ in self._signature)
+        self._views, self._weights = {}, None
+        if self._plan:
+            self._bind()
         if self.norm is not None:
             self.norm = self.norm.to(device)
+
+    # -- what tests and benchmarks inspect --------------------------------------------------------
+
+    @property
+    def grads(self) -> list[Tensor]:
+        """Per gradient, the part of the buffer holding its sample (a whole tensor in its shape)."""
+        return self._parts(0)
+
+    @property
+    def params(self) -> list[Tensor]:
+        """Per parameter, the part of the buffer holding its sample (a whole tensor in its shape)."""
+        return self._parts(1)
+
+    def _parts(self, side: int) -> list[Tensor]:
+        out = []
+        for i, s in enumerate(self._slots):
+            grp = self._groups[s.group]
+            base = (side * grp.blocks + s.start) * self.block
+            size = s.numel if s.stride == 1 else s.kmax * self.block + s.tail
+            part = grp.buffer[base : base + size]
+            out.append(part.view(self.layout[i]) if s.stride == 1 else part)
+        return out
+
+
+def _combine(sides: list[Tensor], norm_type: float) -> Tensor:
+    """The p-norm, per side, of several groups' ``(2,)`` norms, on the first group's device."""
+    device = sides[0].device
+    acc = torch.float64 if any(s.dtype == torch.float64 for s in sides) else torch.float32
+    stacked = torch.stack([s.to(device=device, dtype=acc) for s in sides], dim=1)
+    total: Tensor = torch.linalg.vector_norm(stacked, norm_type, dim=1)
+    return total
 
 
 Snapshot = Union[FullSnapshot, SampledSnapshot]
