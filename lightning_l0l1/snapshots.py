@@ -228,24 +228,18 @@ class _Group:
     """The buffer of the tensors of one dtype on one device.
 
     ``buffer`` holds ``2 * blocks`` blocks, zero-initialised: the gradients' blocks, then the
-    parameters' in the same order. ``member`` gives, per block, which of the group's tensors it belongs
-    to; ``rank`` a sampled block's index among its tensor's sampled blocks (-1 for the blocks of
-    tensors kept whole and of tails, which are always in use). The blocks past a tensor's data (the
-    end of a whole tensor or of a tail) stay zero and add nothing to a norm.
+    parameters' in the same order. The blocks past a tensor's data (the end of a whole tensor, of a
+    tail) stay zero and add nothing to a norm.
     """
 
-    def __init__(self, members: list[int], blocks: int, block: int, member: Tensor, rank: Tensor,
-                 dtype: torch.dtype, device: torch.device) -> None:
+    def __init__(self, members: list[int], blocks: int, block: int, dtype: torch.dtype, device: torch.device) -> None:
         self.members, self.blocks = members, blocks
         self.buffer = torch.zeros(2 * blocks * block, dtype=dtype, device=device)
-        self.member, self.rank = member.to(device), rank.to(device)
-
-    def to(self, device: torch.device) -> None:
-        self.buffer, self.member, self.rank = self.buffer.to(device), self.member.to(device), self.rank.to(device)
 
     @property
-    def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (self.buffer, self.member, self.rank))
+    def acc(self) -> torch.dtype:
+        """The dtype its norms are accumulated in."""
+        return torch.float64 if self.buffer.dtype == torch.float64 else torch.float32
 
 
 class SampledSnapshot(_Snapshot):
@@ -297,8 +291,8 @@ class SampledSnapshot(_Snapshot):
 
     @property
     def nbytes(self) -> int:
-        """The bytes the snapshot holds: the sample buffers and the blocks' bookkeeping."""
-        return sum(g.nbytes for g in self._groups)
+        """The bytes the snapshot's buffers hold."""
+        return sum(g.buffer.numel() * g.buffer.element_size() for g in self._groups)
 
     # -- layout ------------------------------------------------------------------------------
 
@@ -316,8 +310,8 @@ class SampledSnapshot(_Snapshot):
             by_key.setdefault(key, []).append(i)
         slots: dict[int, _Slot] = {}
         for g, ((dtype, device), members) in enumerate(by_key.items()):
-            start, member, rank = 0, [], []
-            for j, i in enumerate(members):
+            start = 0
+            for i in members:
                 numel = math.prod(shapes[i])
                 stride, nb = self._stride(numel), numel // block
                 if stride == 1:
@@ -326,10 +320,8 @@ class SampledSnapshot(_Snapshot):
                     kmax, tail = -(-nb // stride), numel - nb * block
                     count = kmax + (1 if tail else 0)
                 slots[i] = _Slot(g, start, numel, stride, nb, kmax, tail)
-                member.append(torch.full((count,), j, dtype=torch.long))
-                rank += [torch.arange(kmax), torch.full((count - kmax,), -1, dtype=torch.long)]
                 start += count
-            self._groups.append(_Group(members, start, block, torch.cat(member), torch.cat(rank), dtype, device))
+            self._groups.append(_Group(members, start, block, dtype, device))
         self._slots = [slots[i] for i in range(len(shapes))]
         self.layout = tuple(shapes)
         self._signature = tuple(signature)
@@ -407,26 +399,29 @@ class SampledSnapshot(_Snapshot):
 
     def _block_weights(self, norm_type: float) -> list[tuple[Tensor, Tensor]]:
         """Per group, what each block's norm is multiplied by (``(nb / k) ** (1/p)`` for a sampled block,
-        1 otherwise and for the max-norm) and whether the block is out of use at the current plan (a
-        tensor's last sampled block is when it keeps fewer than ``kmax``). Rebuilt only when the numbers of
-        blocks kept change (never, when every sampled tensor is a whole number of strides)."""
+        1 for the others and for the max-norm, 0 for a block out of use at the current plan: a tensor's
+        last sampled block when it keeps fewer than ``kmax``) and where it is 0. Made on the device from
+        Python numbers (no host-to-device copy); rebuilt only when the numbers of blocks kept change
+        (never, when every sampled tensor is a whole number of strides)."""
         if self._weights is not None and self._weights[0] == norm_type:
             return self._weights[1]
         out = []
         for grp in self._groups:
-            kept, factor = [], []
+            factors = torch.ones(grp.blocks, dtype=grp.acc, device=grp.buffer.device)
+            sampled, weights, unused = [], [], []
             for i in grp.members:
                 s, k = self._slots[i], self._plan[i][1]
-                kept.append(k)  # 0 for a whole tensor, whose blocks have rank -1
-                w = s.nb / k if k else 1.0
-                factor.append(1.0 if math.isinf(norm_type) else w ** (1.0 / norm_type))
-            device = grp.buffer.device
-            acc = torch.float64 if grp.buffer.dtype == torch.float64 else torch.float32
-            kept_t = torch.tensor(kept, dtype=torch.long).to(device, non_blocking=True)
-            factor_t = torch.tensor(factor, dtype=acc).to(device, non_blocking=True)
-            sampled = grp.rank >= 0  # the other blocks (whole tensors, tails) are not weighted
-            factors = torch.where(sampled, factor_t[grp.member], torch.ones((), dtype=acc, device=device))
-            out.append((factors, grp.rank >= kept_t[grp.member]))
+                if s.stride == 1:
+                    continue
+                sampled.append(factors[s.start : s.start + k])
+                weights.append(1.0 if math.isinf(norm_type) else (s.nb / k) ** (1.0 / norm_type))
+                if k < s.kmax:
+                    unused.append(factors[s.start + k : s.start + s.kmax])
+            if sampled:
+                torch._foreach_mul_(sampled, weights)  # pyright: ignore[reportPrivateImportUsage]
+            if unused:
+                torch._foreach_zero_(unused)  # pyright: ignore[reportPrivateImportUsage]
+            out.append((factors, factors == 0))
         self._weights = (norm_type, out)
         return out
 
@@ -434,11 +429,11 @@ class SampledSnapshot(_Snapshot):
         """Per group, the weighted p-norm of every block in use (0 for the others), ``(2, blocks)``."""
         out = []
         for grp, (factor, unused) in zip(self._groups, self._block_weights(norm_type)):
-            device, dtype = grp.buffer.device, grp.buffer.dtype
-            acc = torch.float64 if dtype == torch.float64 else torch.float32
-            blocks = grp.buffer.view(2 * grp.blocks, self.block)
-            norms = torch.linalg.vector_norm(blocks, norm_type, dim=1, dtype=_norm_dtype(device, dtype, acc))
-            norms = norms.to(acc).view(2, grp.blocks).mul_(factor)
+            buffer = grp.buffer
+            blocks = buffer.view(2 * grp.blocks, self.block)
+            norms = torch.linalg.vector_norm(blocks, norm_type, dim=1,
+                                             dtype=_norm_dtype(buffer.device, buffer.dtype, grp.acc))
+            norms = norms.to(grp.acc).view(2, grp.blocks).mul_(factor)
             # filled, not multiplied by 0: a block out of use may hold a stale non-finite value
             out.append(norms.masked_fill_(unused, 0.0))
         return out
@@ -534,7 +529,7 @@ class SampledSnapshot(_Snapshot):
 
     def to(self, device: torch.device) -> None:
         for grp in self._groups:
-            grp.to(device)
+            grp.buffer = grp.buffer.to(device)
         self._signature = tuple((dtype, device) for dtype, _ in self._signature)
         self._views, self._weights = {}, None
         if self._plan:
