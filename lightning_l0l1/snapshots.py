@@ -530,7 +530,10 @@ class SampledSnapshot(_Snapshot):
     def to(self, device: torch.device) -> None:
         for grp in self._groups:
             grp.buffer = grp.buffer.to(device)
-        self._signature = tuple((dtype, device) for dtype, _ in self._signature)
+        # the buffers' own device (``cuda:0``, not ``cuda``): what :meth:`take` compares the tensors' with
+        self._signature = tuple(
+            (dtype, self._groups[s.group].buffer.device) for (dtype, _), s in zip(self._signature, self._slots)
+        )
         self._views, self._weights = {}, None
         if self._plan:
             self._bind()
