@@ -281,13 +281,13 @@ class SampledSnapshot(_Snapshot):
         self._specs: list[Optional[tuple[int, int, int, int, int]]] = []  # per tensor: how to view its sample
         self._kept: Optional[tuple[int, ...]] = None  # per tensor: the blocks kept at the current plan
         self._views: dict[tuple[int, int, int], Tensor] = {}  # (side, tensor, blocks) -> view of the buffer
-        self._mine: list[Tensor] = []  # the parts of the buffer in use at the current plan
+        self._mine: tuple[list[Tensor], list[Tensor]] = ([], [])  # the buffer's parts in use: whole, sampled
         self._weights: Optional[tuple[float, list[tuple[Tensor, Tensor]]]] = None  # (p, per group)
 
     def clear(self) -> None:
         self.layout, self.norm, self.step = (), None, -1
         self._slots, self._groups, self._signature, self._plan, self._specs = [], [], (), [], []
-        self._kept, self._views, self._mine, self._weights = None, {}, [], None
+        self._kept, self._views, self._mine, self._weights = None, {}, ([], []), None
 
     @property
     def nbytes(self) -> int:
@@ -370,32 +370,37 @@ class SampledSnapshot(_Snapshot):
 
     def _bind(self) -> None:
         """The parts of the buffer in use at the current plan, in :meth:`_pairs`' order."""
-        mine = []
+        whole, sampled = [], []
         for side in (0, 1):
             for i, (s, (_, k)) in enumerate(zip(self._slots, self._plan)):
-                mine.append(self._view(side, i, 0 if s.stride == 1 else k))
-                if s.stride > 1 and s.tail:
-                    mine.append(self._view(side, i, -1))
-        self._mine = mine
+                if s.stride == 1:
+                    whole.append(self._view(side, i, 0))
+                    continue
+                sampled.append(self._view(side, i, k))
+                if s.tail:
+                    sampled.append(self._view(side, i, -1))
+        self._mine = (whole, sampled)
 
-    def _pairs(self, grads: list[Tensor], params: list[Tensor]) -> tuple[list[Tensor], list[Tensor]]:
-        """Matching lists, for one ``_foreach`` call: the parts of the buffer in use and the sampled parts
-        of the tensors (strided views, no copy) at the current plan."""
-        theirs: list[Tensor] = []
+    def _pairs(self, grads: list[Tensor], params: list[Tensor]) -> list[tuple[list[Tensor], list[Tensor]]]:
+        """Matching lists, one ``_foreach`` call each: the parts of the buffer in use and the tensors kept
+        whole, then the sampled parts of the others (strided views, no copy) at the current plan. Apart,
+        so that the whole ones, all contiguous, can take a fused kernel on a GPU."""
+        whole: list[Tensor] = []
+        sampled: list[Tensor] = []
         block = self.block
         for tensors in (grads, params):
             for t, spec in zip(tensors, self._specs):
                 if spec is None:
-                    theirs.append(t)
+                    whole.append(t)
                     continue
                 k, first, jump, tail_at, tail = spec
                 if not t.is_contiguous():  # a copy; gradients and parameters are contiguous as a rule
                     t = t.contiguous()
                 base = t.storage_offset()
-                theirs.append(t.as_strided((k, block), (jump, 1), base + first))
+                sampled.append(t.as_strided((k, block), (jump, 1), base + first))
                 if tail:
-                    theirs.append(t.as_strided((tail,), (1,), base + tail_at))
-        return self._mine, theirs
+                    sampled.append(t.as_strided((tail,), (1,), base + tail_at))
+        return [(self._mine[0], whole), (self._mine[1], sampled)]
 
     def _block_weights(self, norm_type: float) -> list[tuple[Tensor, Tensor]]:
         """Per group, what each block's norm is multiplied by (``(nb / k) ** (1/p)`` for a sampled block,
@@ -440,8 +445,9 @@ class SampledSnapshot(_Snapshot):
 
     def _subtract(self, grads: list[Tensor], params: list[Tensor]) -> None:
         """Form ``prev - cur`` in the buffer's parts in use."""
-        mine, theirs = self._pairs(grads, params)
-        torch._foreach_sub_(mine, theirs)  # pyright: ignore[reportPrivateImportUsage]
+        for mine, theirs in self._pairs(grads, params):
+            if mine:
+                torch._foreach_sub_(mine, theirs)  # pyright: ignore[reportPrivateImportUsage]
 
     def difference_norms(self, grads: list[Tensor], params: list[Tensor], norm_type: float) -> Tensor:
         self._subtract(grads, params)
@@ -475,8 +481,9 @@ class SampledSnapshot(_Snapshot):
         if layout != self.layout or signature != self._signature:
             self._allocate(list(layout), list(signature))
         self._set_plan(step)
-        mine, theirs = self._pairs(grads, params)
-        torch._foreach_copy_(mine, theirs)  # pyright: ignore[reportPrivateImportUsage]
+        for mine, theirs in self._pairs(grads, params):
+            if mine:
+                torch._foreach_copy_(mine, theirs)  # pyright: ignore[reportPrivateImportUsage]
         self.norm = norm.detach().clone()
         self.step = step
 
