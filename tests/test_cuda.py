@@ -80,6 +80,34 @@ def test_sampled_snapshot_on_cuda_equals_the_cpu_run():
         assert cuda[key] == pytest.approx(cpu[key], rel=1e-3), key
 
 
+def test_sampled_snapshot_resumes_on_cuda_as_uninterrupted():
+    """A checkpoint (CPU tensors) loaded into a new clipper whose gradients are on the GPU: the restored
+    snapshot moves there and forms the next pair, bitwise as the uninterrupted run does."""
+
+    def run(clipper, net, opt, batches):
+        for x, y in batches:
+            opt.zero_grad(set_to_none=True)
+            nn.functional.mse_loss(net(x), y).backward()
+            clipper.step(opt)
+            opt.step()
+
+    batches = _batches(10)
+    net = _net(width=512).cuda()
+    opt = torch.optim.SGD(net.parameters(), lr=0.05)
+    a = GradientClipper(nonfinite="propagate")
+    run(a, net, opt, batches[:5])
+    ck = {"clip": a.state_dict(), "net": {k: v.detach().cpu().clone() for k, v in net.state_dict().items()}}
+    run(a, net, opt, batches[5:])
+    net_b = _net(width=512).cuda()
+    net_b.load_state_dict(ck["net"])
+    opt_b = torch.optim.SGD(net_b.parameters(), lr=0.05)
+    b = GradientClipper(nonfinite="propagate")
+    b.load_state_dict(ck["clip"])
+    run(b, net_b, opt_b, batches[5:])
+    assert b.latest() == a.latest()
+    assert b.latest()["l0l1/smoothness_pairs"] == 9  # the first step after loading formed its pair
+
+
 @pytest.mark.parametrize("fused", [False, True])
 def test_fp16_gradscaler_norm_is_the_unscaled_norm(fused):
     """Under autocast fp16 with a GradScaler: after ``unscale_`` the clipper's norm is the reference norm
