@@ -1,14 +1,23 @@
-"""Peak extra host memory of one optimizer step of each configuration, against the gradient bytes.
+"""Host memory one optimizer step of each configuration holds and uses, against the gradient bytes.
 
-Each configuration runs in a fresh process (so allocator caches do not carry over): the peak
-resident set size is read after the gradients exist, after two steps (the estimator takes its
-snapshot on the first and forms its first pair on the second), then after ten more steps; the last
-difference, over the gradient bytes, is the step's transient memory. The estimator's
-snapshot is allocated at the first step and counted separately as its resident size. The last
-columns are what a configuration holds beyond ``L0L1 clip`` (the estimator's whole cost, including
-a few MB of one-time allocations the first pair's code paths make, whatever the model's size) and the
-bytes of the estimator's snapshot buffers, counted exactly. CPU only
-(on a GPU, ``torch.cuda.max_memory_allocated`` would be the measure).
+Each configuration runs in a fresh process (so allocator caches do not carry over), on the CPU, in
+three phases read from ``/proc/self/status``:
+
+* **held**: the growth of the process's anonymous resident memory (``RssAnon``: what allocations
+  occupy) over the first 12 steps (the estimator takes its snapshot on the first step, forms its first
+  pair on the second and first folds its hull on the ninth: every code path has run);
+* **transient**: the peak resident memory over 10 more steps, above the resident memory before them
+  (the peak is reset first, through ``/proc/self/clear_refs``): what a step allocates and frees;
+* **library code**: the growth of file-backed resident memory (``RssFile``) over the first 12 steps:
+  the pages of torch's own kernels read from disk the first time an operation runs. They are shared
+  with every process that uses them and freed under memory pressure; a count of bytes, not of the
+  model's size, and reported apart from what the configuration allocates.
+
+``extra over L0L1 clip`` is held plus transient beyond ``L0L1 clip``'s; the snapshot buffers column
+counts the estimator's buffers exactly. Held memory can come out below the buffers when the allocator
+places them in pages the process had already touched and freed (making the bfloat16 gradients frees
+their float32 originals). Linux only (on a GPU, ``torch.cuda.max_memory_allocated``
+would be the measure).
 
     python benchmarks/bench_memory.py [--quick]
 """
@@ -17,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import subprocess
 import sys
 from pathlib import Path
@@ -38,8 +46,22 @@ CONFIGS = {
 }
 
 
-def maxrss() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+def status() -> dict[str, int]:
+    """Resident memory from ``/proc/self/status``, in bytes: total, its peak, anonymous, file-backed."""
+    wanted = {"VmRSS": "rss", "VmHWM": "peak", "RssAnon": "anon", "RssFile": "file"}
+    out = {}
+    with open("/proc/self/status") as f:
+        for line in f:
+            key, _, value = line.partition(":")
+            if key in wanted:
+                out[wanted[key]] = int(value.split()[0]) * 1024
+    return out
+
+
+def reset_peak() -> None:
+    """Reset the peak resident set size to the current one (Linux >= 4.0)."""
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
 
 
 def child(name: str, n: float, dtype: str) -> dict:
@@ -59,20 +81,22 @@ def child(name: str, n: float, dtype: str) -> dict:
         def step():
             cb.on_before_optimizer_step(trainer, None, opt)
 
-    before_first = maxrss()
-    step()
-    step()  # the estimator forms its first pair on the second step: its code paths have all run
-    after_first = maxrss()
+    start = status()
+    for _ in range(12):
+        step()
+    warm = status()
+    reset_peak()
+    before = status()["rss"]
     for _ in range(10):
         step()
-    after = maxrss()
+    transient = status()["peak"] - before
     held = 0
     if kw is not None:  # the estimator's snapshot buffers, counted exactly
         for st in cb.clipper._states.values():
             if st.estimator is not None:
-                snap = st.estimator.snapshot
-                held += snap.nbytes
-    return dict(grad_bytes=grad_bytes, first=after_first - before_first, steady=after - after_first, held=held)
+                held += st.estimator.snapshot.nbytes
+    return dict(grad_bytes=grad_bytes, anon=warm["anon"] - start["anon"], transient=transient,
+                code=warm["file"] - start["file"], buffers=held)
 
 
 def main(argv=None) -> str:
@@ -99,14 +123,15 @@ def main(argv=None) -> str:
             gb = results[configs[0]]["grad_bytes"]
             base = results["L0L1 clip"]
             rows = [
-                [name, r["first"] / gb, r["steady"] / gb,
-                 (r["first"] + r["steady"] - base["first"] - base["steady"]) / gb, r["held"] / gb]
+                [name, r["anon"] / gb, r["transient"] / gb,
+                 (r["anon"] + r["transient"] - base["anon"] - base["transient"]) / gb, r["buffers"] / gb,
+                 r["code"] / 2**20]
                 for name, r in results.items()
             ]
             out.append(f"\n### {dtype} gradients, {n / 1e6:.0f}M parameters, {gb / 1e6:.0f} MB\n")
-            out.append(table(["configuration", "first two steps (buffers) / grad bytes",
-                              "later steps peak / grad bytes", "extra over L0L1 clip / grad bytes",
-                              "snapshot buffers / grad bytes"], rows))
+            out.append(table(["configuration", "held / grad bytes", "transient / grad bytes",
+                              "extra over L0L1 clip / grad bytes", "snapshot buffers / grad bytes",
+                              "library code paged in (MB)"], rows))
     report = "\n".join(out) + "\n"
     return emit(report, args.out, args.quick)
 
