@@ -73,14 +73,14 @@ class StepStatistics(Metric):
         self.add_state("clipped", torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
 
     def update(self, values: Tensor, finite: Tensor, clipped: Tensor) -> None:
+        # in place (`add_`, `out=`): an assignment to a state goes through Module.__setattr__, slow per step
         v = values.to(self.sums.dtype)
-        f = finite.to(self.sums.dtype)
-        self.sums += torch.where(finite, v, torch.zeros_like(v))
-        self.norm_max = torch.maximum(self.norm_max, torch.where(finite, v[0], self.norm_max))
-        self.norm_min = torch.minimum(self.norm_min, torch.where(finite, v[0], self.norm_min))
-        self.finite += f
-        self.steps += 1
-        self.clipped += (clipped & finite).to(self.sums.dtype)
+        self.sums.add_(torch.where(finite, v, torch.zeros_like(v)))
+        torch.maximum(self.norm_max, torch.where(finite, v[0], self.norm_max), out=self.norm_max)
+        torch.minimum(self.norm_min, torch.where(finite, v[0], self.norm_min), out=self.norm_min)
+        self.finite.add_(finite.to(self.sums.dtype))
+        self.steps.add_(1)
+        self.clipped.add_((clipped & finite).to(self.sums.dtype))
 
     STATES = ("sums", "norm_max", "norm_min", "finite", "steps", "clipped")
 
