@@ -209,6 +209,10 @@ class FullSnapshot(_Snapshot):
             self.norm = self.norm.to(device)
 
 
+#: A tensor's gradient dtype, parameter dtype and device.
+_Signature = tuple[torch.dtype, torch.dtype, torch.device]
+
+
 @dataclass(frozen=True)
 class _Slot:
     """Where one tensor's sample lives (its group, its first block there) and how it is sampled
@@ -276,18 +280,19 @@ class SampledSnapshot(_Snapshot):
         self.min_blocks = int(min_blocks or SAMPLE_MIN_BLOCKS)
         self._slots: list[_Slot] = []
         self._groups: list[_Group] = []
-        self._signature: tuple[tuple[torch.dtype, torch.device], ...] = ()
+        # per tensor: (gradient dtype, parameter dtype, device), what the layout was made for
+        self._signature: tuple[_Signature, ...] = ()
         self._plan: list[tuple[int, int]] = []  # per tensor: (first block, blocks kept) at the snapshot
         self._specs: list[Optional[tuple[int, int, int, int, int]]] = []  # per tensor: how to view its sample
         self._kept: Optional[tuple[int, ...]] = None  # per tensor: the blocks kept at the current plan
         self._views: dict[tuple[int, int, int], Tensor] = {}  # (side, tensor, blocks) -> view of the buffer
-        self._mine: tuple[list[Tensor], list[Tensor]] = ([], [])  # the buffer's parts in use: whole, sampled
+        self._mine: list[tuple[list[Tensor], list[Tensor]]] = []  # per group, the parts in use: whole, sampled
         self._weights: Optional[tuple[float, list[tuple[Tensor, Tensor]]]] = None  # (p, per group)
 
     def clear(self) -> None:
         self.layout, self.norm, self.step = (), None, -1
         self._slots, self._groups, self._signature, self._plan, self._specs = [], [], (), [], []
-        self._kept, self._views, self._mine, self._weights = None, {}, ([], []), None
+        self._kept, self._views, self._mine, self._weights = None, {}, [], None
 
     @property
     def nbytes(self) -> int:
@@ -301,13 +306,15 @@ class SampledSnapshot(_Snapshot):
         ``min_blocks`` blocks (1: the whole tensor)."""
         return max(1, min(self.stride, numel // self.block // self.min_blocks))
 
-    def _allocate(self, shapes: list[tuple[int, ...]], signature: list[tuple[torch.dtype, torch.device]]) -> None:
-        """Lay the tensors' samples out in one buffer per dtype and device (zeros)."""
+    def _allocate(self, shapes: list[tuple[int, ...]], signature: list[_Signature]) -> None:
+        """Lay the tensors' samples out in one buffer per dtype and device (zeros). A gradient and its
+        parameter share a dtype as a rule; where they do not (FSDP's low-precision gradients of float32
+        parameters) both are kept in the wider one, which holds either exactly."""
         self.clear()
         block = self.block
         by_key: dict[tuple[torch.dtype, torch.device], list[int]] = {}
-        for i, key in enumerate(signature):
-            by_key.setdefault(key, []).append(i)
+        for i, (grad_dtype, param_dtype, device) in enumerate(signature):
+            by_key.setdefault((torch.promote_types(grad_dtype, param_dtype), device), []).append(i)
         slots: dict[int, _Slot] = {}
         for g, ((dtype, device), members) in enumerate(by_key.items()):
             start = 0
@@ -370,26 +377,28 @@ class SampledSnapshot(_Snapshot):
 
     def _bind(self) -> None:
         """The parts of the buffer in use at the current plan, in :meth:`_pairs`' order."""
-        whole, sampled = [], []
+        mine: list[tuple[list[Tensor], list[Tensor]]] = [([], []) for _ in self._groups]
         for side in (0, 1):
             for i, (s, (_, k)) in enumerate(zip(self._slots, self._plan)):
+                whole, sampled = mine[s.group]
                 if s.stride == 1:
                     whole.append(self._view(side, i, 0))
                     continue
                 sampled.append(self._view(side, i, k))
                 if s.tail:
                     sampled.append(self._view(side, i, -1))
-        self._mine = (whole, sampled)
+        self._mine = mine
 
     def _pairs(self, grads: list[Tensor], params: list[Tensor]) -> list[tuple[list[Tensor], list[Tensor]]]:
-        """Matching lists, one ``_foreach`` call each: the parts of the buffer in use and the tensors kept
-        whole, then the sampled parts of the others (strided views, no copy) at the current plan. Apart,
-        so that the whole ones, all contiguous, can take a fused kernel on a GPU."""
-        whole: list[Tensor] = []
-        sampled: list[Tensor] = []
+        """Matching lists, one ``_foreach`` call each: per buffer, its parts in use for the tensors kept
+        whole and those tensors, then its parts for the sampled tensors and their sampled blocks (strided
+        views, no copy) at the current plan. Apart, so that the whole ones, all contiguous and of one
+        dtype, can take a fused kernel on a GPU."""
+        theirs: list[tuple[list[Tensor], list[Tensor]]] = [([], []) for _ in self._groups]
         block = self.block
         for tensors in (grads, params):
-            for t, spec in zip(tensors, self._specs):
+            for t, s, spec in zip(tensors, self._slots, self._specs):
+                whole, sampled = theirs[s.group]
                 if spec is None:
                     whole.append(t)
                     continue
@@ -400,7 +409,7 @@ class SampledSnapshot(_Snapshot):
                 sampled.append(t.as_strided((k, block), (jump, 1), base + first))
                 if tail:
                     sampled.append(t.as_strided((tail,), (1,), base + tail_at))
-        return [(self._mine[0], whole), (self._mine[1], sampled)]
+        return [pair for mine, yours in zip(self._mine, theirs) for pair in zip(mine, yours)]
 
     def _block_weights(self, norm_type: float) -> list[tuple[Tensor, Tensor]]:
         """Per group, what each block's norm is multiplied by (``(nb / k) ** (1/p)`` for a sampled block,
@@ -451,7 +460,9 @@ class SampledSnapshot(_Snapshot):
 
     def difference_norms(self, grads: list[Tensor], params: list[Tensor], norm_type: float) -> Tensor:
         self._subtract(grads, params)
-        sides: list[Tensor] = [torch.linalg.vector_norm(n, norm_type, dim=1) for n in self._block_norms(norm_type)]
+        # (a group of empty tensors only has no block: its norms are 0)
+        sides: list[Tensor] = [torch.linalg.vector_norm(n, norm_type, dim=1) if n.shape[1] else n.new_zeros(2)
+                               for n in self._block_norms(norm_type)]
         return sides[0] if len(sides) == 1 else _combine(sides, norm_type)
 
     def differences(
@@ -467,6 +478,9 @@ class SampledSnapshot(_Snapshot):
             for i in grp.members:
                 s = self._slots[i]
                 count = -(-s.numel // self.block) if s.stride == 1 else s.kmax + (1 if s.tail else 0)
+                if count == 0:  # an empty tensor (an empty shard): its norm is 0
+                    out[0][i] = out[1][i] = norms.new_zeros(1)
+                    continue
                 for side in (0, 1):
                     parts.append(norms[side, s.start : s.start + count])
                     where.append((side, i))
@@ -477,7 +491,7 @@ class SampledSnapshot(_Snapshot):
 
     def take(self, grads: list[Tensor], params: list[Tensor], norm: Tensor, step: int) -> None:
         layout = tuple(tuple(t.shape) for t in grads)
-        signature = tuple((t.dtype, t.device) for t in grads)
+        signature = tuple((g.dtype, p.dtype, g.device) for g, p in zip(grads, params))
         if layout != self.layout or signature != self._signature:
             self._allocate(list(layout), list(signature))
         self._set_plan(step)
@@ -490,18 +504,20 @@ class SampledSnapshot(_Snapshot):
     # -- checkpoints ----------------------------------------------------------------------------
 
     def _saved_form(self, side: int) -> list[Tensor]:
-        """Per tensor, its sample as checkpoints hold it (CPU copies): a whole tensor in its shape; a sampled
-        one as one 1-d tensor of ``kmax * block + tail`` elements, the ``k`` blocks kept then the tail."""
+        """Per tensor, its sample as checkpoints hold it (CPU copies, in the tensor's own dtype): a whole
+        tensor in its shape; a sampled one as one 1-d tensor of ``kmax * block + tail`` elements, the ``k``
+        blocks kept then the tail."""
         out = []
-        for i, (s, (_, k)) in enumerate(zip(self._slots, self._plan)):
+        for i, (s, (_, k), sig) in enumerate(zip(self._slots, self._plan, self._signature)):
+            dtype = sig[0] if side == 0 else sig[1]
             if s.stride == 1:
-                out.append(self._view(side, i, 0).detach().cpu().clone())
+                out.append(self._view(side, i, 0).detach().to("cpu", dtype, copy=True))
                 continue
-            t = self._view(side, i, k).detach().cpu().reshape(-1)
+            t = self._view(side, i, k).detach().to("cpu", dtype).reshape(-1)
             flat = torch.zeros(s.kmax * self.block + s.tail, dtype=t.dtype)
             flat[: t.numel()] = t
             if s.tail:
-                flat[t.numel() : t.numel() + s.tail] = self._view(side, i, -1).detach().cpu()
+                flat[t.numel() : t.numel() + s.tail] = self._view(side, i, -1).detach().to("cpu", dtype)
             out.append(flat)
         return out
 
@@ -511,16 +527,20 @@ class SampledSnapshot(_Snapshot):
         return {
             "grads": self._saved_form(0), "params": self._saved_form(1), "norm": self.norm.detach().cpu().clone(),
             "kind": self.kind, "seed": self.seed, "layout": [list(s) for s in self.layout],
+            "block": self.block, "stride": self.stride, "min_blocks": self.min_blocks,
         }
 
     def load(self, sd: dict[str, Any], device: torch.device, step: int) -> None:
-        """Restore :meth:`state_dict`; a full snapshot's (or one sampled with another seed) is dropped:
-        the first step after resuming then forms no pair."""
-        if not sd or sd.get("kind") != self.kind or int(sd.get("seed", -1)) != self.seed:
+        """Restore :meth:`state_dict`; a full snapshot's, or one sampled with another seed or other
+        sampling settings, is dropped: the first step after resuming then forms no pair."""
+        settings = (sd.get("block", SAMPLE_BLOCK), sd.get("stride", SAMPLE_STRIDE),
+                    sd.get("min_blocks", SAMPLE_MIN_BLOCKS)) if sd else None
+        if (not sd or sd.get("kind") != self.kind or int(sd.get("seed", -1)) != self.seed
+                or settings != (self.block, self.stride, self.min_blocks)):
             self.clear()
             return
         shapes = [tuple(int(d) for d in s) for s in sd["layout"]]
-        self._allocate(shapes, [(t.dtype, device) for t in sd["grads"]])
+        self._allocate(shapes, [(g.dtype, p.dtype, device) for g, p in zip(sd["grads"], sd["params"])])
         self._set_plan(step)
         for side, saved in ((0, sd["grads"]), (1, sd["params"])):
             for i, (t, s, (_, k)) in enumerate(zip(saved, self._slots, self._plan)):
@@ -539,7 +559,8 @@ class SampledSnapshot(_Snapshot):
             grp.buffer = grp.buffer.to(device)
         # the buffers' own device (``cuda:0``, not ``cuda``): what :meth:`take` compares the tensors' with
         self._signature = tuple(
-            (dtype, self._groups[s.group].buffer.device) for (dtype, _), s in zip(self._signature, self._slots)
+            (grad_dtype, param_dtype, self._groups[s.group].buffer.device)
+            for (grad_dtype, param_dtype, _), s in zip(self._signature, self._slots)
         )
         self._views, self._weights = {}, None
         if self._plan:
@@ -551,12 +572,13 @@ class SampledSnapshot(_Snapshot):
 
     @property
     def grads(self) -> list[Tensor]:
-        """Per gradient, the part of the buffer holding its sample (a whole tensor in its shape)."""
+        """Per gradient, the part of the buffer holding its sample: a whole tensor in its shape, a sampled one
+        as its ``kmax`` blocks (the last one out of use when it keeps fewer) then its tail."""
         return self._parts(0)
 
     @property
     def params(self) -> list[Tensor]:
-        """Per parameter, the part of the buffer holding its sample (a whole tensor in its shape)."""
+        """Per parameter, the part of the buffer holding its sample (laid out as :attr:`grads`)."""
         return self._parts(1)
 
     def _parts(self, side: int) -> list[Tensor]:

@@ -44,6 +44,8 @@ def reference_estimate(prev: list[torch.Tensor], cur: list[torch.Tensor], seed: 
     for i, (a, b) in enumerate(zip(prev, cur)):
         d = (a.double() - b.double()).reshape(-1)
         n = d.numel()
+        if n == 0:
+            continue
         nb, r = n // SAMPLE_BLOCK, stride_of(n)
         if r == 1:
             idx, w = torch.arange(n), torch.ones(n, dtype=torch.float64)
@@ -306,3 +308,75 @@ def test_a_stale_non_finite_block_out_of_use_is_ignored():
     blocks, _ = sampled_positions(bad.numel(), 0, short_step, 0)
     bad.view(-1)[blocks[3]] = math.inf
     assert not math.isfinite(float(snap.difference_norms([bad], [cur], 2.0)[0]))
+
+
+def test_low_precision_gradients_of_float32_parameters():
+    """FSDP1 can keep bfloat16 gradients of float32 parameters: each side is estimated in a dtype that
+    holds it exactly, and a checkpoint keeps each side in its own dtype."""
+    g = torch.Generator().manual_seed(8)
+    shapes = [(1024, 256), (300,)]
+    grads = [torch.randn(s, generator=g).to(torch.bfloat16) for s in shapes]
+    before = [torch.randn(s, generator=g) for s in shapes]
+    after = [t - 1e-4 * torch.randn(t.shape, generator=g) for t in before]  # a step far below bfloat16's resolution
+    snap = SampledSnapshot(seed=2)
+    snap.take(grads, before, torch.tensor(1.0), step=3)
+    new_grads = [(t.float() + 0.5).to(torch.bfloat16) for t in grads]
+    sd = snap.state_dict()
+    assert [t.dtype for t in sd["grads"]] == [torch.bfloat16] * 2
+    assert [t.dtype for t in sd["params"]] == [torch.float32] * 2
+    dg, dp = snap.difference_norms(new_grads, after, 2.0)
+    assert float(dp) == pytest.approx(reference_estimate(before, after, 2, 3, 2.0), rel=1e-5)
+    assert float(dg) == pytest.approx(reference_estimate(grads, new_grads, 2, 3, 2.0), rel=1e-5)
+    # restored from the checkpoint: the same layout (no re-allocation at the next step) and estimate
+    again = SampledSnapshot(seed=2)
+    again.load(sd, torch.device("cpu"), step=3)
+    assert again._signature == tuple((torch.bfloat16, torch.float32, torch.device("cpu")) for _ in shapes)
+    assert torch.equal(again.difference_norms(new_grads, after, 2.0), torch.stack([dg, dp]))
+
+
+def test_checkpoint_of_a_tensor_keeping_fewer_blocks_than_its_most():
+    """A tensor with a tail, at a step where it keeps one block fewer than at offset 0: the tail follows
+    the blocks kept (the layout every version reads)."""
+    n = 521 * SAMPLE_BLOCK + 20  # stride 8: 66 blocks at offset 0, 65 at offsets 1 to 7
+    step = next(t for t in range(64) if sample_offset(0, t, 0, 8) != 0)
+    x = torch.randn(n)
+    snap = SampledSnapshot()
+    snap.take([x], [x * 2], torch.tensor(1.0), step=step)
+    saved = snap.state_dict()["grads"][0]
+    blocks, tail = sampled_positions(n, 0, step, 0)
+    assert blocks.numel() == 65 * SAMPLE_BLOCK and saved.numel() == 66 * SAMPLE_BLOCK + 20
+    assert torch.equal(saved[: blocks.numel()], x[blocks])
+    assert torch.equal(saved[blocks.numel() : blocks.numel() + 20], x[tail])
+
+
+def test_a_checkpoint_sampled_with_other_settings_is_dropped():
+    x = torch.randn(300, 256)
+    snap = SampledSnapshot(seed=1)
+    snap.take([x], [x], torch.tensor(1.0), step=0)
+    sd = snap.state_dict()
+    assert (sd["block"], sd["stride"], sd["min_blocks"]) == (SAMPLE_BLOCK, SAMPLE_STRIDE, SAMPLE_MIN_BLOCKS)
+    other = SampledSnapshot(seed=1, stride=SAMPLE_STRIDE // 2)
+    other.load(sd, torch.device("cpu"), step=0)
+    assert not other.valid
+    # a checkpoint without the settings (as older versions wrote it) was sampled with the defaults
+    legacy = {k: v for k, v in sd.items() if k not in ("block", "stride", "min_blocks")}
+    same = SampledSnapshot(seed=1)
+    same.load(legacy, torch.device("cpu"), step=0)
+    assert same.valid and torch.equal(same.difference_norms([x], [x], 2.0), torch.zeros(2))
+
+
+@pytest.mark.parametrize("p", [2.0, math.inf])
+def test_empty_tensors(p):
+    """An empty tensor (an empty shard) adds nothing; alone in its dtype it still gives norms of 0."""
+    g = torch.Generator().manual_seed(9)
+    prev = [torch.zeros(0), torch.randn((300, 256), generator=g), torch.zeros(0, dtype=torch.float64)]
+    cur = [prev[0], prev[1] + torch.randn((300, 256), generator=g), prev[2]]
+    ref = reference_estimate(prev, cur, 0, 0, p)
+    snap = SampledSnapshot()
+    snap.take(prev, prev, torch.tensor(1.0), step=0)
+    dg, _ = snap.differences(cur, cur, p)
+    assert [float(t) for t in dg] == [0.0, pytest.approx(ref, rel=1e-5), 0.0]
+    again = SampledSnapshot()
+    again.take(prev, prev, torch.tensor(1.0), step=0)
+    tg, _ = again.difference_norms(cur, cur, p)
+    assert float(tg) == pytest.approx(ref, rel=1e-5)
