@@ -36,7 +36,7 @@ import dataclasses
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, fields
-from typing import Any, ClassVar, Optional, TypeVar
+from typing import Any, ClassVar, Optional, TypeVar, Union
 
 import torch
 from torch import Tensor
@@ -209,12 +209,13 @@ def momentum_init(device: torch.device | str = "cpu", dtype: torch.dtype = torch
 
 
 def log_mean(a: Tensor, b: Tensor) -> Tensor:
-    r"""Logarithmic mean :math:`(a - b)/(\ln a - \ln b)`, :math:`a` when :math:`a = b` (branch-free)."""
-    a, b = torch.maximum(a, b), torch.minimum(a, b)
+    r"""Logarithmic mean :math:`(a - b)/(\ln a - \ln b)`, :math:`a` when :math:`a = b` (branch-free).
+
+    Symmetric to the bit: swapping ``a`` and ``b`` negates both differences exactly.
+    """
     diff = torch.log(a) - torch.log(b)
-    close = diff < 1e-6
-    safe = torch.where(close, torch.ones_like(diff), diff)
-    return torch.where(close, (a + b) / 2, (a - b) / safe)
+    # (a - b) / diff is NaN where a == b: that branch is not taken there
+    return torch.where(diff.abs() < 1e-6, (a + b) / 2, (a - b) / diff)
 
 
 def _binding(norms: Tensor, smooth: Tensor) -> Tensor:
@@ -287,27 +288,22 @@ def envelope_record(state: EnvelopeState, norm: Tensor, smooth: Tensor) -> Envel
     dtype = state.smooth.dtype
     norm, smooth = norm.to(dtype), smooth.to(dtype)
     valid = torch.isfinite(norm) & torch.isfinite(smooth) & (norm > 0) & (smooth >= 0)
-    zero = torch.zeros((), dtype=dtype, device=norm.device)
-    log_n = torch.log(torch.where(valid, norm, torch.ones_like(norm)))
-    safe_norm = torch.where(valid, norm, torch.ones_like(norm))
-    window, med = _ring_median(state.window, state.pairs, smooth / safe_norm, valid, zero)
-    slot = (state.pairs % state.pending_norms.numel()).view(1)
-
-    def put(buffer: Tensor, value: Tensor) -> Tensor:  # at `slot` if the pair is valid
-        return buffer.scatter(0, slot, torch.where(valid, value, buffer.gather(0, slot)[0]).view(1))
-
+    safe_norm = torch.where(valid, norm, 1.0)
+    log_n = torch.log(safe_norm)
+    window, med = _ring_median(state.window, state.pairs, smooth / safe_norm, valid, 0.0)
+    at = _slot(state.pairs, state.pending_norms, valid)  # both pending buffers: the same slot
     return dataclasses.replace(
         state,
         lo=torch.where(valid, torch.minimum(state.lo, log_n), state.lo),
         hi=torch.where(valid, torch.maximum(state.hi, log_n), state.hi),
-        pairs=state.pairs + valid.long(),
+        pairs=state.pairs + valid,
         last=torch.where(valid, smooth, state.last),
         last_norm=torch.where(valid, norm, state.last_norm),
         low=torch.where(valid, torch.minimum(state.low, smooth), state.low),
         window=window,
         ratio=med,
-        pending_norms=put(state.pending_norms, norm),
-        pending_smooth=put(state.pending_smooth, smooth),
+        pending_norms=torch.where(at, norm, state.pending_norms),
+        pending_smooth=torch.where(at, smooth, state.pending_smooth),
     )
 
 
@@ -330,15 +326,21 @@ def envelope_update(state: EnvelopeState, norm: Tensor, smooth: Tensor) -> Envel
     return envelope_fold(envelope_record(state, norm, smooth))
 
 
-def _ring_median(window: Tensor, count: Tensor, value: Tensor, valid: Tensor, empty: Tensor) -> tuple[Tensor, Tensor]:
+def _slot(count: Tensor, ring: Tensor, valid: Tensor) -> Tensor:
+    """A mask over ``ring``: true at slot ``count % len(ring)`` if ``valid``, nowhere otherwise (a write
+    through ``torch.where``: no gather of the old value, no host read)."""
+    return (torch.arange(ring.numel(), device=ring.device) == count % ring.numel()) & valid
+
+
+def _ring_median(
+    window: Tensor, count: Tensor, value: Tensor, valid: Tensor, empty: Union[Tensor, float]
+) -> tuple[Tensor, Tensor]:
     """Write ``value`` at slot ``count % len(window)`` if ``valid`` (else leave the window as it is);
     return the new window and the lower median of its filled (non-NaN) slots, ``empty`` if none."""
-    slot = (count % window.numel()).view(1)
-    new = torch.where(valid, value, window.gather(0, slot)[0])
-    window = window.scatter(0, slot, new.view(1))
+    window = torch.where(_slot(count, window, valid), value, window)
     # NaN sorts last. Not `torch.nanmedian`: on CUDA it reads the NaN count on the host to pick its
     # index, a sync per step; here the index stays on the device.
-    filled = (~window.isnan()).sum()
+    filled = torch.count_nonzero(window == window)  # NaN != NaN
     lower = window.sort().values.gather(0, ((filled - 1) // 2).clamp_min(0).view(1))[0]
     return window, torch.where(filled > 0, lower, empty)
 
@@ -351,8 +353,8 @@ def amplification_update(state: MomentumState, taken: Tensor) -> MomentumState:
     dtype = state.amp.dtype
     ratio = taken.to(dtype) / state.intended
     valid = torch.isfinite(ratio) & (ratio > 0)
-    window, med = _ring_median(state.amp_window, state.amp_count, ratio, valid, torch.ones_like(state.amp))
-    return dataclasses.replace(state, amp_window=window, amp_count=state.amp_count + valid.long(), amp=med)
+    window, med = _ring_median(state.amp_window, state.amp_count, ratio, valid, 1.0)
+    return dataclasses.replace(state, amp_window=window, amp_count=state.amp_count + valid, amp=med)
 
 
 def envelope_fit(norms: Tensor, smooth: Tensor, pivot: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
@@ -397,8 +399,7 @@ def secant_pair(dg: Tensor, dtheta: Tensor, norm_prev: Tensor, norm_cur: Tensor)
 
     A zero step gives a non-finite smoothness, which :func:`envelope_update` ignores.
     """
-    smooth = dg / dtheta
-    smooth = torch.where(dtheta > 0, smooth, torch.full_like(smooth, math.nan))
+    smooth = torch.where(dtheta > 0, dg / dtheta, math.nan)
     return log_mean(norm_prev, norm_cur), smooth
 
 
