@@ -86,9 +86,10 @@ class L0L1ClippingBase:
             with :math:`\underline L` the smallest smoothness measured so far and :math:`\tilde r` the
             median of smoothness / gradient norm over the last 20 pairs
             (:func:`lightning_l0l1.rules.auto_scale`). It sets a plain-SGD step, corrected under SGD with
-            momentum by the measured ratio of the step taken to the step set; Adam-type optimizers (warned)
-            divide its scaling away. It keeps a sample of the previous step's gradients and parameters
-            (``snapshot``: under 2% of the gradient bytes).
+            momentum by the measured ratio of the step taken to the step set; under Adam-type optimizers it
+            clips the gradient that enters their moments and bounds the step length through the learning
+            rate (:func:`lightning_l0l1.rules.auto_adaptive_scale`). It keeps a sample of the previous
+            step's gradients and parameters (``snapshot``: under 2% of the gradient bytes).
             ``"clip"``, ``"adaptive"``: the threshold ``max_norm``; ``"l0l1"``: the constants ``l0``, ``l1``.
         max_norm: the threshold :math:`\gamma` of ``clip`` and ``adaptive`` (> 0, required there);
             ``auto`` refuses one (it sets its own), ``l0l1`` ignores it.

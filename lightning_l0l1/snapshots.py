@@ -33,7 +33,7 @@ from typing import Any, ClassVar, Optional, Union
 import torch
 from torch import Tensor
 
-from lightning_l0l1.norms import _norm_dtype
+from lightning_l0l1.norms import _acc_dtype, _norm_dtype, _reduce
 from lightning_l0l1.norms import _per_tensor_norms as per_tensor_norms
 
 __all__ = [
@@ -67,11 +67,8 @@ def sample_offset(seed: int, step: int, index: int, stride: int) -> int:
 def _total(tensors: list[Tensor], norm_type: float) -> Tensor:
     """The p-norm of ``tensors`` together, in float32 (float64 if any is), on the first tensor's device
     (a model spread over several devices in one process)."""
-    acc = torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
-    device = tensors[0].device
-    norms = [n.to(device=device, dtype=acc) for n in per_tensor_norms(tensors, norm_type, acc, None)]
-    total: Tensor = torch.linalg.vector_norm(torch.stack(norms), norm_type)
-    return total
+    acc = _acc_dtype(tensors)
+    return _reduce(per_tensor_norms(tensors, norm_type, acc, None), norm_type, tensors[0].device, acc)
 
 
 class _Snapshot:
@@ -594,8 +591,7 @@ class SampledSnapshot(_Snapshot):
 
 def _combine(sides: list[Tensor], norm_type: float) -> Tensor:
     """The p-norm, per side, of several groups' ``(2,)`` norms, on the first group's device."""
-    device = sides[0].device
-    acc = torch.float64 if any(s.dtype == torch.float64 for s in sides) else torch.float32
+    device, acc = sides[0].device, _acc_dtype(sides)
     stacked = torch.stack([s.to(device=device, dtype=acc) for s in sides], dim=1)
     total: Tensor = torch.linalg.vector_norm(stacked, norm_type, dim=1)
     return total
