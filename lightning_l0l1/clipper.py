@@ -18,7 +18,6 @@ Fabric loop calls :meth:`GradientClipper.step` itself. Imports only :mod:`torch`
 from __future__ import annotations
 
 import math
-import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal, Optional, Union, get_args
@@ -27,7 +26,7 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from lightning_l0l1 import stats, validation
+from lightning_l0l1 import handoff, stats, validation
 from lightning_l0l1.estimator import SecantEstimator
 from lightning_l0l1.gradients import Gradients
 from lightning_l0l1.modes import RULES, Mode, Rule, StepContext, make_rule
@@ -266,30 +265,29 @@ class GradientClipper:
                 so that a gradient made non-finite on one rank only makes every rank treat the step as
                 non-finite. Sharded gradients need none: their norm's all-reduce carries a NaN to every rank.
         """
+        optimizer = handoff.unwrap(optimizer)
         grads = Gradients.collect(optimizer, process_group, is_shard)
         if grads is None:
             return None
+        lrs = handoff.begin(optimizer, self, grads.all(), self.foreach)
         norms = grads.norms(self.norm_type, self.foreach)
-        ctx = StepContext(optimizer, grads, norms, total_norm(norms, self.norm_type), self.norm_type,
-                          [g["lr"] for g in optimizer.param_groups])
+        ctx = StepContext(optimizer, grads, norms, total_norm(norms, self.norm_type), self.norm_type, lrs)
         finite = torch.isfinite(ctx.norm)
         # every rank must take the same branch: `sharded` (FSDP1) is the same on all of them, while a rank
         # holding no shard of this optimizer's gradients would look "whole" on its own
         if agree is not None and not grads.sharded and grads.whole:
             finite = agree(finite)
             ctx.norm = torch.where(finite, ctx.norm, math.nan)  # every rank then sees the step as non-finite
-        _clear_handoff(optimizer)
-        _restore_lrs(optimizer)
-        handoff = self._hands_off(ctx, allow_handoff, nonfinite_handled)
-        read_host = self.nonfinite != "propagate" and not nonfinite_handled and not handoff
+        hands_off = self._hands_off(ctx, allow_handoff, nonfinite_handled)
+        read_host = self.nonfinite != "propagate" and not nonfinite_handled and not hands_off
         flag = _HostFlag(finite) if read_host else None
 
         state = self._prepare(key, ctx)
         self._measure(state, ctx)
         scales, threshold = self.rule.scales(state.rule, ctx)
-        per_group, scaled_norm = self._apply(ctx, scales, handoff, finite)
+        per_group, scaled_norm = self._apply(ctx, scales, hands_off, finite)
         if ctx.lr_factors is not None:
-            _scale_lrs_for_step(optimizer, ctx.lr_factors)
+            handoff.scale_lrs(optimizer, self, ctx.lr_factors)
         record = self._record(state, ctx, per_group, scaled_norm, threshold, finite)
 
         outcome = StepOutcome(norm=ctx.norm, finite=None, record=record)
@@ -331,15 +329,15 @@ class GradientClipper:
             ctx.envelope = state.estimator.envelope
 
     def _apply(
-        self, ctx: StepContext, scales: list[Tensor], handoff: bool, finite: Tensor
+        self, ctx: StepContext, scales: list[Tensor], hands_off: bool, finite: Tensor
     ) -> tuple[list[Tensor], Tensor]:
         """Scale the gradients (or hand the scale off); each group's scale and the scaled global norm."""
         n_groups = ctx.grads.n_groups
-        if handoff:
+        if hands_off:
             # The fused kernel divides the gradients by `grad_scale` as it reads them and skips the
             # whole step (parameters, moments, step count) where `found_inf` is nonzero: the same
             # update as scaling first, without the scaling pass or a host read.
-            _handoff(ctx.optimizer, scales[0], finite if self.nonfinite == "skip" else None)
+            handoff.hand_off(ctx.optimizer, self, scales[0], finite if self.nonfinite == "skip" else None)
             return scales * n_groups, ctx.norm * scales[0]
         if len(scales) == 1:
             scale_grads_(ctx.grads.all(), scales[0], self.foreach)
@@ -499,89 +497,3 @@ def _full_like(like: Tensor, value: float) -> Tensor:
     if math.isfinite(value) and abs(value) > torch.finfo(like.dtype).max:
         value = math.copysign(math.inf, value)
     return like.new_full((), value)
-
-
-def _tensor_lr_ok(optimizer: Optimizer, group: dict[str, Any]) -> bool:
-    """Whether this param group's ``step()`` takes a tensor learning rate without reading it on the host.
-
-    torch's optimizers do with ``fused=True`` or ``capturable=True``, and in their single-tensor path (the
-    default off CUDA); their ``foreach`` path refuses one. Other optimizers get a Python float.
-    """
-    if type(optimizer).__module__.split(".")[:2] != ["torch", "optim"]:
-        return False
-    if group.get("fused") or group.get("capturable"):
-        return True
-    foreach = group.get("foreach")
-    on_cuda = any(p.is_cuda for p in group["params"])
-    return not (foreach or (foreach is None and on_cuda))
-
-
-def _scale_lrs_for_step(optimizer: Optimizer, factors: Sequence[Tensor]) -> None:
-    """Multiply each group's learning rate by its factor for the coming ``optimizer.step()`` only.
-
-    The factors are applied by a step pre-hook and the learning rates put back by a post-hook, so a
-    step that does not run (a GradScaler skipping an overflow) changes nothing, and a scheduler between
-    steps always sees its own values.
-    """
-    optimizer._l0l1_lr_factors = list(factors)  # type: ignore[attr-defined]
-    if not getattr(optimizer, "_l0l1_lr_hooks", None):
-        optimizer._l0l1_lr_hooks = (  # type: ignore[attr-defined]
-            optimizer.register_step_pre_hook(lambda opt, args, kwargs: _apply_lr_factors(opt)),
-            optimizer.register_step_post_hook(lambda opt, args, kwargs: _restore_lrs(opt)),
-        )
-
-
-def _apply_lr_factors(optimizer: Optimizer) -> None:
-    factors = optimizer.__dict__.pop("_l0l1_lr_factors", None)
-    if factors is None:
-        return
-    saved = []
-    for group, f in zip(optimizer.param_groups, factors):
-        lr = group["lr"]
-        saved.append(lr)
-        device = next((p.device for p in group["params"]), f.device)
-        dtype = lr.dtype if isinstance(lr, Tensor) else torch.float32 if device.type == "mps" else torch.float64
-        scaled = f.detach().to(device, dtype) * lr
-        if isinstance(lr, Tensor) or _tensor_lr_ok(optimizer, group):
-            group["lr"] = scaled
-        else:
-            group["lr"] = float(scaled)  # a host read: this optimizer takes a Python float only
-            if scaled.device.type != "cpu" and not getattr(optimizer, "_l0l1_lr_warned", False):
-                optimizer._l0l1_lr_warned = True  # type: ignore[attr-defined]
-                warnings.warn(
-                    f"`mode='auto'` scales the learning rate of `{type(optimizer).__name__}` for each step; this "
-                    "optimizer takes it only as a Python float here (torch's `foreach` path on CUDA refuses a "
-                    "tensor), so it is read on the host every step. Create the optimizer with `fused=True` (or "
-                    "`capturable=True`) to keep the step free of host syncs.",
-                    UserWarning, stacklevel=4,
-                )
-    optimizer._l0l1_lrs = saved  # type: ignore[attr-defined]
-
-
-def _restore_lrs(optimizer: Optimizer) -> None:
-    """Put back the learning rates the pre-hook replaced; drop factors staged for a step that never ran."""
-    optimizer.__dict__.pop("_l0l1_lr_factors", None)
-    saved = optimizer.__dict__.pop("_l0l1_lrs", None)
-    if saved is not None:
-        for group, lr in zip(optimizer.param_groups, saved):
-            group["lr"] = lr
-
-
-_HANDOFF_ATTRS = ("grad_scale", "found_inf")
-
-
-def _handoff(optimizer: Optimizer, scale: Tensor, finite: Optional[Tensor]) -> None:
-    optimizer.grad_scale = torch.reciprocal(scale.float())  # type: ignore[attr-defined]
-    optimizer.found_inf = None if finite is None else (~finite).float()  # type: ignore[attr-defined]
-    if not getattr(optimizer, "_l0l1_handoff_hook", None):
-        # Remove the attributes once the step has read them, as GradScaler does.
-        optimizer._l0l1_handoff_hook = optimizer.register_step_post_hook(  # type: ignore[attr-defined]
-            lambda opt, args, kwargs: _clear_handoff(opt)
-        )
-
-
-def _clear_handoff(optimizer: Optimizer) -> None:
-    """Drop a hand-off left by a step that never ran (so it cannot leak into the next one)."""
-    for name in _HANDOFF_ATTRS:
-        if name in optimizer.__dict__ and getattr(optimizer, "_l0l1_handoff_hook", None):
-            delattr(optimizer, name)
