@@ -8,10 +8,13 @@ of them at this budget) to one where the first steps spike (1e-1: within the fir
 climbs from 4.6 to ~9 unclipped, to ~7.5 under a hard threshold).
 
 Each learning rate gets: unclipped; ``torch.nn.utils.clip_grad_norm_`` at every threshold of a grid
-(those rows do not depend on this package); ``auto`` (:class:`lightning_l0l1.GradientClipper`, nothing
-tuned); and the peers at their own packages' defaults where installed: ``zclip`` (``ZClip()``,
-``zclip.step(model)``) and ``smartclip``'s ``AutoClip()`` and ``AGC()`` (``smartclip.apply(model,
-clipper)``), each called between ``loss.backward()`` and ``opt.step()``.
+(those rows do not depend on this package); ``auto`` (nothing tuned), by default through a
+``lightning.pytorch`` ``Trainer`` with the :class:`L0L1Clipping` callback, the path users run (``--via loop``:
+a plain loop around :class:`lightning_l0l1.GradientClipper`; ``--check-via`` runs the first seed of every
+learning rate both ways and reports whether the losses are identical); and the peers at their own
+packages' defaults where installed: ``zclip`` (``ZClip()``, ``zclip.step(model)``) and ``smartclip``'s
+``AutoClip()`` and ``AGC()`` (``smartclip.apply(model, clipper)``), each called between
+``loss.backward()`` and ``opt.step()``.
 
 Every run's result (final loss, the first 10 losses, seconds) goes to a JSON cache next to the report;
 ``--reuse`` loads it and runs only what is missing, and ``auto`` again (the only configuration that
@@ -20,6 +23,7 @@ depends on this package), so after a change to auto's rule only auto is re-run.
     python benchmarks/bench_gpt.py --optimizer adamw     # results/bench_gpt_adamw.md and .json
     python benchmarks/bench_gpt.py --optimizer adam      # results/bench_gpt_adam.md and .json
     python benchmarks/bench_gpt.py --optimizer adamw --reuse   # re-run auto only, reuse the rest
+    python benchmarks/bench_gpt.py --optimizer adamw --reuse --check-via   # and auto via both paths
     python benchmarks/bench_gpt.py --quick               # smoke test (writes nothing)
 
 One torch thread by default (``--threads``): on a shared 2-core machine a 2-thread run slowed 3-20x
@@ -36,6 +40,7 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Callable, Optional
 
@@ -44,10 +49,9 @@ from torch import nn
 from torch.nn import functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _via
 from _common import emit, machine, table
 from bench_lstm import corpus
-
-from lightning_l0l1 import GradientClipper
 
 GRID = (0.05, 0.1, 0.2, 0.5, 1.0, 2.0)
 #: peer configuration -> the module it needs
@@ -140,17 +144,14 @@ def peer_module(config: str) -> Optional[Any]:
         return None
 
 
-def make_clip(config: str, model: nn.Module, snapshot: Optional[str] = None
-              ) -> Optional[Callable[[torch.optim.Optimizer], Any]]:
-    """What runs between ``loss.backward()`` and ``opt.step()``, as each package documents it."""
+def make_clip(config: str, model: nn.Module) -> Optional[Callable[[torch.optim.Optimizer], Any]]:
+    """What a configuration other than ``auto`` runs between ``loss.backward()`` and ``opt.step()``, as each
+    package documents it."""
     if config == "unclipped":
         return None
     if config.startswith("clip="):
         max_norm = float(config.split("=")[1])
         return lambda opt: torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
-    if config == "auto":
-        clipper = GradientClipper(mode="auto", snapshot=snapshot)
-        return clipper.step
     module = peer_module(config)
     if module is None:
         raise ImportError(f"{PEERS[config]} is not installed")
@@ -161,33 +162,36 @@ def make_clip(config: str, model: nn.Module, snapshot: Optional[str] = None
     return lambda opt: module.apply(model, peer)
 
 
+def batches(ids: torch.Tensor, seed: int, args) -> Iterator[torch.Tensor]:
+    """``args.steps`` random windows of ``args.ctx + 1`` tokens per step, drawn from the seed's own generator."""
+    g = torch.Generator().manual_seed(seed)
+    n = len(ids) - args.ctx - 1
+    for _ in range(args.steps):
+        starts = torch.randint(n, (args.batch,), generator=g)
+        yield ids[starts[:, None] + torch.arange(args.ctx + 1)]
+
+
+def gpt_loss(model: nn.Module, chunk: torch.Tensor) -> torch.Tensor:
+    logits = model(chunk[:, :-1])
+    return F.cross_entropy(logits.flatten(0, 1), chunk[:, 1:].flatten())
+
+
 def train(config: str, seed: int, lr: float, ids: torch.Tensor, vocab: int, args) -> dict[str, Any]:
-    """Final training loss (mean over the last 10% of steps; inf if it diverged), the first 10 losses, seconds."""
+    """Final training loss (mean over the last 10% of steps; inf if it diverged), the first 10 losses, seconds.
+
+    ``auto`` runs through ``args.via`` (a ``Trainer`` with the callback, or the plain loop); every other
+    configuration in the plain loop.
+    """
     t0 = time.perf_counter()
     torch.manual_seed(seed)
     model = GPT(vocab, args.d_model, args.layers, args.heads, args.ctx)
     opt = make_optimizer(model, args.optimizer, lr)
-    clip = make_clip(config, model, getattr(args, "snapshot", None))
-    g = torch.Generator().manual_seed(seed)
-    losses: list[float] = []
-    final = math.inf
-    n = len(ids) - args.ctx - 1
-    for _ in range(args.steps):
-        starts = torch.randint(n, (args.batch,), generator=g)
-        chunk = ids[starts[:, None] + torch.arange(args.ctx + 1)]
-        logits = model(chunk[:, :-1])
-        loss = F.cross_entropy(logits.flatten(0, 1), chunk[:, 1:].flatten())
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        if clip is not None:
-            clip(opt)
-        opt.step()
-        value = float(loss.detach())
-        losses.append(value)
-        if not math.isfinite(value) or value > 50:
-            break
-    else:
-        final = statistics.mean(losses[-max(1, args.steps // 10) :])
+    clipper = {"mode": "auto", "snapshot": getattr(args, "snapshot", None)} if config == "auto" else None
+    before = None if config == "auto" else make_clip(config, model)
+    losses = _via.run(model, opt, batches(ids, seed, args), gpt_loss, clipper, getattr(args, "via", "loop"),
+                      args.steps, stop_above=50, before_step=before)
+    diverged = len(losses) < args.steps or any(not math.isfinite(v) or v > 50 for v in losses)
+    final = math.inf if diverged else statistics.mean(losses[-max(1, args.steps // 10) :])
     return {"final": final, "first10": losses[:10], "seconds": time.perf_counter() - t0}
 
 
@@ -263,6 +267,12 @@ def main(argv=None) -> str:
     ap.add_argument("--snapshot", choices=["sampled", "full"], default="sampled",
                     help="auto's snapshot (full: the exact differences, for comparison); a full-snapshot run writes "
                          "results/bench_gpt_<optimizer>_full_snapshot.md/.json by default")
+    ap.add_argument("--via", choices=_via.VIA, default="lightning",
+                    help="how auto runs: a Trainer with the L0L1Clipping callback (default), or a plain loop around "
+                         "GradientClipper")
+    ap.add_argument("--check-via", action="store_true",
+                    help="also run auto's first seed at every lr through the other path and report whether the "
+                         "losses are identical")
     ap.add_argument("--reuse", action="store_true",
                     help="load the JSON cache; run only the missing runs and auto (the rest do not depend on this "
                          "package)")
@@ -321,16 +331,34 @@ def run_all(args, lrs: list[float], configs: list[str], settings: dict[str, Any]
                     continue
                 r = runs[(lr, seed, c)] = train(c, seed, lr, ids, vocab, args)
                 if c == "auto":
-                    r["package"] = package
+                    r["package"] = f"{package}, via {args.via}"
                 computed += 1
                 print(f"lr {lr:g} seed {seed} {c:>10}: {r['final']:.4f} ({r['seconds']:.1f} s)", flush=True)
                 if write_cache:
                     save_cache(cache_path, settings, runs)
+    checks = check_via(lrs, runs, ids, vocab, args) if args.check_via and "auto" in configs else ""
     elapsed = time.time() - t0
     # a peer not installed here whose runs are all cached is reported from the cache
     missing = {c for c in missing if not all((lr, s, c) in runs for lr in lrs for s in range(args.seeds))}
     n_params = sum(p.numel() for p in GPT(vocab, args.d_model, args.layers, args.heads, args.ctx).parameters())
-    return emit(report(lrs, configs, missing, runs, args, n_params, elapsed, computed, package), out, args.quick)
+    text = report(lrs, configs, missing, runs, args, n_params, elapsed, computed, f"{package}, via {args.via}")
+    return emit(text + checks, out, args.quick)
+
+
+def check_via(lrs: list[float], runs: dict, ids: torch.Tensor, vocab: int, args) -> str:
+    """auto's first seed at every lr through the other path: whether its losses are those of the table's run."""
+    other = next(v for v in _via.VIA if v != args.via)
+    rows = []
+    for lr in lrs:
+        again = train("auto", 0, lr, ids, vocab, argparse.Namespace(**{**vars(args), "via": other}))
+        first, mine = again["first10"], runs[(lr, 0, "auto")]["first10"]
+        same = first == mine and (again["final"] == runs[(lr, 0, "auto")]["final"])
+        rows.append([f"{lr:g}", _fmt(runs[(lr, 0, "auto")]["final"]), _fmt(again["final"]),
+                     "identical" if same else "DIFFERENT"])
+        print(f"lr {lr:g} seed 0 auto via {other}: {again['final']:.4f} ({'identical' if same else 'DIFFERENT'})",
+              flush=True)
+    return (f"\nauto, seed 0, via {args.via} (the table) and via {other}: final loss and whether every loss "
+            "of the run is the same:\n\n" + table(["lr", f"via {args.via}", f"via {other}", "losses"], rows) + "\n")
 
 
 def _is_positive(text: str) -> bool:

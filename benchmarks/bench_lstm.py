@@ -4,8 +4,10 @@ Plain SGD at a large learning rate (the regime of the paper's Figure 2, where un
 diverges), the same step budget for every run: unclipped, hard clipping at every threshold of a
 grid, and ``auto`` with nothing tuned: with the default minibatch secant, and with the paper's
 probe (``probe=True``: the gradient of the step's own batch at the step's midpoint, one extra
-forward and backward pass per step). The loop is plain PyTorch around
-:class:`lightning_l0l1.GradientClipper` (the object the callback runs), to keep it fast.
+forward and backward pass per step). The runs that use this package go by default through a
+``lightning.pytorch`` ``Trainer`` with the :class:`L0L1Clipping` callback, the path users run (``--via loop``:
+a plain loop around :class:`lightning_l0l1.GradientClipper`, which gives the same losses bit for bit;
+``auto+probe`` always runs in the plain loop, which calls :meth:`GradientClipper.probe` itself).
 
     python benchmarks/bench_lstm.py              # full: 3 seeds, the whole grid
     python benchmarks/bench_lstm.py --quick      # smoke test
@@ -22,12 +24,15 @@ import math
 import statistics
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any, Optional
 
 import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _via
 from _common import emit, machine, table
 
 from lightning_l0l1 import GradientClipper
@@ -68,45 +73,59 @@ def make_optimizer(model: nn.Module, args) -> torch.optim.Optimizer:
     return torch.optim.SGD(model.parameters(), lr=args.lr, momentum=0.9 if optimizer == "sgd-momentum" else 0.0)
 
 
+def batches(ids: torch.Tensor, seed: int, args) -> Iterator[torch.Tensor]:
+    """``args.steps`` random windows of ``args.seq + 1`` characters per step, from the seed's own generator."""
+    g = torch.Generator().manual_seed(seed)
+    n = len(ids) - args.seq - 1
+    for _ in range(args.steps):
+        starts = torch.randint(n, (args.batch,), generator=g)
+        yield ids[starts[:, None] + torch.arange(args.seq + 1)]
+
+
+def lstm_loss(model: nn.Module, chunk: torch.Tensor) -> torch.Tensor:
+    logits = model(chunk[:, :-1])
+    return nn.functional.cross_entropy(logits.flatten(0, 1), chunk[:, 1:].flatten())
+
+
 def train(config: str, seed: int, ids: torch.Tensor, vocab: int, args) -> tuple[float, list[float]]:
     """Final training loss (mean over the last 10% of steps; inf if it diverged) and the curve."""
     torch.manual_seed(seed)
     model = CharLSTM(vocab, args.hidden)
     opt = make_optimizer(model, args)
-    if config == "unclipped":
-        clipper = None
-    elif config == "auto":
-        clipper = GradientClipper(mode="auto", snapshot=getattr(args, "snapshot", None))
-    elif config == "auto+probe":
-        clipper = GradientClipper(mode="auto", probe=True)
-    else:
-        clipper = GradientClipper(mode="clip", max_norm=float(config.split("=")[1]))
-    g = torch.Generator().manual_seed(seed)
+    if config == "auto+probe":
+        return _train_probe(model, opt, seed, ids, args)
+    clipper: Optional[dict[str, Any]] = None
+    if config == "auto":
+        clipper = {"mode": "auto", "snapshot": getattr(args, "snapshot", None)}
+    elif config != "unclipped":
+        clipper = {"mode": "clip", "max_norm": float(config.split("=")[1])}
+    losses = _via.run(model, opt, batches(ids, seed, args), lstm_loss, clipper, getattr(args, "via", "loop"),
+                      args.steps, stop_above=50)
+    return _final(losses, args), losses
+
+
+def _final(losses: list[float], args) -> float:
+    if len(losses) < args.steps or any(not math.isfinite(v) or v > 50 for v in losses):
+        return math.inf
+    return statistics.mean(losses[-max(1, args.steps // 10) :])
+
+
+def _train_probe(model: nn.Module, opt: torch.optim.Optimizer, seed: int, ids: torch.Tensor, args
+                 ) -> tuple[float, list[float]]:
+    """``auto`` with ``probe=True``: a plain loop that calls :meth:`GradientClipper.probe` after each step."""
+    clipper = GradientClipper(mode="auto", probe=True)
     losses: list[float] = []
-    n = len(ids) - args.seq - 1
-    for _ in range(args.steps):
-        starts = torch.randint(n, (args.batch,), generator=g)
-        idx = starts[:, None] + torch.arange(args.seq + 1)
-        chunk = ids[idx]
-
-        def loss_of(chunk: torch.Tensor = chunk) -> torch.Tensor:
-            logits = model(chunk[:, :-1])
-            return nn.functional.cross_entropy(logits.flatten(0, 1), chunk[:, 1:].flatten())
-
-        loss = loss_of()
+    for chunk in batches(ids, seed, args):
+        loss = lstm_loss(model, chunk)
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        if clipper is not None:
-            clipper.step(opt)
+        clipper.step(opt)
         opt.step()
-        if clipper is not None and clipper.probe_enabled:
-            clipper.probe(0, lambda ps: torch.autograd.grad(loss_of(), ps, allow_unused=True))
-        value = float(loss.detach())
-        losses.append(value)
-        if not math.isfinite(value) or value > 50:
-            return math.inf, losses
-    tail = losses[-max(1, args.steps // 10) :]
-    return statistics.mean(tail), losses
+        clipper.probe(0, lambda ps, chunk=chunk: torch.autograd.grad(lstm_loss(model, chunk), ps, allow_unused=True))
+        losses.append(float(loss.detach()))
+        if not math.isfinite(losses[-1]) or losses[-1] > 50:
+            break
+    return _final(losses, args), losses
 
 
 def main(argv=None) -> str:
@@ -126,6 +145,9 @@ def main(argv=None) -> str:
                     help="comma-separated subset, e.g. clip=0.1,auto (default: unclipped, the grid, auto, auto+probe)")
     ap.add_argument("--snapshot", choices=["sampled", "full"], default=None,
                     help="auto's snapshot (default: sampled; full: the exact differences, for comparison)")
+    ap.add_argument("--via", choices=_via.VIA, default="lightning",
+                    help="how the runs that use this package run: a Trainer with the L0L1Clipping callback "
+                         "(default), or a plain loop around GradientClipper")
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "bench_lstm.md")
     args = ap.parse_args(argv)
     grid = GRID
@@ -167,7 +189,7 @@ def main(argv=None) -> str:
                      f"{ratio:.3f}"])
     report = (
         f"Machine: {machine()}\n\nChar LSTM (2 layers, hidden {args.hidden}) on pydoc_data.topics, "
-        f"{OPTIMIZERS[args.optimizer]} lr {args.lr}, "
+        f"{OPTIMIZERS[args.optimizer]} lr {args.lr}, this package's runs via {args.via}, "
         f"{args.steps} steps of {args.batch} x {args.seq} tokens; training loss = mean of the last 10% of steps; "
         f"{time.time() - t0:.0f} s\n\n"
         + table(["configuration", *[f"seed {s}" for s in range(args.seeds)], "mean", "sd", "/ best clip"], rows)
@@ -201,7 +223,7 @@ def lr_sweep(lrs: list[float], grid, ids: torch.Tensor, vocab: int, args) -> str
         print(f"lr {lr:g}: best {best} {means[best]:.4f}, auto {means['auto']:.4f} ({ratio:.3f}x)", flush=True)
     report = (
         f"Machine: {machine()}\n\nChar LSTM (2 layers, hidden {args.hidden}) on pydoc_data.topics, "
-        f"{OPTIMIZERS[args.optimizer]}, "
+        f"{OPTIMIZERS[args.optimizer]}, this package's runs via {args.via}, "
         f"{args.steps} steps of {args.batch} x {args.seq} tokens, {args.seeds} seeds per cell; training loss = mean of "
         f"the last 10% of steps, averaged over the seeds; thresholds {', '.join(f'{t:g}' for t in grid)}; "
         f"{time.time() - t0:.0f} s\n\n"
