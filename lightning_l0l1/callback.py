@@ -121,7 +121,7 @@ class L0L1ClippingBase:
         snapshot_device: ``"cpu"`` keeps a full snapshot in host memory.
         initial_step: ``auto``: the first update moves the parameters by at most
             ``initial_step * max(||theta||, 1)``; the bound doubles every step. ``None`` (default):
-            ``1e-2``, or ``1e-1`` for an optimizer that normalizes the gradient (Adam, AdamW, ...).
+            ``1e-2``, or ``0.2`` for an optimizer that normalizes the gradient (Adam, AdamW, ...).
         fused_handoff: with a fused optimizer (``Adam(fused=True)`` ...), no GradScaler and one scale
             for the optimizer, hand the scale and the skip verdict to the optimizer's kernel instead
             of scaling the gradients: no scaling pass, no host read (see the README).

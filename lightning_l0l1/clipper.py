@@ -134,7 +134,7 @@ class GradientClipper:
             memory: no device memory, at the price of host-device copies.
         initial_step: ``auto``: the first update moves the parameters by at most
             ``initial_step * max(||theta||, 1)``; that bound doubles every step after. ``None``
-            (default): ``1e-2``, or ``1e-1`` for an optimizer that normalizes the gradient (Adam,
+            (default): ``1e-2``, or ``0.2`` for an optimizer that normalizes the gradient (Adam,
             AdamW, RMSprop, ...).
         fused_handoff: for torch's fused optimizers (``Adam``/``AdamW``/``SGD(fused=True)``) and one
             scale for the whole optimizer, hand the scale (as ``grad_scale = 1/s``) and, with

@@ -303,9 +303,10 @@ TRUST_GROWTH = 2.0
 #: ``auto``'s default ``initial_step``: the first step's bound relative to ``max(||theta||, 1)``.
 INITIAL_STEP = 1e-2
 #: The same for an optimizer that normalizes the gradient (Adam-type), whose first steps move every
-#: coordinate by about its learning rate: a bound as tight as plain SGD's cut its first steps many
-#: times over, and the trajectory did not recover from that (measured on a character LSTM).
-INITIAL_STEP_ADAPTIVE = 1e-1
+#: coordinate by about its learning rate. Shortening those steps keeps the next gradients aligned with
+#: the first, so the optimizer's following steps stay at full length: a tight bound delays, and
+#: sharpens, the early loss rise instead of preventing it (docs/how-it-works.md has the measurements).
+INITIAL_STEP_ADAPTIVE = 2e-1
 
 
 def _momentum_sgd(optimizer: Optimizer) -> bool:
@@ -324,6 +325,15 @@ def _max_amplification(optimizer: Optimizer) -> float:
     return bound
 
 
+def _max_momentum(optimizer: Optimizer) -> float:
+    """The largest momentum coefficient over the param groups (0 without momentum)."""
+    return max((float(g.get("momentum", 0.0)) for g in optimizer.param_groups), default=0.0)
+
+
+#: SGD with momentum ``m`` under ``auto``: the factor may rise by at most ``RISE * (1 - m)`` of itself per step
+#: (it may fall at once). See :meth:`AutoRule.scales`.
+RISE = 0.5
+
 #: Adam-type optimizers under ``auto``: the weight of the previous average in the typical gradient norm.
 TYPICAL_DECAY = 0.9
 _ADAPTIVE_FIELDS = ("natural", "applied", "typical")
@@ -338,6 +348,8 @@ class AutoState:
         momentum: the measured ratio of the step taken to the step set (SGD with momentum).
         amplified: the optimizer is SGD with momentum: the ratio is measured and used.
         amp_max: the ratio's steady-state bound for this optimizer.
+        rise: SGD with momentum: how much the factor may grow per step, relative (``inf``: unbounded).
+        previous: SGD with momentum: each param group's factor at the last finite step (NaN: none).
         checked: the optimizer's type was looked at (a warning is given at most once).
         adaptive: the optimizer normalizes the gradient (Adam-type): auto steers its learning rate.
         natural: Adam-type: the length of the step the optimizer takes at its own learning rate.
@@ -350,6 +362,8 @@ class AutoState:
     momentum: Optional[MomentumState] = None
     amplified: bool = False
     amp_max: float = 1.0
+    rise: float = math.inf
+    previous: Optional[Tensor] = None
     checked: bool = False
     adaptive: bool = False
     natural: Optional[Tensor] = None
@@ -405,6 +419,8 @@ class AutoRule(Rule):
             t = getattr(state, name)
             if t is not None and (t.device, t.dtype) != (like.device, like.dtype):
                 setattr(state, name, t.to(like.device, like.dtype))
+        if state.previous is not None and state.previous.device != like.device:
+            state.previous = state.previous.to(like.device)
         return state
 
     def begin(self, state: AutoState, ctx: StepContext) -> None:
@@ -425,6 +441,7 @@ class AutoRule(Rule):
             state.natural = _first_step_length(opt, ctx).to(ctx.norm.device, ctx.norm.dtype)
         state.amplified = _momentum_sgd(opt)
         state.amp_max = _max_amplification(opt) if state.amplified else 1.0
+        state.rise = RISE * (1.0 - _max_momentum(opt)) if state.amplified else math.inf
         if state.momentum is None:
             state.momentum = momentum_init(ctx.norm.device)
         if state.delta is None:
@@ -451,12 +468,22 @@ class AutoRule(Rule):
         amp = state.momentum.amp.clamp(1.0, state.amp_max) if state.amp_max > 1.0 else None
         # the base step by the geometric mean of the measured ratio and its steady-state bound
         base_amp = None if amp is None else torch.sqrt(amp * state.amp_max)
-        scales, gammas = [], []
-        for lr in ctx.lrs:
+        scales, gammas, rules = [], [], []
+        previous = state.previous if state.previous is not None and len(state.previous) == len(ctx.lrs) else None
+        for i, lr in enumerate(ctx.lrs):
             rule, gamma = auto_scale(ctx.norm, lr, env.low, env.ratio, amp, base_amp)
             gammas.append(gamma)
+            if previous is not None:
+                # momentum: the rule's factor falls at once but rises by at most `rise` of itself per step
+                cap = previous[i].to(rule.dtype) * (1.0 + state.rise)
+                rule = torch.where(torch.isnan(cap), rule, torch.minimum(rule, cap))
+            rules.append(rule)
             # the SGD-equivalent step length is lr * s * ||g||; keep it <= radius
             scales.append(torch.minimum(rule, torch.clamp(radius / (ctx.norm * lr + 1e-30), max=1.0)))
+        if math.isfinite(state.rise):
+            stacked = torch.stack(rules).to(torch.float64)
+            state.previous = stacked if previous is None else torch.where(
+                torch.isfinite(ctx.norm), stacked, previous.to(stacked.device))
         return scales, gammas[0]
 
     def _adaptive_scales(self, state: AutoState, ctx: StepContext, radius: Tensor) -> tuple[list[Tensor], Threshold]:
@@ -493,6 +520,8 @@ class AutoRule(Rule):
             t = getattr(state, name)
             if t is not None:
                 out[name] = float(t)
+        if state.previous is not None:
+            out["previous"] = state.previous.tolist()
         return out
 
     def load_state_dict(self, sd: dict[str, Any]) -> AutoState:
@@ -506,6 +535,8 @@ class AutoRule(Rule):
         for name in _ADAPTIVE_FIELDS:
             if sd.get(name) is not None:
                 setattr(state, name, torch.tensor(sd[name], dtype=torch.float64))
+        if sd.get("previous") is not None:
+            state.previous = torch.tensor(sd["previous"], dtype=torch.float64)
         return state
 
 
