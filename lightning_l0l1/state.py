@@ -4,7 +4,8 @@ One :class:`OptimizerState` per optimizer, made of small typed parts that each s
 themselves: :class:`Counters`, the last finite step's record, the estimator's
 :class:`~lightning_l0l1.estimator.EstimatorState` and the rule's own state. A checkpoint stores
 each optimizer's parts side by side in one flat dict of plain Python values and CPU tensors
-(format :data:`VERSION`; version 1 kept the momentum ratio inside ``env``, and still loads).
+(format :data:`VERSION`; version 1 kept the momentum ratio inside ``env``, and still loads; version 2
+did not say which parameters the snapshot holds: such a snapshot is matched by shape at its first use).
 Restoring builds the state on the CPU; the first step moves it to the gradients' device.
 
 Imports only :mod:`torch`.
@@ -27,7 +28,7 @@ from lightning_l0l1.stats import RECORD_FIELDS
 __all__ = ["VERSION", "Counters", "OptimizerState"]
 
 #: The checkpoint format :meth:`GradientClipper.state_dict` writes.
-VERSION = 2
+VERSION = 3
 
 
 @dataclass
