@@ -274,6 +274,7 @@ class L0L1ClippingBase:
             _check_probe_setup(trainer, pl_module)
         self._fsdp1_checked = False
         self.publisher.reset()  # this trainer's loggers and W&B run, not those of an earlier fit
+        self.clipper.release()  # this fit's optimizers take the states over from an earlier fit's
 
     def on_before_optimizer_step(
         self, trainer: Trainer, pl_module: LightningModule, optimizer: Optimizer
