@@ -5,8 +5,6 @@ Imports no Lightning namespace (the callback's base class only).
 
 from __future__ import annotations
 
-import copy
-
 import pytest
 import torch
 from torch import nn
