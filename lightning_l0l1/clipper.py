@@ -214,6 +214,13 @@ class GradientClipper:
         # optimizer to step it adopts it)
         self._owners: dict[int, weakref.ref[Optimizer]] = {}
 
+    def __getstate__(self) -> dict[str, Any]:
+        """Pickled without the optimizers its keys belong to (weak references): an unpickled clipper's
+        states are adopted by the first optimizer that steps each key, as after :meth:`load_state_dict`."""
+        state = self.__dict__.copy()
+        state["_owners"] = {}
+        return state
+
     # ------------------------------------------------------------------ settings
     @property
     def mode(self) -> Mode:

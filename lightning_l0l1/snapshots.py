@@ -630,6 +630,21 @@ class SampledSnapshot(_Snapshot):
         if self.norm is not None:
             self.norm = self.norm.to(device)
 
+    # -- pickling -------------------------------------------------------------------------------
+
+    def __getstate__(self) -> dict[str, Any]:
+        """Without the cached views of the buffers: pickled apart from their buffer, they would each get a
+        storage of their own (``pickle``, unlike ``torch.save`` and ``deepcopy``, does not keep views
+        shared); :meth:`__setstate__` rebuilds them on the unpickled buffers."""
+        state = self.__dict__.copy()
+        state.update(_views={}, _mine=[], _weights=None)
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        if self._plan:
+            self._bind()
+
     # -- what tests and benchmarks inspect --------------------------------------------------------
 
     @property

@@ -5,6 +5,8 @@ Imports no Lightning namespace (the callback's base class only).
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from torch import nn
@@ -105,3 +107,39 @@ def test_a_restored_state_is_adopted_by_the_first_optimizer_then_kept():
     restored.release(0)
     _stepped(restored, second)
     assert restored.state_dict()["optimizers"][0]["steps"] == 5
+
+
+# ---------------------------------------------------------------------------- pickling
+
+
+def wide_run(steps: int, clipper: GradientClipper, swap_at: int | None = None, through=None):
+    """``auto`` on 20,000+ parameters (a weight the sampled snapshot samples); at ``swap_at`` the clipper
+    is replaced by ``through(clipper)``."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(100, 200), nn.Tanh(), nn.Linear(200, 1))
+    opt = torch.optim.SGD(model.parameters(), lr=0.5, momentum=0.9)
+    data = torch.Generator().manual_seed(1)
+    for t in range(steps):
+        if t == swap_at:
+            clipper = through(clipper)
+        x = torch.randn(16, 100, generator=data)
+        opt.zero_grad()
+        (model(x) - x[:, :1]).pow(2).mean().backward()
+        clipper.step(opt)
+        opt.step()
+    return [p.detach().clone() for p in model.parameters()], clipper.latest()
+
+
+@pytest.mark.parametrize("snapshot", ["sampled", "full"])
+@pytest.mark.parametrize("how", ["pickle", "deepcopy"])
+def test_a_pickled_clipper_continues_bitwise(snapshot, how):
+    """A trained ``auto`` clipper, pickled and unpickled (or deep-copied) mid-run, takes the uninterrupted
+    run's steps: parameters ``torch.equal`` and the same ``latest()``."""
+    import pickle
+
+    through = (lambda c: pickle.loads(pickle.dumps(c))) if how == "pickle" else copy.deepcopy
+    want, want_latest = wide_run(20, GradientClipper(snapshot=snapshot))  # type: ignore[arg-type]
+    got, got_latest = wide_run(20, GradientClipper(snapshot=snapshot), swap_at=10, through=through)  # type: ignore[arg-type]
+    for a, b in zip(got, want):
+        assert torch.equal(a, b)
+    assert got_latest == want_latest
