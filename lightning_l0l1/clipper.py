@@ -33,7 +33,7 @@ from lightning_l0l1.estimator import SecantEstimator
 from lightning_l0l1.gradients import Gradients
 from lightning_l0l1.modes import RULES, Mode, Rule, StepContext, make_rule
 from lightning_l0l1.norms import scale_grads_, total_norm
-from lightning_l0l1.state import VERSION, Counters, OptimizerState
+from lightning_l0l1.state import VERSION, Counters, OptimizerState, check_clipper_state
 from lightning_l0l1.stats import StepRecord
 
 __all__ = ["GradientClipper", "Mode", "NonFinite", "NonFiniteGradientError", "SnapshotKind", "StepOutcome"]
@@ -513,13 +513,17 @@ class GradientClipper:
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Restore :meth:`state_dict` (this version or an earlier one); tensors move to the gradients'
-        device at the next step."""
+        device at the next step.
+
+        Raises:
+            TypeError, ValueError: a field of the state is damaged (of the wrong type or shape, out of its
+                range, NaN where none can be): the error names it by its path (``optimizers[0].delta``),
+                and nothing is restored.
+        """
+        optimizers = check_clipper_state(state_dict)
         empty = self.estimator.new_snapshot if self.estimator is not None else None
         self._owners = {}  # the first optimizer to step a restored state adopts it
-        self._states = {
-            int(k): OptimizerState.from_state_dict(sd, self.rule, empty)
-            for k, sd in state_dict.get("optimizers", {}).items()
-        }
+        self._states = {k: OptimizerState.from_state_dict(dict(sd), self.rule, empty) for k, sd in optimizers.items()}
 
 
 def _unwrap(optimizer: Any) -> Any:

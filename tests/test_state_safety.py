@@ -143,3 +143,113 @@ def test_a_pickled_clipper_continues_bitwise(snapshot, how):
     for a, b in zip(got, want):
         assert torch.equal(a, b)
     assert got_latest == want_latest
+
+
+# ---------------------------------------------------------------------------- loaded state is checked
+
+
+def _models():
+    torch.manual_seed(0)
+    sgd_net = nn.Sequential(nn.Linear(100, 100), nn.Tanh(), nn.Linear(100, 1))  # a sampled weight
+    adam_net = nn.Linear(8, 1)
+    return (sgd_net, torch.optim.SGD(sgd_net.parameters(), lr=0.5, momentum=0.9),
+            adam_net, torch.optim.Adam(adam_net.parameters(), lr=0.01))
+
+
+def _steps(cb, models, steps: int, seed: int = 1) -> None:
+    """``steps`` steps of both optimizers through the callback's clipper, aggregated by its publisher."""
+    sgd_net, sgd, adam_net, adam = models
+    data = torch.Generator().manual_seed(seed)
+    for _ in range(steps):
+        x = torch.randn(16, 100, generator=data)
+        for key, (net, opt, inp) in enumerate(((sgd_net, sgd, x), (adam_net, adam, x[:, :8]))):
+            opt.zero_grad()
+            (net(inp) - inp[:, :1]).pow(2).mean().backward()
+            out = cb.clipper.step(opt, key)
+            cb.publisher.add(key, out.record)
+            opt.step()
+
+
+_TRAINED: dict[str, tuple] = {}
+
+
+def trained(snapshot: str):
+    """The callback's state after 6 steps of ``auto`` (SGD with momentum and Adam, key 0 and 1; the
+    interval open), and the models' and optimizers' state then."""
+    from lightning_l0l1.callback import L0L1ClippingBase
+
+    if snapshot not in _TRAINED:
+        cb = L0L1ClippingBase(snapshot=snapshot)  # type: ignore[arg-type]
+        models = _models()
+        _steps(cb, models, 6)
+        saved = [copy.deepcopy(m.state_dict()) for m in models]
+        _TRAINED[snapshot] = (cb.state_dict(), saved)
+    sd, saved = _TRAINED[snapshot]
+    return copy.deepcopy(sd), saved
+
+
+def resume_and_step(sd, saved, snapshot: str, steps: int = 3):
+    from lightning_l0l1.callback import L0L1ClippingBase
+
+    cb = L0L1ClippingBase(snapshot=snapshot)  # type: ignore[arg-type]
+    cb.load_state_dict(sd)
+    models = _models()
+    for m, s in zip(models, saved):
+        m.load_state_dict(copy.deepcopy(s))  # (an optimizer's load keeps the tensors it is given)
+    _steps(cb, models, steps, seed=2)
+    cb.publisher.flush(9, True, [], cb.clipper.device_counters, True)
+    return [p for m in (models[0], models[2]) for p in m.parameters()]
+
+
+def _opt0(sd):
+    return sd["clipper"]["optimizers"][0]
+
+
+def _drop(d, key):
+    del d[key]
+
+
+CORRUPTIONS = {
+    "delta_nan": (lambda sd: _opt0(sd).__setitem__("delta", float("nan")), ValueError, "optimizers[0].delta"),
+    "delta_text": (lambda sd: _opt0(sd).__setitem__("delta", "abc"), TypeError, "optimizers[0].delta"),
+    "steps_text": (lambda sd: _opt0(sd).__setitem__("steps", "x"), TypeError, "optimizers[0].steps"),
+    "snapshot_truncated": (lambda sd: _opt0(sd)["snapshot"].__setitem__("grads", _opt0(sd)["snapshot"]["grads"][:-1]),
+                           ValueError, "optimizers[0].snapshot"),
+    "snapshot_tensor_truncated": (lambda sd: _opt0(sd)["snapshot"]["params"].__setitem__(
+        0, _opt0(sd)["snapshot"]["params"][0].reshape(-1)[:-1]), ValueError, "optimizers[0].snapshot.params[0]"),
+    "optimizers_list": (lambda sd: sd["clipper"].__setitem__("optimizers", [_opt0(sd)]), TypeError, "optimizers"),
+    "interval_sums_missing": (lambda sd: _drop(sd["interval"]["aggs"][0], "sums"), ValueError, "sums"),
+    "env_window_wrong_shape": (lambda sd: _opt0(sd)["env"].__setitem__("window", [0.5]), ValueError,
+                               "optimizers[0].env.window"),
+    "negative_pairs": (lambda sd: _opt0(sd)["env"].__setitem__("pairs", -3), ValueError, "optimizers[0].env.pairs"),
+    "amp_inf": (lambda sd: _opt0(sd)["momentum"].__setitem__("amp", float("inf")), ValueError,
+                "optimizers[0].momentum.amp"),
+}
+
+
+@pytest.mark.parametrize("snapshot", ["sampled", "full"])
+@pytest.mark.parametrize("case", sorted(CORRUPTIONS))
+def test_a_damaged_state_is_refused_naming_the_field(case, snapshot):
+    """Each damaged field gives a ``TypeError``/``ValueError`` that names it by its path and says the
+    checkpoint is damaged (never an internal error, never a state that turns the parameters NaN)."""
+    corrupt, error, field = CORRUPTIONS[case]
+    sd, saved = trained(snapshot)
+    corrupt(sd)
+    with pytest.raises(error, match="damaged") as info:
+        resume_and_step(sd, saved, snapshot)
+    assert f"`{field}" in str(info.value)
+
+
+@pytest.mark.parametrize("snapshot", ["sampled", "full"])
+def test_an_intact_state_resumes_bitwise(snapshot):
+    """The reference for the checks above: the checked state, loaded, continues like the uninterrupted run."""
+    from lightning_l0l1.callback import L0L1ClippingBase
+
+    sd, saved = trained(snapshot)
+    got = resume_and_step(sd, saved, snapshot)
+    cb = L0L1ClippingBase(snapshot=snapshot)  # type: ignore[arg-type]
+    models = _models()
+    _steps(cb, models, 6)
+    _steps(cb, models, 3, seed=2)
+    for a, b in zip(got, [p for m in (models[0], models[2]) for p in m.parameters()]):
+        assert torch.equal(a, b)
