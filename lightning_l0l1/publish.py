@@ -343,9 +343,19 @@ class Publisher:
             if self.keep_norms:
                 self._epoch_norms.append(torch.where(record.finite, record.grad_norm, math.nan))
 
+    def interval(self, trainer_every: Optional[int]) -> Optional[int]:
+        """The logging interval: ``every``, else the trainer's ``log_every_n_steps`` (50 where it has none);
+        ``None`` where the trainer's is 0 (the trainer's logging is off, and so is the interval's)."""
+        if self.every is not None:
+            return self.every
+        if trainer_every is None:
+            return 50
+        return int(trainer_every) if int(trainer_every) > 0 else None
+
     def due(self, trainer_every: Optional[int]) -> bool:
         """An interval is complete."""
-        return self._since_log >= (self.every or max(1, int(trainer_every or 50)))
+        every = self.interval(trainer_every)
+        return every is not None and self._since_log >= every
 
     @property
     def pending(self) -> bool:

@@ -253,3 +253,88 @@ def test_an_intact_state_resumes_bitwise(snapshot):
     _steps(cb, models, 3, seed=2)
     for a, b in zip(got, [p for m in (models[0], models[2]) for p in m.parameters()]):
         assert torch.equal(a, b)
+
+
+# ---------------------------------------------------------------------------- fuzzing the loaded state
+
+_BAD_VALUES = ["abc", None, {}, [], True, float("nan"), float("inf"), -float("inf"), -1, -0.5, 0, 1e308, [1.0, "x"]]
+
+
+def _leaves(obj, path=()):
+    """Every place in the nested state: dict entries, list items, and the containers themselves."""
+    out = [path]
+    if isinstance(obj, dict):
+        for k, v in obj.items():
+            out += _leaves(v, (*path, k))
+    elif isinstance(obj, list):
+        for i, v in enumerate(obj):
+            out += _leaves(v, (*path, i))
+    return out
+
+
+def _corrupt(sd, path, op: str, bad):
+    """Apply one corruption at ``path`` (the root itself is never replaced)."""
+    if not path:
+        return
+    parent = sd
+    for k in path[:-1]:
+        parent = parent[k]
+    key = path[-1]
+    value = parent[key]
+    bad = copy.deepcopy(bad)  # (never one object in two places)
+    if op == "replace":
+        parent[key] = bad
+    elif op == "drop":
+        del parent[key]
+    elif op == "extra" and isinstance(value, dict):
+        value["unexpected"] = bad
+    elif op == "truncate":
+        if isinstance(value, list) and value:
+            parent[key] = value[:-1]
+        elif isinstance(value, torch.Tensor) and value.numel():
+            parent[key] = value.reshape(-1)[:-1].clone()
+    elif op == "reshape":
+        if isinstance(value, torch.Tensor):
+            parent[key] = value.reshape(1, -1).clone()
+        elif isinstance(value, list):
+            parent[key] = [value]
+    elif op == "poison":  # a NaN or infinity inside a tensor or a list of numbers
+        if isinstance(value, torch.Tensor) and value.is_floating_point() and value.numel():
+            t = value.clone()
+            t.view(-1)[-1] = bad if isinstance(bad, float) else float("nan")
+            parent[key] = t
+        elif isinstance(value, list) and value and isinstance(value[0], (int, float)):
+            parent[key] = [*value[:-1], float("nan")]
+    elif op == "scale" and isinstance(value, (int, float)) and not isinstance(value, bool):
+        parent[key] = value * -3 if isinstance(value, int) else value * 1e300
+
+
+@pytest.mark.parametrize("snapshot", ["sampled", "full"])
+def test_fuzzed_states_give_a_clear_error_or_resume_with_finite_parameters(snapshot):
+    """Many random corruptions of a real state (the callback's: the clipper's two optimizers, SGD with
+    momentum and Adam, and the open logging interval): wrong types, NaN/inf, negative and huge numbers,
+    dropped keys, truncated lists and tensors, wrong shapes, extra keys. Each either gives a
+    ``TypeError``/``ValueError`` that says the state is damaged and names a field in backticks, or loads
+    and takes steps (and a logging flush) that leave every parameter finite. ``HYPOTHESIS_PROFILE=long``
+    searches deeper."""
+    from hypothesis import given
+    from hypothesis import strategies as st
+
+    ops = ["replace", "drop", "extra", "truncate", "reshape", "poison", "scale"]
+
+    @given(st.data())
+    def check(data):
+        sd, saved = trained(snapshot)
+        for _ in range(data.draw(st.integers(1, 3), label="corruptions")):
+            path = data.draw(st.sampled_from(_leaves(sd)), label="path")
+            _corrupt(sd, path, data.draw(st.sampled_from(ops), label="op"),
+                     data.draw(st.sampled_from(_BAD_VALUES), label="value"))
+        try:
+            params = resume_and_step(sd, saved, snapshot)
+        except (TypeError, ValueError) as err:
+            assert "damaged" in str(err) and "`" in str(err), err
+            return
+        for p in params:
+            assert torch.isfinite(p).all()
+
+    check()
