@@ -302,7 +302,10 @@ class L0L1ClippingBase:
         self._fsdp1_checked = False
         self.publisher.reset()  # this trainer's loggers and W&B run, not those of an earlier fit
         self.clipper.release()  # this fit's optimizers take the states over from an earlier fit's
-        self._trainer_ref = weakref.ref(trainer)
+        try:
+            self._trainer_ref = weakref.ref(trainer)
+        except TypeError:  # a stand-in trainer (tests, tools) that takes no weak reference: never restoring
+            self._trainer_ref = None
 
     def on_before_optimizer_step(
         self, trainer: Trainer, pl_module: LightningModule, optimizer: Optimizer
