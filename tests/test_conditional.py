@@ -17,6 +17,7 @@ step just taken, ``||theta_t - theta_(t-1)||`` over the parameters that had a gr
 
 from __future__ import annotations
 
+import copy
 import math
 from collections.abc import Callable
 from typing import Optional
@@ -216,4 +217,41 @@ def test_resume_mid_run_of_changing_sets_is_bitwise(scenario, snapshot, tmp_path
         resumed.step(opt2)
         opt2.step()
     for a, b in zip(model2.parameters(), want):
+        assert torch.equal(a.detach(), b)
+
+
+@pytest.mark.parametrize("snapshot", ["sampled", "full"])
+def test_a_version_2_state_without_parameter_ids_resumes_bitwise(snapshot, tmp_path):
+    """A state dict written before the snapshot recorded its parameters (format 2: no ``snap_ids``) loads,
+    its snapshot is matched by shape at its first use, and the run continues bitwise."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 1))
+    opt = torch.optim.SGD(model.parameters(), lr=0.3, momentum=0.9)
+    start = ([p.detach().clone() for p in model.parameters()], copy.deepcopy(opt.state_dict()))
+    gen = torch.Generator().manual_seed(1)
+    xs = [torch.randn(8, 4, generator=gen) for _ in range(12)]
+
+    def steps(clipper: GradientClipper, batches: list[Tensor]) -> None:
+        for x in batches:
+            opt.zero_grad()
+            (model(x) - x[:, :1]).pow(2).mean().backward()
+            clipper.step(opt)
+            opt.step()
+
+    steps(GradientClipper(snapshot=snapshot), xs)  # type: ignore[arg-type]
+    want = [p.detach().clone() for p in model.parameters()]
+    with torch.no_grad():
+        for p, s in zip(model.parameters(), start[0]):
+            p.copy_(s)
+    opt.load_state_dict(start[1])
+    first = GradientClipper(snapshot=snapshot)  # type: ignore[arg-type]
+    steps(first, xs[:6])
+    sd = first.state_dict()
+    sd["version"] = 2
+    assert "snap_ids" in sd["optimizers"][0]
+    del sd["optimizers"][0]["snap_ids"]
+    resumed = GradientClipper(snapshot=snapshot)  # type: ignore[arg-type]
+    resumed.load_state_dict(sd)
+    steps(resumed, xs[6:])
+    for a, b in zip(model.parameters(), want):
         assert torch.equal(a.detach(), b)
