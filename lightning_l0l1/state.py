@@ -209,6 +209,12 @@ def check_array(
             raise damaged(path, "integers", value, TypeError)
     if shape is not None and tuple(t.shape) != shape:
         raise damaged(path, f"of shape {shape}", value)
+    if floating and not (nan or inf or neg_inf):  # a snapshot's tensor: checked in its own dtype, no copy
+        if t.numel() and not bool(torch.isfinite(t).all()):
+            raise damaged(path, "finite everywhere", value)
+        if low is not None and t.numel() and (float(t.min()) < low or (above and float(t.min()) == low)):
+            raise damaged(path, f"{'>' if above else '>='} {low} everywhere", value)
+        return t
     if t.numel():
         d = t.detach().to("cpu", torch.float64)
         if not nan and bool(torch.isnan(d).any()):
