@@ -10,6 +10,7 @@ class of each, ``lightning_l0l1.pytorch_lightning.L0L1Clipping`` and
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Generic, Literal, Optional, TypeVar, Union, overload
 
@@ -128,7 +129,8 @@ class L0L1ClippingBase:
         log_stats: aggregate the statistics on the device and publish them to ``trainer.loggers``
             (and W&B) every ``log_every_n_steps`` optimizer steps, rank zero only: one
             device-to-host transfer per interval, none in between.
-        log_every_n_steps: the logging interval in optimizer steps (``None``: the trainer's).
+        log_every_n_steps: the logging interval in optimizer steps (``None``: the trainer's; where that is
+            0, the trainer's logging is off, and no interval is logged).
         prefix: the metric-name prefix (also of :meth:`latest`'s keys).
         prog_bar: show ``grad_norm`` and ``scale`` in the progress bar. This reads both values
             on the host **every step** (a sync): off by default.
@@ -222,6 +224,7 @@ class L0L1ClippingBase:
         self._warned_nonfinite = False
         self._fsdp1: Optional[tuple[Any]] = None  # (process_group,) under FSDP1, else None (checked once per fit)
         self._fsdp1_checked = False
+        self._trainer_ref: Optional[weakref.ref[Any]] = None  # the trainer of the fit set up last
 
     if TYPE_CHECKING:  # provided by the namespace's ``Callback`` base
 
@@ -229,11 +232,35 @@ class L0L1ClippingBase:
 
     @property
     def state_key(self) -> str:
+        key = self._own_state_key()
+        # While a checkpoint is restored, a state saved under the earlier key (see `_legacy_state_key`) is
+        # this callback's: answering with that key lets Lightning match it to this callback, instead of
+        # warning that the checkpoint's callback is missing (it loads it through the legacy key either way).
+        saved = self._checkpoint_being_restored()
+        if saved is not None and key not in saved:
+            legacy = self._legacy_state_key
+            if isinstance(legacy, str) and legacy in saved:
+                return legacy
+        return key
+
+    def _own_state_key(self) -> str:
         # `prefix` and `nonfinite` enter the key only where they are not the default, so that two
         # instances differing in them can share a Trainer while checkpoints of default ones keep their key.
         extra = {k: v for k, v in (("prefix", self.prefix), ("nonfinite", self.nonfinite))
                  if v != {"prefix": "l0l1/", "nonfinite": "skip"}[k]}
         return self._generate_state_key(**self._base_key(), **extra)
+
+    def _checkpoint_being_restored(self) -> Optional[dict[Any, Any]]:
+        """The callback states of the checkpoint the trainer is restoring now (``None`` at any other time)."""
+        trainer = self._trainer_ref() if self._trainer_ref is not None else None
+        loaded = getattr(getattr(trainer, "_checkpoint_connector", None), "_loaded_checkpoint", None)
+        callbacks = loaded.get("callbacks") if isinstance(loaded, dict) else None
+        return callbacks if isinstance(callbacks, dict) else None
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        state["_trainer_ref"] = None  # a weak reference does not pickle (and the trainer is set up anew)
+        return state
 
     def _base_key(self) -> dict[str, Any]:
         return dict(mode=self.mode, max_norm=self.max_norm, l0=self.l0, l1=self.l1, norm_type=self.norm_type,
@@ -246,7 +273,7 @@ class L0L1ClippingBase:
         # it. Before `auto` became the default it could not refuse `max_norm`, and kept the then default
         # `max_norm=1.0` in its state key: those checkpoints resume too (their estimator state loads as it is).
         base = self._generate_state_key(**self._base_key())
-        if base != self.state_key:
+        if base != self._own_state_key():
             return base
         if self.mode == "auto":
             return self._generate_state_key(
@@ -274,6 +301,11 @@ class L0L1ClippingBase:
             _check_probe_setup(trainer, pl_module)
         self._fsdp1_checked = False
         self.publisher.reset()  # this trainer's loggers and W&B run, not those of an earlier fit
+        self.clipper.release()  # this fit's optimizers take the states over from an earlier fit's
+        try:
+            self._trainer_ref = weakref.ref(trainer)
+        except TypeError:  # a stand-in trainer (tests, tools) that takes no weak reference: never restoring
+            self._trainer_ref = None
 
     def on_before_optimizer_step(
         self, trainer: Trainer, pl_module: LightningModule, optimizer: Optimizer
@@ -326,7 +358,7 @@ class L0L1ClippingBase:
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if not self.log_stats:
             return
-        if self.publisher.pending:
+        if self.publisher.pending and self.publisher.interval(getattr(trainer, "log_every_n_steps", None)):
             self._flush(trainer)
         if trainer.is_global_zero:
             self.publisher.finish(trainer.global_step, trainer.loggers, self.latest)

@@ -18,6 +18,7 @@ Fabric loop calls :meth:`GradientClipper.step` itself. Imports only :mod:`torch`
 from __future__ import annotations
 
 import math
+import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal, Optional, Union, get_args
@@ -31,7 +32,7 @@ from lightning_l0l1.estimator import SecantEstimator
 from lightning_l0l1.gradients import Gradients
 from lightning_l0l1.modes import RULES, Mode, Rule, StepContext, make_rule
 from lightning_l0l1.norms import scale_grads_, total_norm
-from lightning_l0l1.state import VERSION, Counters, OptimizerState
+from lightning_l0l1.state import VERSION, Counters, OptimizerState, check_clipper_state
 from lightning_l0l1.stats import StepRecord
 
 __all__ = ["GradientClipper", "Mode", "NonFinite", "NonFiniteGradientError", "SnapshotKind", "StepOutcome"]
@@ -208,6 +209,16 @@ class GradientClipper:
             if self.estimate else None
         )
         self._states: dict[int, OptimizerState] = {}
+        # key -> the optimizer whose state it holds (a restored or released state has none: the first
+        # optimizer to step it adopts it)
+        self._owners: dict[int, weakref.ref[Optimizer]] = {}
+
+    def __getstate__(self) -> dict[str, Any]:
+        """Pickled without the optimizers its keys belong to (weak references): an unpickled clipper's
+        states are adopted by the first optimizer that steps each key, as after :meth:`load_state_dict`."""
+        state = self.__dict__.copy()
+        state["_owners"] = {}
+        return state
 
     # ------------------------------------------------------------------ settings
     @property
@@ -249,8 +260,11 @@ class GradientClipper:
         """Scale the gradients of ``optimizer`` in place; ``None`` if it has no gradient (and no ``is_shard``).
 
         Args:
-            optimizer: its ``param_groups`` give the gradients (each group its own lr).
-            key: which optimizer this is (one state per key).
+            optimizer: its ``param_groups`` give the gradients (each group its own lr). A wrapper (Lightning's
+                ``LightningOptimizer``, Fabric's optimizer) counts as the optimizer it wraps.
+            key: which optimizer this is (one state per key). Each key belongs to the first optimizer that
+                steps it: a clipper stepping several optimizers (a GAN's generator and discriminator) gives
+                each its own key.
             process_group: FSDP1: the process group the shards are sharded over (see ``is_shard``).
             is_shard: FSDP1: parameters for which ``is_shard(param)`` is
                 true hold local shards of tensors sharded over ``process_group``.
@@ -264,8 +278,12 @@ class GradientClipper:
                 finite" flag to every rank's (e.g. :func:`~lightning_l0l1.gradients.all_ranks_finite`),
                 so that a gradient made non-finite on one rank only makes every rank treat the step as
                 non-finite. Sharded gradients need none: their norm's all-reduce carries a NaN to every rank.
+
+        Raises:
+            ValueError: ``key`` belongs to another optimizer (still alive): the two would share one state.
         """
         optimizer = handoff.unwrap(optimizer)
+        self._claim(key, optimizer)
         grads = Gradients.collect(optimizer, process_group, is_shard)
         if grads is None:
             return None
@@ -296,6 +314,30 @@ class GradientClipper:
             if not outcome.finite:
                 self._apply_nonfinite(ctx, step_label, outcome)
         return outcome
+
+    def _claim(self, key: int, optimizer: Optimizer) -> None:
+        """Make ``key`` ``optimizer``'s (unwrapped), or raise if it belongs to another one that is alive."""
+        inner = handoff.unwrap(optimizer)
+        owner = self._owners.get(key)
+        held = None if owner is None else owner()
+        if held is None:
+            self._owners[key] = weakref.ref(inner)
+        elif held is not inner:
+            raise ValueError(
+                f"`GradientClipper.step` got optimizer `{type(inner).__name__}` (id {id(inner):#x}) with `key={key}`, "
+                f"whose state belongs to another optimizer, `{type(held).__name__}` (id {id(held):#x}): the two would "
+                "share one step count and estimate. Pass a different `key=` for each optimizer (e.g. "
+                "`clipper.step(opt_d, key=1)`), or use one clipper per optimizer. If the new optimizer replaces "
+                "the old one, call `clipper.release(key)` first."
+            )
+
+    def release(self, key: Optional[int] = None) -> None:
+        """Let the next optimizer that steps ``key`` (every key: ``None``) take its state over: for an
+        optimizer rebuilt while the old one is still referenced (a new fit of the same model)."""
+        if key is None:
+            self._owners.clear()
+        else:
+            self._owners.pop(key, None)
 
     def _hands_off(self, ctx: StepContext, allow: bool, nonfinite_handled: bool) -> bool:
         """Whether the scale goes to a fused optimizer's kernel instead of into the gradients."""
@@ -469,12 +511,17 @@ class GradientClipper:
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Restore :meth:`state_dict` (this version or an earlier one); tensors move to the gradients'
-        device at the next step."""
+        device at the next step.
+
+        Raises:
+            TypeError, ValueError: a field of the state is damaged (of the wrong type or shape, out of its
+                range, NaN where none can be): the error names it by its path (``optimizers[0].delta``),
+                and nothing is restored.
+        """
+        optimizers = check_clipper_state(state_dict)
         empty = self.estimator.new_snapshot if self.estimator is not None else None
-        self._states = {
-            int(k): OptimizerState.from_state_dict(sd, self.rule, empty)
-            for k, sd in state_dict.get("optimizers", {}).items()
-        }
+        self._owners = {}  # the first optimizer to step a restored state adopts it
+        self._states = {k: OptimizerState.from_state_dict(dict(sd), self.rule, empty) for k, sd in optimizers.items()}
 
 
 def _snapshot_kind(snapshot: Any, probe: bool, snapshot_device: Optional[str]) -> SnapshotKind:

@@ -428,6 +428,12 @@ class EstimatorState:
         snap_step: the step index the snapshot was taken at (-2: none usable).
         probe_params: the parameters to probe after the step (the probe only), in snapshot order.
         unfolded: pairs recorded since the envelope's hull was last refit (see :meth:`folded`).
+        snap_ids: which parameters the snapshot holds, in its order (see
+            :attr:`~lightning_l0l1.gradients.Gradients.ids`; ``None``: not known, a snapshot restored from a
+            checkpoint written before they were kept, matched by shape at its first use).
+        other, other_step, other_ids: the snapshot before it, of another set of parameters (kept only
+            while the set of parameters with a gradient changes from step to step: alternating heads),
+            its step and its parameters.
     """
 
     envelope: EnvelopeState
@@ -435,6 +441,10 @@ class EstimatorState:
     snap_step: int = -2
     probe_params: list[Tensor] = dataclasses.field(default_factory=list)
     unfolded: int = 0
+    snap_ids: Optional[tuple[tuple[int, int], ...]] = None
+    other: Optional[Snapshot] = None
+    other_step: int = -2
+    other_ids: Optional[tuple[tuple[int, int], ...]] = None
 
     def record(self, norm: Tensor, smooth: Tensor) -> None:
         """Add a pair: ``low``, ``ratio`` and the rest at once, the hull and the fit every :data:`PENDING`."""
@@ -454,6 +464,8 @@ class EstimatorState:
         if self.envelope.l0.device != device:
             self.envelope = self.envelope.to(device)
             self.snapshot.to(device)
+            if self.other is not None:
+                self.other.to(device)
 
     def state_dict(self, with_buffers: bool) -> dict[str, Any]:
         """``env`` (plain lists); with ``with_buffers``, also the snapshot and its step, if there is one.
@@ -462,10 +474,14 @@ class EstimatorState:
         envelope ignores it, so a run resumed without it forms the same estimates.
         """
         out: dict[str, Any] = {"env": {k: v.tolist() for k, v in self.folded().state_dict().items()}}
-        norm = self.snapshot.norm
-        if with_buffers and self.snapshot.valid and norm is not None and bool(torch.isfinite(norm)):
+        if with_buffers and _usable(self.snapshot):
             out["snapshot"] = self.snapshot.state_dict()
             out["snap_step"] = self.snap_step
+            if self.snap_ids is not None:
+                out["snap_ids"] = [list(i) for i in self.snap_ids]
+            if self.other is not None and self.other_ids is not None and _usable(self.other):
+                out["other"] = {"snapshot": self.other.state_dict(), "snap_step": self.other_step,
+                                "snap_ids": [list(i) for i in self.other_ids]}
         return out
 
     @classmethod
@@ -480,7 +496,22 @@ class EstimatorState:
             snapshot.load(sd["snapshot"], torch.device("cpu"), int(sd["snap_step"]))
             if snapshot.valid:
                 state.snap_step = int(sd["snap_step"])
+                ids = sd.get("snap_ids")
+                state.snap_ids = None if ids is None else tuple((int(g), int(j)) for g, j in ids)
+            other = sd.get("other")
+            if other and state.snap_ids is not None:
+                spare = make_snapshot(snapshot.kind, getattr(snapshot, "requested_offload", False),
+                                      getattr(snapshot, "seed", 0))
+                spare.load(other["snapshot"], torch.device("cpu"), int(other["snap_step"]))
+                if spare.valid:
+                    state.other, state.other_step = spare, int(other["snap_step"])
+                    state.other_ids = tuple((int(g), int(j)) for g, j in other["snap_ids"])
         return state
+
+
+def _usable(snapshot: Snapshot) -> bool:
+    """A snapshot worth checkpointing: taken, at a finite step."""
+    return snapshot.valid and snapshot.norm is not None and bool(torch.isfinite(snapshot.norm))
 
 
 def _at_midpoint(
@@ -556,7 +587,21 @@ class SecantEstimator:
                 state.snap_step, state.probe_params = t, [p for ps in grads.params for p in ps]
             return None
         secant = None
-        if state.snap_step == t - 1 and snap.matches(local_grads):
+        ids = grads.ids
+        same = state.snap_ids is None or state.snap_ids == ids  # (unknown ids: matched by shape)
+        other = state.other
+        if state.snap_step == t - 1 and snap.valid and not same and not grads.distributed:
+            if (other is not None and state.other_step == t - 2 and state.other_ids == ids
+                    and other.matches(local_grads)):
+                # the same parameters as two steps ago (alternating heads): the secant of that step's
+                # objective over the last two steps; no single step's length
+                d = other.difference_norms(local_grads, params, self.norm_type)
+                pair_norm, smooth = secant_pair(d[0], d[1], other.norm, norm)  # type: ignore[arg-type]
+                state.record(pair_norm, smooth)
+                secant = Secant(pair_norm, smooth, self._step_length(state, grads, d[1]))
+            else:
+                secant = self._partial(state, grads, norm, local_grads, params)
+        elif state.snap_step == t - 1 and same and snap.matches(local_grads):
             if grads.distributed:  # local parts: reduced like the gradients
                 dg, dp = snap.differences(local_grads, params, self.norm_type)
                 d = grads.norms(self.norm_type, self.foreach,
@@ -567,9 +612,47 @@ class SecantEstimator:
             state.record(pair_norm, smooth)
             secant = Secant(pair_norm, smooth, d[1])
         if take:
+            if not same and self.every == 1 and not grads.distributed and state.snap_step == t - 1:
+                # the set changed: keep the last snapshot (left intact) for the step after this one
+                spare = other if other is not None else self.new_snapshot()
+                state.other, state.other_step, state.other_ids = snap, state.snap_step, state.snap_ids
+                state.snapshot = snap = spare
+            else:
+                state.other, state.other_step, state.other_ids = None, -2, None
             snap.take(local_grads, params, norm, t)
-            state.snap_step = t
+            state.snap_step, state.snap_ids = t, ids
         return secant
+
+    def _partial(
+        self, state: EstimatorState, grads: Gradients, norm: Tensor, local_grads: list[Tensor], params: list[Tensor]
+    ) -> Optional[Secant]:
+        """The pair over the parameters that have a gradient now and had one at the snapshot (the set of
+        parameters with a gradient changed: alternating heads, experts without tokens, layers unfrozen or
+        param groups added): the smoothness and the step length over those alone, paired with the whole
+        gradient norms at both ends. ``None`` if no parameter is in both (or one changed shape)."""
+        snap = state.snapshot
+        assert state.snap_ids is not None
+        now = {pid: j for j, pid in enumerate(grads.ids)}
+        at = [now.get(pid) for pid in state.snap_ids]
+        if all(j is None for j in at) or any(
+            j is not None and tuple(local_grads[j].shape) != shape for j, shape in zip(at, snap.layout)
+        ):
+            return None
+        d = snap.partial_difference_norms([None if j is None else local_grads[j] for j in at],
+                                          [None if j is None else params[j] for j in at], self.norm_type)
+        pair_norm, smooth = secant_pair(d[0], d[1], snap.norm, norm)  # type: ignore[arg-type]
+        state.record(pair_norm, smooth)
+        return Secant(pair_norm, smooth, self._step_length(state, grads, d[1]))
+
+    def _step_length(self, state: EstimatorState, grads: Gradients, like: Tensor) -> Tensor:
+        """The length of the last step, ``||theta_t - theta_(t-1)||`` over the parameters the snapshot of
+        step ``t - 1`` holds (those that step moved, whether they have a gradient now or not); NaN (no
+        length: the rule ignores it) where one of them is gone from the optimizer."""
+        assert state.snap_ids is not None
+        now = [grads.param(pid) for pid in state.snap_ids]
+        if any(p is None or tuple(p.shape) != shape for p, shape in zip(now, state.snapshot.layout)):
+            return torch.full_like(like, math.nan)
+        return state.snapshot.partial_difference_norms([None] * len(now), now, self.norm_type)[1].to(like.dtype)
 
     def probe(
         self,

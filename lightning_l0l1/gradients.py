@@ -7,6 +7,7 @@ reduced (replicated, FSDP1 shard, DTensor) is decided once. Imports only :mod:`t
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Optional, cast
@@ -49,6 +50,10 @@ class Gradients:
         process_group: the group FSDP1 shards are reduced over (``None``: the default group).
         sharded: FSDP1: every rank joins the all-reduce, whatever it holds.
         device: where a rank holding no gradient computes (the optimizer's first parameter's device).
+        ids: per entry (in :attr:`entries` order), which parameter of the optimizer it is: its param
+            group's index and its position in that group's ``params`` (stable while the optimizer lives,
+            and the same after a resume; a parameter without a gradient has no entry).
+        everyone: per param group, all its parameters, with a gradient or not.
     """
 
     params: list[list[Tensor]]
@@ -57,6 +62,8 @@ class Gradients:
     process_group: Any = None
     sharded: bool = False
     device: Optional[torch.device] = None
+    ids: tuple[tuple[int, int], ...] = ()
+    everyone: list[list[Tensor]] = dataclasses.field(default_factory=list)
 
     @classmethod
     def collect(
@@ -68,17 +75,20 @@ class Gradients:
         Raises:
             RuntimeError: for a sparse gradient.
         """
-        params = [[p for p in g["params"] if p.grad is not None] for g in optimizer.param_groups]
+        positions = [[j for j, p in enumerate(g["params"]) if p.grad is not None] for g in optimizer.param_groups]
+        params = [[g["params"][j] for j in pos] for g, pos in zip(optimizer.param_groups, positions)]
         if not any(params) and is_shard is None:
             return None
-        groups, entries = [], []
-        for ps in params:
+        groups, entries, ids = [], [], []
+        for group, (ps, pos) in enumerate(zip(params, positions)):
             found = sorted(((_kind(p, is_shard), i) for i, p in enumerate(ps)), key=lambda e: _KINDS.index(e[0]))
             group_entries = [(kind, ps[i].grad, ps[i]) for kind, i in found]
             groups.append(GradGroup(*([g for k, g, _ in group_entries if k == kind] for kind in _KINDS)))
             entries += group_entries
+            ids += [(group, pos[i]) for _, i in found]
         device = next((p.device for g in optimizer.param_groups for p in g["params"]), None)
-        return cls(params, groups, entries, process_group, is_shard is not None, device)
+        return cls(params, groups, entries, process_group, is_shard is not None, device, tuple(ids),
+                   [list(g["params"]) for g in optimizer.param_groups])
 
     @property
     def n_groups(self) -> int:
@@ -93,6 +103,14 @@ class Gradients:
     def distributed(self) -> bool:
         """Some gradient is a shard (FSDP1) or a DTensor, or this rank joins a shard all-reduce."""
         return self.sharded or not self.whole
+
+    def param(self, pid: tuple[int, int]) -> Optional[Tensor]:
+        """The (detached) parameter at ``pid`` (a param group's index, a position in it), ``None`` if the
+        optimizer has none there (any more)."""
+        group, j = pid
+        if group < len(self.everyone) and j < len(self.everyone[group]):
+            return self.everyone[group][j].detach()
+        return None
 
     def all(self) -> list[Tensor]:
         """Every gradient (DTensors as DTensors), group after group."""

@@ -18,13 +18,14 @@ import math
 import sys
 import time
 import warnings
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any, Callable, Optional
 
 import torch
 from torch import Tensor
 from torchmetrics import Metric
 
+from lightning_l0l1.state import check_array, check_number, damaged
 from lightning_l0l1.stats import (
     COUNTER_FIELDS,
     RECORD_FIELDS,
@@ -342,9 +343,19 @@ class Publisher:
             if self.keep_norms:
                 self._epoch_norms.append(torch.where(record.finite, record.grad_norm, math.nan))
 
+    def interval(self, trainer_every: Optional[int]) -> Optional[int]:
+        """The logging interval: ``every``, else the trainer's ``log_every_n_steps`` (50 where it has none);
+        ``None`` where the trainer's is 0 (the trainer's logging is off, and so is the interval's)."""
+        if self.every is not None:
+            return self.every
+        if trainer_every is None:
+            return 50
+        return int(trainer_every) if int(trainer_every) > 0 else None
+
     def due(self, trainer_every: Optional[int]) -> bool:
         """An interval is complete."""
-        return self._since_log >= (self.every or max(1, int(trainer_every or 50)))
+        every = self.interval(trainer_every)
+        return every is not None and self._since_log >= every
 
     @property
     def pending(self) -> bool:
@@ -413,5 +424,35 @@ class Publisher:
         return {"since_log": self._since_log, "aggs": {key: agg.checkpoint() for key, agg in self._aggs.items()}}
 
     def load_state_dict(self, sd: dict[str, Any]) -> None:
-        self._since_log = int(sd.get("since_log", 0))
-        self._aggs = {key: StepStatistics.restore(saved) for key, saved in sd.get("aggs", {}).items()}
+        """Restore :meth:`state_dict`.
+
+        Raises:
+            TypeError, ValueError: a damaged field, named by its path (``interval.aggs[0].sums``).
+        """
+        if not isinstance(sd, Mapping):
+            raise damaged("interval", "a dict", sd, TypeError)
+        since = int(check_number("interval.since_log", sd.get("since_log", 0), integer=True, low=0))
+        aggs = sd.get("aggs", {})
+        if not isinstance(aggs, Mapping):
+            raise damaged("interval.aggs", "a dict", aggs, TypeError)
+        restored = {}
+        for key, saved in aggs.items():
+            path = f"interval.aggs[{key!r}]"
+            if isinstance(key, bool) or not isinstance(key, int) or key < 0:
+                raise damaged(path, "keyed by an optimizer index (an integer >= 0)", key, TypeError)
+            if not isinstance(saved, Mapping):
+                raise damaged(path, "a dict", saved, TypeError)
+            for name in ("n_values", *StepStatistics.STATES):
+                if name not in saved:
+                    raise damaged(path, f"a dict with `{name}`", f"one without it (keys {sorted(map(str, saved))})")
+            n = int(check_number(f"{path}.n_values", saved["n_values"], integer=True, low=1))
+            check_array(f"{path}.sums", saved["sums"], (n,), inf=True)
+            check_array(f"{path}.norm_max", saved["norm_max"], (), inf=True, neg_inf=True)
+            check_array(f"{path}.norm_min", saved["norm_min"], (), inf=True, neg_inf=True)
+            counts = {name: float(check_array(f"{path}.{name}", saved[name], (), low=0.0))
+                      for name in ("finite", "steps", "clipped")}
+            for name in ("finite", "clipped"):
+                if counts[name] > counts["steps"]:
+                    raise damaged(f"{path}.{name}", f"at most `steps` ({counts['steps']})", saved[name])
+            restored[key] = StepStatistics.restore(dict(saved))
+        self._since_log, self._aggs = since, restored

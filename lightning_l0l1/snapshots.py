@@ -101,6 +101,15 @@ class _Snapshot:
         dg, dp = self.differences(grads, params, norm_type)
         return torch.stack([_total(dg, norm_type), _total(dp, norm_type)])
 
+    def partial_difference_norms(
+        self, grads: list[Optional[Tensor]], params: list[Optional[Tensor]], norm_type: float
+    ) -> Tensor:
+        """:meth:`difference_norms` over some of the snapshot's tensors only: ``grads[i]``/``params[i]``
+        is the current tensor of the snapshot's tensor ``i``, ``None`` for one left out (a parameter that
+        has no gradient now); a side with none given has norm 0. The snapshot is left as it was (the
+        differences are formed in temporaries), so that it can still serve a later pair."""
+        raise NotImplementedError
+
 
 class FullSnapshot(_Snapshot):
     """The gradients and parameters of the previous estimation step, whole.
@@ -136,10 +145,18 @@ class FullSnapshot(_Snapshot):
         Offloaded, each difference is formed on the device, reduced to its norm and freed before
         the next one, and the 1-element norms are returned (their p-norm is the same).
         """
+        return self._differences(self.grads, self.params, grads, params, norm_type)
+
+    def _differences(
+        self, buf_grads: list[Tensor], buf_params: list[Tensor], grads: list[Tensor], params: list[Tensor],
+        norm_type: float, inplace: bool = True,
+    ) -> tuple[list[Tensor], list[Tensor]]:
+        if not self.offload and not inplace:
+            return ([b - t for b, t in zip(buf_grads, grads)], [b - t for b, t in zip(buf_params, params)])
         if not self.offload:
-            torch._foreach_sub_(self.grads, grads)  # pyright: ignore[reportPrivateImportUsage]
-            torch._foreach_sub_(self.params, params)  # pyright: ignore[reportPrivateImportUsage]
-            return self.grads, self.params
+            torch._foreach_sub_(buf_grads, grads)  # pyright: ignore[reportPrivateImportUsage]
+            torch._foreach_sub_(buf_params, params)  # pyright: ignore[reportPrivateImportUsage]
+            return buf_grads, buf_params
 
         def norms(bufs: list[Tensor], cur: list[Tensor]) -> list[Tensor]:
             out = []
@@ -149,7 +166,18 @@ class FullSnapshot(_Snapshot):
                 out.append(torch.linalg.vector_norm(d, norm_type, dtype=acc).view(1))
             return out
 
-        return norms(self.grads, grads), norms(self.params, params)
+        return norms(buf_grads, grads), norms(buf_params, params)
+
+    def partial_difference_norms(
+        self, grads: list[Optional[Tensor]], params: list[Optional[Tensor]], norm_type: float
+    ) -> Tensor:
+        kg = [i for i, g in enumerate(grads) if g is not None]
+        kp = [i for i, p in enumerate(params) if p is not None]
+        dg, dp = self._differences([self.grads[i] for i in kg], [self.params[i] for i in kp],
+                                   [grads[i] for i in kg], [params[i] for i in kp],  # type: ignore[misc]
+                                   norm_type, inplace=False)
+        zero = self.norm.new_zeros(()) if self.norm is not None else torch.zeros(())
+        return torch.stack([_total(dg, norm_type) if dg else zero, _total(dp, norm_type) if dp else zero])
 
     def take(self, grads: list[Tensor], params: list[Tensor], norm: Tensor, step: int) -> None:
         layout = tuple(tuple(t.shape) for t in grads)
@@ -392,21 +420,25 @@ class SampledSnapshot(_Snapshot):
         views, no copy) at the current plan. Apart, so that the whole ones, all contiguous and of one
         dtype, can take a fused kernel on a GPU."""
         theirs: list[tuple[list[Tensor], list[Tensor]]] = [([], []) for _ in self._groups]
-        block = self.block
         for tensors in (grads, params):
             for t, s, spec in zip(tensors, self._slots, self._specs):
                 whole, sampled = theirs[s.group]
                 if spec is None:
                     whole.append(t)
                     continue
-                k, first, jump, tail_at, tail = spec
-                if not t.is_contiguous():  # a copy; gradients and parameters are contiguous as a rule
-                    t = t.contiguous()
-                base = t.storage_offset()
-                sampled.append(t.as_strided((k, block), (jump, 1), base + first))
-                if tail:
-                    sampled.append(t.as_strided((tail,), (1,), base + tail_at))
+                sampled += self._sampled_views(t, spec)
         return [pair for mine, yours in zip(self._mine, theirs) for pair in zip(mine, yours)]
+
+    def _sampled_views(self, t: Tensor, spec: tuple[int, int, int, int, int]) -> list[Tensor]:
+        """The sampled blocks (and the tail) of ``t`` at the current plan: strided views, no copy."""
+        k, first, jump, tail_at, tail = spec
+        if not t.is_contiguous():  # a copy; gradients and parameters are contiguous as a rule
+            t = t.contiguous()
+        base = t.storage_offset()
+        out = [t.as_strided((k, self.block), (jump, 1), base + first)]
+        if tail:
+            out.append(t.as_strided((tail,), (1,), base + tail_at))
+        return out
 
     def _block_weights(self, norm_type: float) -> list[tuple[Tensor, Tensor]]:
         """Per group, what each block's norm is multiplied by (``(nb / k) ** (1/p)`` for a sampled block,
@@ -460,6 +492,39 @@ class SampledSnapshot(_Snapshot):
         # (a group of empty tensors only has no block: its norms are 0)
         sides: list[Tensor] = [torch.linalg.vector_norm(n, norm_type, dim=1) if n.shape[1] else n.new_zeros(2)
                                for n in self._block_norms(norm_type)]
+        return sides[0] if len(sides) == 1 else _combine(sides, norm_type)
+
+    def partial_difference_norms(
+        self, grads: list[Optional[Tensor]], params: list[Optional[Tensor]], norm_type: float
+    ) -> Tensor:
+        """The tensors left out are zeroed in the buffer (a zero block adds nothing to a norm); the others'
+        differences are formed as in :meth:`difference_norms`, so the estimate is over the kept tensors'
+        samples, each weighted as before; the buffers are put back afterwards (a copy: under 2% of the
+        gradient bytes)."""
+        saved = [grp.buffer.clone() for grp in self._groups]
+        mine: list[Tensor] = []
+        theirs: list[Tensor] = []
+        out: list[Tensor] = []
+        for side, tensors in ((0, grads), (1, params)):
+            for i, (t, s, spec) in enumerate(zip(tensors, self._slots, self._specs)):
+                if spec is None:
+                    views, cur = [self._view(side, i, 0)], None if t is None else [t]
+                else:
+                    views = [self._view(side, i, spec[0])] + ([self._view(side, i, -1)] if s.tail else [])
+                    cur = None if t is None else self._sampled_views(t, spec)
+                if cur is None:
+                    out += views
+                else:
+                    mine += views
+                    theirs += cur
+        if out:
+            torch._foreach_zero_(out)  # pyright: ignore[reportPrivateImportUsage]
+        if mine:
+            torch._foreach_sub_(mine, theirs)  # pyright: ignore[reportPrivateImportUsage]
+        sides: list[Tensor] = [torch.linalg.vector_norm(n, norm_type, dim=1) if n.shape[1] else n.new_zeros(2)
+                               for n in self._block_norms(norm_type)]
+        for grp, buffer in zip(self._groups, saved):
+            grp.buffer.copy_(buffer)
         return sides[0] if len(sides) == 1 else _combine(sides, norm_type)
 
     def differences(
@@ -564,6 +629,21 @@ class SampledSnapshot(_Snapshot):
             self._bind()
         if self.norm is not None:
             self.norm = self.norm.to(device)
+
+    # -- pickling -------------------------------------------------------------------------------
+
+    def __getstate__(self) -> dict[str, Any]:
+        """Without the cached views of the buffers: pickled apart from their buffer, they would each get a
+        storage of their own (``pickle``, unlike ``torch.save`` and ``deepcopy``, does not keep views
+        shared); :meth:`__setstate__` rebuilds them on the unpickled buffers."""
+        state = self.__dict__.copy()
+        state.update(_views={}, _mine=[], _weights=None)
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        if self._plan:
+            self._bind()
 
     # -- what tests and benchmarks inspect --------------------------------------------------------
 

@@ -480,6 +480,27 @@ def test_a_checkpoint_saved_before_prefix_entered_the_state_key_still_resumes(tm
     assert cb_b.latest()["x/steps"] == 12  # 6 restored + 6 new
 
 
+@pytest.mark.parametrize("other", [dict(prefix="x/"), dict(nonfinite="zero")])
+def test_resuming_under_the_earlier_state_key_gives_no_missing_callback_warning(tmp_path, other):
+    """A checkpoint of a callback with a non-default `prefix` or `nonfinite`, saved under the key it had
+    before they entered the key: the state resumes (the step count continues) and Lightning does not warn
+    that the checkpoint's callbacks are missing (it matches the state to this callback)."""
+    ds = make_data()
+    ckpt = ModelCheckpoint(dirpath=tmp_path, save_last=True)
+    cb_a = L0L1Clipping(mode="clip", max_norm=0.5, **other)
+    trainer(callbacks=[cb_a, ckpt], max_epochs=1, enable_checkpointing=True).fit(Regressor(make_net()), loader(ds))
+    data = torch.load(tmp_path / "last.ckpt", weights_only=False)
+    data["callbacks"][L0L1Clipping(mode="clip", max_norm=0.5).state_key] = data["callbacks"].pop(cb_a.state_key)
+    torch.save(data, tmp_path / "old.ckpt")
+    cb_b = L0L1Clipping(mode="clip", max_norm=0.5, **other)
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        trainer(callbacks=[cb_b], max_epochs=2).fit(Regressor(make_net()), loader(ds), ckpt_path=tmp_path / "old.ckpt")
+    assert cb_b.latest()[f"{other.get('prefix', 'l0l1/')}steps"] == 12  # 6 restored + 6 new
+    assert not [w for w in seen if "L0L1Clipping" in str(w.message) and "callbacks" in str(w.message)]
+    assert cb_b.state_key != L0L1Clipping(mode="clip", max_norm=0.5).state_key  # its own key again after
+
+
 class _LBFGSRegressor(Regressor):
     def configure_optimizers(self) -> torch.optim.Optimizer:
         return torch.optim.LBFGS(self.net.parameters(), lr=0.1, max_iter=5)

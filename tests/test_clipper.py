@@ -722,7 +722,7 @@ def test_auto_resumes_bitwise_from_a_version_1_state_dict():
     run(full, net, opt, data[12:])
 
     sd, opt_sd, params = saved
-    assert sd["version"] == 2 and sd["optimizers"][0]["momentum"]["amp_count"] > 0
+    assert sd["version"] == 3 and sd["optimizers"][0]["momentum"]["amp_count"] > 0
     v1 = {"version": 1, "optimizers": {}}
     for k, st in sd["optimizers"].items():
         st = dict(st)

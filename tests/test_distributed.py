@@ -126,7 +126,7 @@ class _Job:
 @pytest.fixture(scope="module")
 def jobs(tmp_path_factory: pytest.TempPathFactory):
     started: dict[str, _Job] = {}
-    ddp_port, fsdp2_port, fsdp2_auto_port, fsdp1_port = free_ports(4)
+    ddp_port, fsdp2_port, fsdp2_auto_port, fsdp1_port, join_port = free_ports(5)
     try:
         for name, args, port in (
             ("ddp", ["ddp"], ddp_port),
@@ -143,6 +143,12 @@ def jobs(tmp_path_factory: pytest.TempPathFactory):
             for r in range(C.WORLD)
         ]
         started["fsdp1"] = _Job("fsdp1", cmds, out, port, C.WORLD)
+        out = tmp_path_factory.mktemp("join")
+        cmds = [
+            [sys.executable, str(SCRIPTS / "join_worker.py"), str(r), str(C.WORLD), str(join_port), str(out)]
+            for r in range(C.WORLD)
+        ]
+        started["join"] = _Job("join", cmds, out, join_port, C.WORLD)
         yield started
     finally:
         for job in started.values():
@@ -302,6 +308,36 @@ def test_a_gradient_non_finite_on_one_rank_only_is_skipped_on_every_rank(
     else:
         assert counts == (0, 1) and not same
         assert r0["all_reduces"] == [0] * C.STEPS
+
+
+def test_uneven_inputs_under_join_with_the_joinable_verdict(jobs: dict[str, _Job]) -> None:
+    """A plain DDP loop under ``Join`` with uneven inputs (rank 0: 6 batches, rank 1: 3) and
+    ``agree=AllRanksFinite()`` listed in ``Join``: both ranks finish (rank 1 shadows the verdict's
+    all-reduce while rank 0 goes on), and rank 0's norms and final parameters equal ``GradientClipper()``
+    in one process fed what DDP gives it: the mean gradient of both ranks' batches for 3 steps, then
+    rank 0's alone divided by the initial world size (rank 1 adds zeros)."""
+    from lightning_l0l1 import GradientClipper
+
+    join = _load("join_worker")
+    r0, r1 = jobs["join"].outputs()
+    net = C.make_net()
+    opt = torch.optim.SGD(net.parameters(), lr=C.LR)
+    clipper, norms = GradientClipper(), []
+    for step in range(join.JOIN_STEPS[0]):
+        grads = [torch.zeros_like(p) for p in net.parameters()]
+        for rank in range(C.WORLD):
+            if step < join.JOIN_STEPS[rank]:
+                net.zero_grad()
+                C.loss_fn(net, *join.batch(rank, step)).backward()
+                grads = [g + p.grad / C.WORLD for g, p in zip(grads, net.parameters())]
+        for p, g in zip(net.parameters(), grads):
+            p.grad = g
+        norms.append(float(clipper.step(opt).norm))  # type: ignore[union-attr]
+        opt.step()
+    assert len(r0["norms"]) == 6 and len(r1["norms"]) == 3
+    _close(r0["norms"], norms, 1e-5, what="rank 0: norms")
+    _close(r1["norms"], norms[:3], 1e-5, what="rank 1: norms")
+    _params_close(r0["params"], [p.detach() for p in net.parameters()], "rank 0: final parameters")
 
 
 # ---------------------------------------------------------------------------------------- FSDP2

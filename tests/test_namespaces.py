@@ -44,6 +44,8 @@ def test_fit_resume_cli_and_loggers_under_each_namespace(ns, tmp_path):
     fit = r["fit"]
     assert fit["class_module"] == module and fit["is_callback"]
     assert fit["steps"] == 24 and fit["resume_bitwise"] and fit["csv_has_l0l1"]
+    # a state under its earlier key resumes, without Lightning's "callbacks are missing" warning
+    assert r["legacy"]["resumed"] == 2 * r["legacy"]["first"] and not r["legacy"]["missing_warning"]
     for key in ("cli_auto", "cli_explicit"):  # both class paths resolve to this namespace's Callback subclass
         assert r[key] == {"max_norm": 0.5, "steps": 4.0, "class_module": module}, key
     assert r["wandb"] == {"steps": 4.0, "sinks_found_wandb": True}

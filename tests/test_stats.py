@@ -286,6 +286,23 @@ def test_csv_rows_at_the_interval_with_reference_values(tmp_path, cb_every, trai
     assert any(0 < r < 1 for r in rates), rates
 
 
+def test_trainer_log_every_n_steps_0_turns_interval_logging_off(tmp_path):
+    """`Trainer(log_every_n_steps=0)` turns the trainer's logging off: the callback (with no interval of its
+    own) logs no interval either, not even the last partial one; with an interval of its own it logs."""
+    cb = L0L1Clipping(mode="clip", max_norm=30.0)
+    tr = trainer(callbacks=[cb], logger=CSVLogger(tmp_path, name="csv", version=0), max_epochs=2,
+                 log_every_n_steps=0)
+    tr.fit(Regressor(make_net()), loader(make_data()))
+    assert tr.global_step == 12
+    csv = tmp_path / "csv" / "version_0" / "metrics.csv"
+    assert not csv.exists() or "l0l1/" not in csv.read_text()
+    own = L0L1Clipping(mode="clip", max_norm=30.0, log_every_n_steps=4)
+    trainer(callbacks=[own], logger=CSVLogger(tmp_path, name="own", version=0), max_epochs=2,
+            log_every_n_steps=0).fit(Regressor(make_net()), loader(make_data()))
+    rows = (tmp_path / "own" / "version_0" / "metrics.csv").read_text().splitlines()
+    assert "l0l1/grad_norm" in rows[0] and len(rows) == 4  # the header and steps 4, 8, 12
+
+
 def test_csv_estimate_and_two_param_groups(tmp_path):
     cb = L0L1Clipping(mode="clip", max_norm=30.0, estimate=True, log_every_n_steps=3)
     _, after = fit(cb, Regressor(make_net(), two_groups=True), tmp_path, 3)

@@ -85,6 +85,25 @@ class Run:
             "csv_has_l0l1": "l0l1/grad_norm" in rows[0],
         }
 
+    def legacy_key_resume(self) -> dict[str, Any]:
+        """A `prefix="x/"` callback's state saved under the key it had before `prefix` entered it: resumed,
+        with or without Lightning's "callbacks ... missing" warning."""
+        ckpt_dir = self.out / "ckpt_legacy"
+        cb_a = self.L0L1Clipping(mode="clip", max_norm=0.5, prefix="x/")
+        ckpt = self.callbacks.ModelCheckpoint(dirpath=str(ckpt_dir), save_last=True)
+        self.trainer(callbacks=[cb_a, ckpt], max_epochs=1, enable_checkpointing=True).fit(self.Tiny())
+        data = torch.load(ckpt_dir / "last.ckpt", weights_only=False)
+        old_key = self.L0L1Clipping(mode="clip", max_norm=0.5).state_key
+        data["callbacks"][old_key] = data["callbacks"].pop(cb_a.state_key)
+        torch.save(data, ckpt_dir / "old.ckpt")
+        cb_b = self.L0L1Clipping(mode="clip", max_norm=0.5, prefix="x/")
+        with warnings.catch_warnings(record=True) as seen:
+            warnings.simplefilter("always")
+            self.trainer(callbacks=[cb_b], max_epochs=2).fit(self.Tiny(), ckpt_path=str(ckpt_dir / "old.ckpt"))
+        return {"first": cb_a.latest()["x/steps"], "resumed": cb_b.latest()["x/steps"],
+                "missing_warning": any("callbacks used to create the checkpoint" in str(w.message)
+                                       and "L0L1Clipping" in str(w.message) for w in seen)}
+
     def cli(self, class_path: str) -> dict[str, Any]:
         config = self.out / f"cli_{class_path.replace('.', '_')}.yaml"
         config.write_text(
@@ -118,6 +137,7 @@ def main() -> None:
     result = {
         "namespace": lightning_l0l1.namespace(),
         "fit": run.fit_and_resume(),
+        "legacy": run.legacy_key_resume(),
         "cli_auto": run.cli("lightning_l0l1.L0L1Clipping"),
         "cli_explicit": run.cli(f"lightning_l0l1.{ns}.L0L1Clipping"),
         "wandb": run.wandb_logger(),
