@@ -346,8 +346,8 @@ def _check_optimizer(path: str, sd: Any) -> None:
         if sd.get(name) is not None:
             check_number(f"{path}.{name}", sd[name], low=0.0, nan=True)
     if sd.get("previous") is not None:  # auto under momentum: each group's factor at the last step
-        prev = check_array(f"{path}.previous", sd["previous"])
-        if prev.dim() != 1 or not bool(((prev >= 0) & (prev <= 1)).all()):
+        prev = check_array(f"{path}.previous", sd["previous"], nan=True)  # NaN: no factor yet for that group
+        if prev.dim() != 1 or not bool(((prev >= 0) & (prev <= 1) | torch.isnan(prev)).all()):
             raise damaged(f"{path}.previous", "a list of factors in [0, 1], one per param group", sd["previous"])
     if sd.get("snapshot"):
         n = _check_snapshot(f"{path}.snapshot", sd["snapshot"])

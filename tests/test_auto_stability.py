@@ -1,11 +1,11 @@
 """``auto`` never ends above its start and never diverges after converging (hypothesis).
 
 Random diagonal and rotated ill-conditioned quadratics (condition number up to 1e4) and a small MLP,
-in float32 and bfloat16, learning rates over four decades (1e-3 to 10 for SGD, 1e-4 to 0.1 for Adam and
-AdamW), SGD with momentum 0 / 0.5 / 0.9 / 0.99 with and without Nesterov, Adam and AdamW. The reference is the loss at the start: ``auto`` must end below
-it, stay finite, and once it has brought the loss under 1% of the start, never climb back above the
-start. The default profile runs a few examples of :data:`STEPS` steps; ``HYPOTHESIS_PROFILE=long`` runs
-500 examples of 5000 steps.
+in float32 and bfloat16, learning rates over four decades (1e-3 to 10 for SGD, 1e-4 to 0.1 for Adam
+and AdamW), SGD with momentum 0 / 0.5 / 0.9 / 0.99 with and without Nesterov, Adam and AdamW. The
+reference is the loss at the start: ``auto`` must end below it, stay finite, and once it has brought
+the loss under 1% of the start, never climb back above the start. The default profile runs a few
+examples of :data:`STEPS` steps; ``HYPOTHESIS_PROFILE=long`` runs 500 examples of 5000 steps.
 """
 
 from __future__ import annotations
