@@ -3,8 +3,8 @@
 Random diagonal and rotated ill-conditioned quadratics (condition number up to 1e4) and a small MLP,
 in float32 and bfloat16, learning rates over four decades (1e-3 to 10 for SGD, 1e-4 to 0.1 for Adam
 and AdamW), SGD with momentum 0 / 0.5 / 0.9 / 0.99 with and without Nesterov, Adam and AdamW. The
-reference is the loss at the start: ``auto`` must end below it, stay finite, and once it has brought
-the loss under 1% of the start, never climb back above the start. The default profile runs a few
+reference is the loss at the start: ``auto`` must end below it, stay finite, and once it has kept
+the loss under 1% of the start for 100 steps, never climb back above the start. The default profile runs a few
 examples of :data:`STEPS` steps; ``HYPOTHESIS_PROFILE=long`` runs 500 examples of 5000 steps.
 """
 
@@ -26,6 +26,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 LONG = os.environ.get("HYPOTHESIS_PROFILE") == "long"
 STEPS = 5000 if LONG else 600
+HOLD = 100
 _SUPPRESS = [HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.function_scoped_fixture]
 
 OPTIMIZERS = [
@@ -54,11 +55,14 @@ def _check(losses: list[float], what: str) -> None:
     assert all(math.isfinite(v) for v in losses), f"{what}: a loss is not finite at step " \
         f"{next(i for i, v in enumerate(losses) if not math.isfinite(v))}"
     assert losses[-1] <= start, f"{what}: ends at {losses[-1]:.4g}, above its start {start:.4g}"
-    converged = next((i for i, v in enumerate(losses) if v < 1e-2 * start), None)
-    if converged is not None:
+    # converged: 100 steps in a row under 1% of the start (a momentum run passes through the minimum
+    # while it still oscillates; that is not convergence)
+    below = [v < 1e-2 * start for v in losses]
+    converged = next((i + HOLD for i in range(len(losses) - HOLD) if all(below[i:i + HOLD])), None)
+    if converged is not None and converged < len(losses):
         worst = max(losses[converged:])
-        assert worst <= start, (f"{what}: under 1% of the start {start:.4g} at step {converged}, then back up to "
-                                f"{worst:.4g} at step {converged + losses[converged:].index(worst)}")
+        assert worst <= start, (f"{what}: under 1% of the start {start:.4g} for {HOLD} steps up to step {converged}, "
+                                f"then back up to {worst:.4g} at step {converged + losses[converged:].index(worst)}")
 
 
 @st.composite
