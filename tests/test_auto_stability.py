@@ -1,7 +1,7 @@
 """``auto`` never ends above its start and never diverges after converging (hypothesis).
 
 Random diagonal and rotated ill-conditioned quadratics (condition number up to 1e4) and a small MLP,
-in float32 and bfloat16, learning rates over four decades (1e-3 to 10 for SGD, 1e-4 to 0.1 for Adam
+in float32 and bfloat16, learning rates over four decades (1e-3 to 10 for SGD, 1e-5 to 0.1 for Adam
 and AdamW), SGD with momentum 0 / 0.5 / 0.9 / 0.99 with and without Nesterov, Adam and AdamW. The
 reference is the loss at the start: ``auto`` must end below it, stay finite, and once it has kept
 the loss under 1% of the start for 100 steps, never climb back above the start. The default profile runs a few
@@ -37,7 +37,7 @@ OPTIMIZERS = [
 
 def _lr(kind: tuple[str, float, bool], position: float) -> float:
     """``position`` in [0, 1] across the optimizer family's four decades."""
-    low = -4.0 if kind[0] in ("adam", "adamw") else -3.0
+    low = -5.0 if kind[0] in ("adam", "adamw") else -3.0
     return 10.0 ** (low + 4.0 * position)
 
 
