@@ -287,7 +287,7 @@ class GradientClipper:
         grads = Gradients.collect(optimizer, process_group, is_shard)
         if grads is None:
             return None
-        lrs = handoff.begin(optimizer, self, grads.all(), self.foreach)
+        lrs = handoff.begin(optimizer, self, grads.all())
         norms = grads.norms(self.norm_type, self.foreach)
         ctx = StepContext(optimizer, grads, norms, total_norm(norms, self.norm_type), self.norm_type, lrs)
         finite = torch.isfinite(ctx.norm)

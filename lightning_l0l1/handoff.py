@@ -82,8 +82,9 @@ def unwrap(optimizer: Any) -> Any:
     reads them: a wrapper keeps its own ``__dict__``.
     """
     for _ in range(4):  # a wrapper of a wrapper at most, in practice
-        inner = getattr(optimizer, "__dict__", {}).get("_optimizer")
-        if not isinstance(inner, Optimizer) or inner is optimizer:
+        inner = next((x for x in (getattr(optimizer, "__dict__", {}).get("_optimizer"),
+                                  getattr(optimizer, "optimizer", None)) if isinstance(x, Optimizer)), None)
+        if inner is None or inner is optimizer:
             break
         optimizer = inner
     return optimizer
@@ -94,7 +95,7 @@ def in_step(optimizer: Optimizer) -> bool:
     return optimizer in _IN_STEP
 
 
-def begin(optimizer: Optimizer, owner: object, grads: Sequence[Tensor], foreach: Optional[bool]) -> list[Any]:
+def begin(optimizer: Optimizer, owner: object, grads: Sequence[Tensor]) -> list[Any]:
     """Start ``owner``'s work on ``optimizer``'s coming step; the user's learning rate of each group.
 
     A plan ``owner`` itself staged belongs to a step that never ran: it is undone. Another clipper's
@@ -105,7 +106,7 @@ def begin(optimizer: Optimizer, owner: object, grads: Sequence[Tensor], foreach:
         _finish(optimizer)
         plan = None
     if plan is not None and plan.handoff:
-        _materialize(optimizer, plan, grads, foreach)
+        _materialize(optimizer, plan, grads)
     if plan is not None and plan.saved_lrs is not None and plan.applied:
         return list(plan.saved_lrs)
     return [g["lr"] for g in optimizer.param_groups]
@@ -164,15 +165,14 @@ def _finish(optimizer: Optimizer) -> None:
             optimizer.__dict__.pop(name, None)
 
 
-def _materialize(optimizer: Optimizer, plan: _Plan, grads: Sequence[Tensor], foreach: Optional[bool]) -> None:
+def _materialize(optimizer: Optimizer, plan: _Plan, grads: Sequence[Tensor]) -> None:
     """Apply another clipper's pending gradient scale to the gradients, and drop the hand-off."""
-    from lightning_l0l1.norms import scale_grads_
-
     grad_scale = optimizer.__dict__.pop("grad_scale", None)
     found_inf = optimizer.__dict__.pop("found_inf", None)
     plan.handoff = False
-    if grad_scale is not None:
-        scale_grads_(list(grads), torch.reciprocal(grad_scale), foreach)
+    if grad_scale is not None:  # divided, as the fused kernel would have
+        for g in grads:
+            g.div_(grad_scale.to(g.device))
     if found_inf is not None:  # a skip verdict: the gradients become non-finite, as the step would see them
         skip = found_inf.to(torch.bool)
         for g in grads:
