@@ -10,6 +10,8 @@ class of each, ``lightning_l0l1.pytorch_lightning.L0L1Clipping`` and
 
 from __future__ import annotations
 
+import importlib.util
+import math
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Generic, Literal, Optional, TypeVar, Union, overload
 
@@ -22,10 +24,13 @@ from lightning_l0l1 import validation
 from lightning_l0l1.clipper import GradientClipper, NonFinite, SnapshotKind, StepOutcome
 from lightning_l0l1.gradients import all_ranks_finite, average_over_ranks_
 from lightning_l0l1.modes import Mode
-from lightning_l0l1.publish import Publisher
+from lightning_l0l1.publish import Interval, LayerBy, LayerGrouping, Publisher
 from lightning_l0l1.stats import metric_name
 
 __all__ = ["L0L1ClippingBase"]
+
+#: An interval whose gradient was scaled by less than this is reported (with ``layer_norms``) once per fit.
+HARD_SCALE = 0.1
 
 T = TypeVar("T")
 #: A ``Trainer`` / ``LightningModule`` of either namespace (``pytorch_lightning`` or ``lightning.pytorch``).
@@ -142,6 +147,16 @@ class L0L1ClippingBase:
             communicates nothing) and under an fp16 GradScaler (which skips overflow steps itself).
             Sharded gradients (FSDP) need no extra collective: their norm's all-reduce carries a
             NaN to every rank.
+        layer_norms: also publish per-layer gradient norms (before scaling): ``"module"``, one norm per
+            module (``net.0`` for ``net.0.weight`` and ``net.0.bias``), or ``"parameter"``, one per
+            parameter; ``None`` (default): off. They are the per-tensor norms the global norm is formed
+            from, combined per layer and averaged over the interval on the device, and published with
+            the other statistics as ``l0l1/layer_grad_norm/<layer>`` (mean) and
+            ``l0l1/layer_grad_norm_max/<layer>``, and in W&B as a histogram and a table: a replacement
+            for ``lightning.pytorch.utilities.grad_norm`` that reads nothing on the host per step.
+            A non-finite step's warning, and an interval whose gradient was scaled by less than 0.1,
+            name the layers with the largest norms. Off by default because it adds two metrics per
+            layer to every logger and a few small operations per step.
 
     Raises:
         ValueError: at construction, for any invalid argument (named, with its value).
@@ -197,6 +212,7 @@ class L0L1ClippingBase:
         wandb_table_every: int = 10,
         sync_nonfinite: Optional[bool] = None,
         snapshot: Optional[SnapshotKind] = None,
+        layer_norms: Optional[LayerBy] = None,
     ) -> None:
         super().__init__()
         if probe_loss is not None and not callable(probe_loss):
@@ -219,7 +235,20 @@ class L0L1ClippingBase:
         table_every: int = validation.count("wandb_table_every", wandb_table_every)  # type: ignore[assignment]
         self.publisher = Publisher(prefix, every, table_every, self.clipper.settings())
         self.sync_nonfinite = validation.flag("sync_nonfinite", sync_nonfinite, allow_none=True)
+        self.layer_norms: Optional[LayerBy] = (
+            None if layer_norms is None
+            else validation.choice("layer_norms", layer_norms, ("module", "parameter"))  # type: ignore[assignment]
+        )
+        self.clipper.keep_param_norms = self.layer_norms is not None and self.log_stats
+        if wandb_table_every != 10 and importlib.util.find_spec("wandb") is None:
+            rank_zero_warn(
+                f"`L0L1Clipping(wandb_table_every={wandb_table_every})` only affects W&B, and `wandb` is not "
+                "installed: the setting has no effect. `pip install wandb` (or the `wandb` extra) to use it."
+            )
         self._warned_nonfinite = False
+        self._warned_hard = False
+        self._lightning_names: set[str] = set()  # the metrics handed to pl_module.log this fit
+        self._last_metrics: dict[str, float] = {}
         self._fsdp1: Optional[tuple[Any]] = None  # (process_group,) under FSDP1, else None (checked once per fit)
         self._fsdp1_checked = False
 
@@ -274,6 +303,10 @@ class L0L1ClippingBase:
             _check_probe_setup(trainer, pl_module)
         self._fsdp1_checked = False
         self.publisher.reset()  # this trainer's loggers and W&B run, not those of an earlier fit
+        self._lightning_names, self._last_metrics, self._warned_hard = set(), {}, False
+        if self.layer_norms is not None:
+            names = {id(p): n for n, p in pl_module.named_parameters()}
+            self.publisher.layers = LayerGrouping(names, self.layer_norms, self.norm_type)
 
     def on_before_optimizer_step(
         self, trainer: Trainer, pl_module: LightningModule, optimizer: Optimizer
@@ -296,7 +329,7 @@ class L0L1ClippingBase:
         if outcome is None or outcome.record is None:
             return
         if self.log_stats:
-            self.publisher.add(key, outcome.record)
+            self.publisher.add(key, outcome.record, outcome.param_norms)
         if self.prog_bar:
             norm_name, scale_name = self.publisher.progress_names(key, several=len(trainer.optimizers) > 1)
             pl_module.log(norm_name, outcome.norm, prog_bar=True, logger=False, on_step=True)
@@ -316,36 +349,101 @@ class L0L1ClippingBase:
         if self.probe_loss is not None:
             self._probe(trainer, pl_module, batch)
         if self.log_stats and self.publisher.due(getattr(trainer, "log_every_n_steps", None)):
-            self._flush(trainer)
+            self._flush(trainer, pl_module)
 
     def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self.publisher.epoch_end(
-            trainer.global_step, trainer.current_epoch, self.log_stats and trainer.is_global_zero, trainer.loggers
+            _log_step(trainer), trainer.current_epoch, self.log_stats and trainer.is_global_zero, trainer.loggers
         )
 
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if not self.log_stats:
             return
-        if self.publisher.pending:
-            self._flush(trainer)
+        last = self._flush(trainer, None) if self.publisher.pending else None
         if trainer.is_global_zero:
-            self.publisher.finish(trainer.global_step, trainer.loggers, self.latest)
+            last_metrics = last.metrics if last is not None and last.metrics else self._last_metrics
+            self.publisher.finish(max(_log_step(trainer) - 1, 0), trainer.loggers, self.latest, last_metrics)
 
-    def _flush(self, trainer: Trainer) -> None:
-        self.publisher.flush(
-            trainer.global_step, trainer.is_global_zero, trainer.loggers, self.clipper.device_counters,
-            self.clipper.estimate,
-        )
+    def _through_lightning(self, trainer: Trainer) -> bool:
+        """The interval coincides with the trainer's logging steps: the rows go through ``pl_module.log``."""
+        trainer_every = int(getattr(trainer, "log_every_n_steps", 0) or 0)
+        return trainer_every > 0 and self.publisher.every in (None, trainer_every)
+
+    def _flush(self, trainer: Trainer, pl_module: Optional[LightningModule]) -> Interval:
+        """Publish the interval: one device-to-host transfer on every rank, no collective.
+
+        Inside ``on_train_batch_end`` (``pl_module`` given) the metrics are handed to
+        ``pl_module.log`` as CPU tensors (nothing more is read from the device), so that
+        ``trainer.callback_metrics``, ``EarlyStopping``, ``ModelCheckpoint`` and the progress bar see
+        them, and where the interval is the trainer's ``log_every_n_steps`` Lightning writes them in
+        the same row, at the same step, as the module's own ``self.log`` values. Otherwise (another
+        interval, the last partial interval at the end of training) rank zero writes them to the
+        loggers itself, at the step Lightning would give them.
+        """
+        interval = self.publisher.collect(self.clipper.device_counters, self.clipper.estimate)
+        through = pl_module is not None and self._through_lightning(trainer)
+        if pl_module is not None:
+            self._log_to_lightning(trainer, pl_module, interval.metrics, logger=through)
+        if interval.metrics:
+            self._last_metrics = interval.metrics
+        step = _log_step(trainer) - (1 if pl_module is None else 0)
+        if trainer.is_global_zero:
+            self.publisher.publish(interval, max(step, 0), trainer.loggers, not through, self.clipper.estimate)
+        self._warn_hard(trainer, interval)
+        return interval
+
+    def _log_to_lightning(
+        self, trainer: Trainer, pl_module: LightningModule, metrics: dict[str, float], logger: bool
+    ) -> None:
+        """``pl_module.log`` every metric of the interval; metrics not defined this interval are withdrawn
+        from Lightning's step results (else Lightning would write their last value again)."""
+        fx = getattr(pl_module, "_current_fx_name", None) or "on_train_batch_end"
+        results = getattr(trainer, "_results", None)
+        for name in self._lightning_names.difference(metrics):
+            item = results.get(f"{fx}.{name}") if results is not None else None
+            if item is not None and hasattr(item, "reset"):
+                item.reset()
+        for name, value in metrics.items():
+            # a CPU tensor: Lightning's own conversions then read nothing from the device
+            pl_module.log(name, torch.tensor(value, dtype=torch.float64), on_step=True, on_epoch=False,
+                          prog_bar=False, logger=logger, batch_size=1)
+        self._lightning_names.update(metrics)
 
     def _warn_nonfinite(self, trainer: Trainer, outcome: StepOutcome) -> None:
         if not self._warned_nonfinite:
             self._warned_nonfinite = True
+            layers = ""
+            if self.publisher.last_layer_norms:  # read once, in this one warning
+                names, norms = self.publisher.last_layer_norms[min(self.publisher.last_layer_norms)]
+                bad = [n for n, v in zip(names, norms.tolist()) if not math.isfinite(v)]
+                if bad:
+                    layers = f" Layers with a non-finite gradient norm: {', '.join(bad[:10])}" + (
+                        f" and {len(bad) - 10} more." if len(bad) > 10 else ".")
             rank_zero_warn(
                 f"`L0L1Clipping`: the global gradient norm is not finite at step {trainer.global_step}; "
-                f"the step's gradients were {outcome.action} (`nonfinite={self.nonfinite!r}`). "
+                f"the step's gradients were {outcome.action} (`nonfinite={self.nonfinite!r}`).{layers} "
                 f"Further non-finite steps are counted in `{metric_name(self.prefix, 'nonfinite_steps')}` "
                 "without a warning."
             )
+
+    def _warn_hard(self, trainer: Trainer, interval: Interval) -> None:
+        """Once per fit: an interval whose gradient was scaled by less than :data:`HARD_SCALE`, naming the
+        layers with the largest norms at that step (from the interval's transfer: no extra read)."""
+        if self._warned_hard:
+            return
+        for key, (names, _, _, worst, scale) in sorted(interval.layers.items()):
+            if scale < HARD_SCALE:
+                self._warned_hard = True
+                top = sorted(zip(worst, names), reverse=True)[:3]
+                total = math.fsum(v * v for v in worst if math.isfinite(v)) or 1.0
+                listed = ", ".join(f"{n} ({v:.4g}, {100 * v * v / total:.0f}% of the squared norm)" for v, n in top)
+                which = f" of optimizer {key}" if len(interval.layers) > 1 else ""
+                rank_zero_warn(
+                    f"`L0L1Clipping`: the gradient{which} was scaled by {scale:.3g} (less than {HARD_SCALE}) in "
+                    f"the logging interval ending at step {trainer.global_step}. The largest layer gradient "
+                    f"norms at that step: {listed}. This warning is shown once per fit."
+                )
+                return
 
     def _probe(self, trainer: Trainer, pl_module: LightningModule, batch: Any) -> None:
         """The gradient of this step's batch at the step's midpoint, averaged over data-parallel ranks."""
@@ -417,6 +515,13 @@ def _check_probe_setup(trainer: Trainer, pl_module: LightningModule) -> None:
             f"{trainer.accumulate_grad_batches}: the step's gradient is summed over several batches, "
             "the probe would see only the last one."
         )
+
+
+def _log_step(trainer: Trainer) -> int:
+    """The step Lightning labels the current batch's logged rows with (its stepped batches so far)."""
+    loop = getattr(getattr(trainer, "fit_loop", None), "epoch_loop", None)
+    n = getattr(loop, "_batches_that_stepped", None)
+    return int(n) if isinstance(n, int) else max(int(trainer.global_step) - 1, 0)
 
 
 def _optimizer_index(trainer: Trainer, optimizer: Optimizer) -> int:

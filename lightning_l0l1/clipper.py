@@ -56,12 +56,16 @@ class StepOutcome:
             host, ``None`` when nothing was read (``propagate``, or a GradScaler decides).
         action: ``"scaled"``, or for a non-finite step ``"skipped"`` or ``"zeroed"``.
         record: the step's statistics, on the device (:class:`~lightning_l0l1.stats.StepRecord`).
+        param_norms: with :attr:`GradientClipper.keep_param_norms`: each parameter's gradient norm
+            before scaling, keyed by ``id(param)`` (0-d device tensors, the ones the global norm is
+            formed from; none for FSDP1 shards).
     """
 
     norm: Tensor
     finite: Optional[bool]
     action: str = "scaled"
     record: Optional[StepRecord] = None
+    param_norms: Optional[dict[int, Tensor]] = None
 
 
 class _HostFlag:
@@ -159,6 +163,10 @@ class GradientClipper:
         >>> round(float(torch.nn.utils.get_total_norm([p.grad for p in model.parameters()])), 4)
         1.0
     """
+
+    #: keep each parameter's gradient norm in :attr:`StepOutcome.param_norms` (the per-layer statistics;
+    #: no extra computation: they are the per-tensor norms the global norm is formed from).
+    keep_param_norms: bool = False
 
     def __init__(
         self,
@@ -269,7 +277,7 @@ class GradientClipper:
         grads = Gradients.collect(optimizer, process_group, is_shard)
         if grads is None:
             return None
-        norms = grads.norms(self.norm_type, self.foreach)
+        norms = grads.norms(self.norm_type, self.foreach, keep_per_tensor=self.keep_param_norms)
         ctx = StepContext(optimizer, grads, norms, total_norm(norms, self.norm_type), self.norm_type,
                           [g["lr"] for g in optimizer.param_groups])
         finite = torch.isfinite(ctx.norm)
@@ -292,7 +300,7 @@ class GradientClipper:
             _scale_lrs_for_step(optimizer, ctx.lr_factors)
         record = self._record(state, ctx, per_group, scaled_norm, threshold, finite)
 
-        outcome = StepOutcome(norm=ctx.norm, finite=None, record=record)
+        outcome = StepOutcome(norm=ctx.norm, finite=None, record=record, param_norms=grads.param_norms)
         if flag is not None:
             outcome.finite = flag.get()
             if not outcome.finite:

@@ -57,6 +57,9 @@ class Gradients:
     process_group: Any = None
     sharded: bool = False
     device: Optional[torch.device] = None
+    #: with ``norms(keep_per_tensor=True)``: the gradient norm of each parameter, keyed by ``id(param)``
+    #: (0-d device tensors; FSDP1 shards have none).
+    param_norms: Optional[dict[int, Tensor]] = None
 
     @classmethod
     def collect(
@@ -105,13 +108,20 @@ class Gradients:
         params = [(cast("DTensor", p).to_local() if kind == "d" else p).detach() for kind, _, p in self.entries]
         return grads, params
 
-    def norms(self, norm_type: float, foreach: Optional[bool] = None, groups: Optional[Sequence[GradGroup]] = None
-              ) -> Tensor:
-        """The global norm of each of ``groups`` (default: the gradients' groups), reduced like the gradients."""
-        return group_norms(
+    def norms(self, norm_type: float, foreach: Optional[bool] = None, groups: Optional[Sequence[GradGroup]] = None,
+              keep_per_tensor: bool = False) -> Tensor:
+        """The global norm of each of ``groups`` (default: the gradients' groups), reduced like the gradients.
+
+        ``keep_per_tensor``: also keep the per-tensor norms they are formed from in :attr:`param_norms`.
+        """
+        per_tensor: Optional[dict[int, Tensor]] = {} if keep_per_tensor else None
+        out = group_norms(
             self.groups if groups is None else groups, norm_type, process_group=self.process_group,
-            sharded=self.sharded, foreach=foreach, device=self.device,
+            sharded=self.sharded, foreach=foreach, device=self.device, per_tensor=per_tensor,
         )
+        if per_tensor is not None:
+            self.param_norms = {id(p): per_tensor[id(g)] for _, g, p in self.entries if id(g) in per_tensor}
+        return out
 
     def like(self, tensors: Sequence[Tensor], flat: bool = False) -> GradGroup:
         """A :class:`GradGroup` of local ``tensors`` (one per entry) distributed like the gradients.
