@@ -367,7 +367,7 @@ class L0L1ClippingBase:
     def _through_lightning(self, trainer: Trainer) -> bool:
         """The interval coincides with the trainer's logging steps: the rows go through ``pl_module.log``."""
         trainer_every = int(getattr(trainer, "log_every_n_steps", 0) or 0)
-        return trainer_every > 0 and self.publisher.every in (None, trainer_every)
+        return bool(trainer.loggers) and trainer_every > 0 and self.publisher.every in (None, trainer_every)
 
     def _flush(self, trainer: Trainer, pl_module: Optional[LightningModule]) -> Interval:
         """Publish the interval: one device-to-host transfer on every rank, no collective.
@@ -439,8 +439,8 @@ class L0L1ClippingBase:
                 listed = ", ".join(f"{n} ({v:.4g}, {100 * v * v / total:.0f}% of the squared norm)" for v, n in top)
                 which = f" of optimizer {key}" if len(interval.layers) > 1 else ""
                 rank_zero_warn(
-                    f"`L0L1Clipping`: the gradient{which} was scaled by {scale:.3g} (less than {HARD_SCALE}) in "
-                    f"the logging interval ending at step {trainer.global_step}. The largest layer gradient "
+                    f"`L0L1Clipping`: the gradient{which} was scaled by {scale:.3g} (less than {HARD_SCALE}) on a "
+                    f"step of the logging interval logged at step {_log_step(trainer)}. The largest layer gradient "
                     f"norms at that step: {listed}. This warning is shown once per fit."
                 )
                 return
