@@ -285,6 +285,7 @@ class L0L1ClippingBase:
 
     # ------------------------------------------------------------------ hooks
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        self._match_namespace(trainer)
         strategy = trainer.strategy
         if "deepspeed" in type(strategy).__name__.lower():
             raise RuntimeError(
@@ -307,6 +308,37 @@ class L0L1ClippingBase:
         if self.layer_norms is not None:
             names = {id(p): n for n, p in pl_module.named_parameters()}
             self.publisher.layers = LayerGrouping(names, self.layer_norms, self.norm_type)
+
+    def _match_namespace(self, trainer: Trainer) -> None:
+        """Resolve the class from the Trainer: a callback of the other Lightning namespace becomes this one's.
+
+        ``lightning_l0l1.L0L1Clipping`` is resolved when it is first used, from the namespaces imported
+        so far; imported before ``lightning.pytorch`` (with ``pytorch_lightning`` installed too) it is
+        ``pytorch_lightning``'s. At ``setup`` the instance takes the class of the Trainer's namespace
+        (the two differ in their ``Callback`` base only), with one warning saying what to import. A
+        subclass of the other namespace's class cannot be converted: that raises.
+        """
+        want, have = _namespace_of(type(trainer), "Trainer"), _namespace_of(type(self), "Callback")
+        if want is None or have is None or want == have:
+            return
+        import importlib
+
+        target = importlib.import_module(f"lightning_l0l1.{want}").L0L1Clipping
+        source = importlib.import_module(f"lightning_l0l1.{have}").L0L1Clipping
+        fix = (f"`from lightning_l0l1.{want} import L0L1Clipping`, or import "
+               f"`{_PACKAGES[want]}` before using `lightning_l0l1.L0L1Clipping`")
+        if type(self) is not source:
+            raise RuntimeError(
+                f"`{type(self).__name__}` is a `{_PACKAGES[have]}` callback, but the Trainer is a "
+                f"`{_PACKAGES[want]}` Trainer: derive it from the `{_PACKAGES[want]}` class instead: {fix}."
+            )
+        self.__class__ = target
+        rank_zero_warn(
+            f"`L0L1Clipping` was created as a `{_PACKAGES[have]}` callback (`lightning_l0l1.L0L1Clipping` is "
+            f"resolved from the Lightning namespaces imported when it is first used), but the Trainer is a "
+            f"`{_PACKAGES[want]}` Trainer: it now runs as `lightning_l0l1.{want}.L0L1Clipping`. To create it "
+            f"as one: {fix}."
+        )
 
     def on_before_optimizer_step(
         self, trainer: Trainer, pl_module: LightningModule, optimizer: Optimizer
@@ -515,6 +547,21 @@ def _check_probe_setup(trainer: Trainer, pl_module: LightningModule) -> None:
             f"{trainer.accumulate_grad_batches}: the step's gradient is summed over several batches, "
             "the probe would see only the last one."
         )
+
+
+_PACKAGES = {"lightning": "lightning.pytorch", "pytorch_lightning": "pytorch_lightning"}
+
+
+def _namespace_of(cls: type, base: str) -> Optional[str]:
+    """``"lightning"`` or ``"pytorch_lightning"``: the package of the class named ``base`` in ``cls``'s MRO."""
+    for c in cls.__mro__:
+        if c.__name__ == base:
+            module = c.__module__
+            if module.startswith("lightning.pytorch."):
+                return "lightning"
+            if module.startswith("pytorch_lightning."):
+                return "pytorch_lightning"
+    return None
 
 
 def _log_step(trainer: Trainer) -> int:
