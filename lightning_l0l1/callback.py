@@ -58,7 +58,7 @@ class _Setting(Generic[T]):
 
 
 class L0L1ClippingBase:
-    r"""Scale the global gradient on every optimizer step: ``auto`` (nothing to tune), clipping, adaptive, (L0,L1).
+    r"""Scale the global gradient on every optimizer step: "auto" (nothing to tune), clipping, adaptive, (L0,L1).
 
     With :math:`g` the gradient of all parameters the optimizer steps (global over
     every process), each rule multiplies it by a factor :math:`0 \le s \le 1`:
@@ -86,81 +86,87 @@ class L0L1ClippingBase:
     none under an fp16 GradScaler, which skips overflow steps itself).
 
     Args:
-        mode: ``"auto"`` (default): no threshold to tune. Hard clipping with a base step and a step length
-            measured online, :math:`\eta_\text{eff} = \min(\eta, 1/\underline L, 2/(\tilde r\lVert g\rVert))`,
-            with :math:`\underline L` the smallest smoothness measured so far and :math:`\tilde r` the
-            median of smoothness / gradient norm over the last 20 pairs
-            (:func:`lightning_l0l1.rules.auto_scale`). It sets a plain-SGD step, corrected under SGD with
-            momentum by the measured ratio of the step taken to the step set; under Adam-type optimizers it
-            clips the gradient that enters their moments and bounds the step length through the learning
-            rate (:func:`lightning_l0l1.rules.auto_adaptive_scale`). It keeps a sample of the previous
-            step's gradients and parameters (``snapshot``: under 2% of the gradient bytes).
-            ``"clip"``, ``"adaptive"``: the threshold ``max_norm``; ``"l0l1"``: the constants ``l0``, ``l1``.
-        max_norm: the threshold :math:`\gamma` of ``clip`` and ``adaptive`` (> 0, required there);
-            ``auto`` refuses one (it sets its own), ``l0l1`` ignores it.
-        l0: :math:`L_0 \ge 0` for ``l0l1``.
-        l1: :math:`L_1 \ge 0` for ``l0l1`` (not both 0).
-        norm_type: p of the p-norm (``float("inf")`` or ``"inf"`` for the max-norm).
-        nonfinite: a NaN/Inf global norm: ``"skip"`` (default) drops the step (grads
-            set to ``None``, counted, warned once); ``"zero"`` zeroes the gradients;
-            ``"raise"`` raises :class:`~lightning_l0l1.NonFiniteGradientError` with the
-            step; ``"propagate"`` checks nothing, costs nothing, like torch.
-        foreach: use torch's ``_foreach`` kernels (``None``: where supported).
-        estimate: run the smoothness estimator (``None``: on in ``auto`` only); in the fixed modes
-            it only adds ``l0l1/smoothness``, ``l0l1/L0``, ``l0l1/L1``, ``l0l1/lr_suggested``.
-            Costs the snapshot (``snapshot``) and a few percent of a clipping step.
+        mode: "auto" (default): no threshold to tune. Hard clipping with a base step and a step length
+            measured online: the effective learning rate is η_eff = min(η, 1/L_min, 2/(r·‖g‖)), with L_min
+            the smallest smoothness measured so far and r the median of smoothness / gradient norm over
+            the last 20 pairs (`lightning_l0l1.rules.auto_scale`). It sets a plain-SGD step, corrected
+            under SGD with momentum by the measured ratio of the step taken to the step set; under
+            Adam-type optimizers it clips the gradient that enters their moments and bounds the step
+            length through the learning rate (`lightning_l0l1.rules.auto_adaptive_scale`). It keeps a
+            sample of the previous step's gradients and parameters (`snapshot`: under 2% of the
+            gradient bytes). "clip", "adaptive": the threshold `max_norm`; "l0l1": the constants `l0`, `l1`.
+        max_norm: the threshold γ of "clip" and "adaptive" (> 0, required there); "auto" refuses one
+            (it sets its own), "l0l1" ignores it.
+        l0: the constant L0 ≥ 0 of "l0l1".
+        l1: the constant L1 ≥ 0 of "l0l1" (not both 0).
+        norm_type: p of the p-norm (`float("inf")` or "inf" for the max-norm).
+        nonfinite: what a NaN/Inf global norm does: "skip" (default) drops the step (gradients set
+            to None, counted, warned once); "zero" zeroes the gradients; "raise" raises
+            `lightning_l0l1.NonFiniteGradientError` naming the step; "propagate" checks nothing and
+            costs nothing, like torch.
+        foreach: use torch's `_foreach` kernels (None: where supported).
+        estimate: run the smoothness estimator (None: on in "auto" only); in the fixed modes it only
+            adds `l0l1/smoothness`, `l0l1/L0`, `l0l1/L1`, `l0l1/lr_suggested`. Costs the snapshot
+            (`snapshot`) and a few percent of a clipping step.
         estimate_every: form a secant pair every K steps only, plus one at step 1 (cost divided by
             about K).
-        probe_loss: the paper's noise-free measurement. ``probe_loss(pl_module, batch)`` returns the
-            loss of ``batch`` (the step's own batch) as ``training_step`` computes it, without logging;
+        probe_loss: the paper's noise-free measurement. `probe_loss(pl_module, batch)` returns the
+            loss of `batch` (the step's own batch) as `training_step` computes it, without logging;
             after each estimated step the callback evaluates its gradient at the midpoint of the step
             and forms the secant pair from it, instead of from two different minibatches, whose
             noise biases the secant upwards. Costs one extra forward and backward pass per estimated
-            step (``estimate_every`` thins it). Implies ``estimate=True``; automatic optimization,
-            ``accumulate_grad_batches=1`` and unsharded gradients (single device, DDP) only.
-        snapshot: what the estimator keeps of the previous step: ``"sampled"`` (one block of 64
-            elements in 128 of every large tensor, under 2% of the gradient bytes; the norms of the
-            differences are estimated) or ``"full"`` (every gradient and parameter: two gradient-sized
-            buffers, the exact differences). ``None``: ``"full"`` with ``probe_loss`` or
-            ``snapshot_device="cpu"``, else ``"sampled"``.
-        snapshot_device: ``"cpu"`` keeps a full snapshot in host memory.
-        initial_step: ``auto``: the first update moves the parameters by at most
-            ``initial_step * max(||theta||, 1)``; the bound doubles every step. ``None`` (default):
-            ``1e-2``, or ``1e-1`` for an optimizer that normalizes the gradient (Adam, AdamW, ...).
-        fused_handoff: with a fused optimizer (``Adam(fused=True)`` ...), no GradScaler and one scale
+            step (`estimate_every` thins it). Implies `estimate=True`; automatic optimization,
+            `accumulate_grad_batches=1` and unsharded gradients (single device, DDP) only.
+        snapshot_device: "cpu" keeps a full snapshot in host memory.
+        initial_step: "auto" only: the first update moves the parameters by at most
+            `initial_step * max(‖θ‖, 1)`; the bound doubles every step. None (default): 1e-2, or 1e-1
+            for an optimizer that normalizes the gradient (Adam, AdamW, ...).
+        fused_handoff: with a fused optimizer (`Adam(fused=True)` ...), no GradScaler and one scale
             for the optimizer, hand the scale and the skip verdict to the optimizer's kernel instead
             of scaling the gradients: no scaling pass, no host read (see the README).
-        log_stats: aggregate the statistics on the device and publish them to ``trainer.loggers``
-            (and W&B) every ``log_every_n_steps`` optimizer steps, rank zero only: one
-            device-to-host transfer per interval, none in between.
-        log_every_n_steps: the logging interval in optimizer steps (``None``: the trainer's).
-        prefix: the metric-name prefix (also of :meth:`latest`'s keys).
-        prog_bar: show ``grad_norm`` and ``scale`` in the progress bar. This reads both values
+        log_stats: aggregate the statistics on the device and publish them every `log_every_n_steps`
+            optimizer steps through Lightning's own logging (`pl_module.log`): they are in
+            `trainer.callback_metrics` for `EarlyStopping`, `ModelCheckpoint` and the progress bar,
+            and in the loggers' rows at the same step as the module's own `self.log` values (plus W&B's
+            table, histograms and summary). One device-to-host transfer per interval on each rank,
+            none in between.
+        log_every_n_steps: the logging interval in optimizer steps (None: the trainer's). Another
+            value than the trainer's writes the rows to the loggers directly, at the step Lightning
+            gives that batch, in rows of their own.
+        prefix: the metric-name prefix (also of the keys of `latest()`).
+        prog_bar: show `grad_norm` and `scale` in the progress bar. This reads both values
             on the host **every step** (a sync): off by default.
         wandb_table_every: refresh the W&B smoothness table (the paper's Figure 1) at most every
             this many logging intervals (and at most every 30 s).
         sync_nonfinite: agree on the non-finite verdict across data-parallel ranks (DDP): one
             1-element all-reduce per step, so that a gradient made non-finite on one rank only (by a
             hook after DDP's all-reduce) skips the step on every rank instead of on that rank alone,
-            which would leave the replicas different. ``None`` (default): on under more than one
-            process with ``skip``/``zero``/``raise``, off with ``propagate`` (which reads and
+            which would leave the replicas different. None (default): on under more than one
+            process with "skip", "zero" or "raise", off with "propagate" (which reads and
             communicates nothing) and under an fp16 GradScaler (which skips overflow steps itself).
             Sharded gradients (FSDP) need no extra collective: their norm's all-reduce carries a
             NaN to every rank.
-        layer_norms: also publish per-layer gradient norms (before scaling): ``"module"``, one norm per
-            module (``net.0`` for ``net.0.weight`` and ``net.0.bias``), or ``"parameter"``, one per
-            parameter; ``None`` (default): off. They are the per-tensor norms the global norm is formed
-            from, combined per layer and averaged over the interval on the device, and published with
-            the other statistics as ``l0l1/layer_grad_norm/<layer>`` (mean) and
-            ``l0l1/layer_grad_norm_max/<layer>``, and in W&B as a histogram and a table: a replacement
-            for ``lightning.pytorch.utilities.grad_norm`` that reads nothing on the host per step.
-            A non-finite step's warning, and an interval whose gradient was scaled by less than 0.1,
-            name the layers with the largest norms. Off by default because it adds two metrics per
-            layer to every logger and a few small operations per step.
+        snapshot: what the estimator keeps of the previous step: "sampled" (one block of 64
+            elements in 128 of every large tensor, under 2% of the gradient bytes; the norms of the
+            differences are estimated) or "full" (every gradient and parameter: two gradient-sized
+            buffers, the exact differences). None: "full" with `probe_loss` or
+            `snapshot_device="cpu"`, else "sampled".
+        layer_norms: also publish per-layer gradient norms (before scaling): "module", one norm per
+            module (`net.0` for `net.0.weight` and `net.0.bias`), or "parameter", one per parameter;
+            None (default): off. They are the per-tensor norms the global norm is already formed
+            from, combined per layer and averaged over the interval on the device, published with
+            the other statistics as `l0l1/layer_grad_norm/<layer>` (mean) and
+            `l0l1/layer_grad_norm_max/<layer>`, and in W&B as a histogram and a table: a replacement
+            for `lightning.pytorch.utilities.grad_norm` that reads nothing on the host per step.
+            The warning of a non-finite step names the layers whose norm is not finite; an interval
+            whose gradient was scaled by less than 0.1 is reported once, naming the largest layers.
+            Off by default: it adds two metrics per layer to every logger's rows. Whole gradients
+            (single device, DDP) and DTensors (FSDP2); FSDP1's flat shards have no per-layer norm.
 
     Raises:
         ValueError: at construction, for any invalid argument (named, with its value).
-        RuntimeError: at ``setup`` under DeepSpeed, which clips inside its own engine.
+        RuntimeError: at `setup` under DeepSpeed, which clips inside its own engine, or for a subclass
+            of the other Lightning namespace's class than the Trainer's.
 
     Example:
         >>> from lightning_l0l1 import L0L1Clipping
@@ -214,6 +220,7 @@ class L0L1ClippingBase:
         snapshot: Optional[SnapshotKind] = None,
         layer_norms: Optional[LayerBy] = None,
     ) -> None:
+        given = {k: v for k, v in locals().items() if k not in ("self", "__class__")}
         super().__init__()
         if probe_loss is not None and not callable(probe_loss):
             raise ValueError(f"`probe_loss` must be a callable (pl_module, batch) -> loss tensor, got {probe_loss!r}.")
@@ -245,12 +252,20 @@ class L0L1ClippingBase:
                 f"`L0L1Clipping(wandb_table_every={wandb_table_every})` only affects W&B, and `wandb` is not "
                 "installed: the setting has no effect. `pip install wandb` (or the `wandb` extra) to use it."
             )
+        defaults = _init_defaults()
+        #: the arguments given that differ from the defaults (the repr shows them)
+        self._given = {k: v for k, v in given.items() if k == "mode" or v is not defaults[k] and v != defaults[k]}
         self._warned_nonfinite = False
         self._warned_hard = False
         self._lightning_names: set[str] = set()  # the metrics handed to pl_module.log this fit
         self._last_metrics: dict[str, float] = {}
         self._fsdp1: Optional[tuple[Any]] = None  # (process_group,) under FSDP1, else None (checked once per fit)
         self._fsdp1_checked = False
+
+    def __repr__(self) -> str:
+        shown = ", ".join(f"{k}={getattr(v, '__qualname__', None) or repr(v)}" if k == "probe_loss" else f"{k}={v!r}"
+                          for k, v in self._given.items())
+        return f"{type(self).__name__}({shown})"
 
     if TYPE_CHECKING:  # provided by the namespace's ``Callback`` base
 
@@ -550,6 +565,21 @@ def _check_probe_setup(trainer: Trainer, pl_module: LightningModule) -> None:
 
 
 _PACKAGES = {"lightning": "lightning.pytorch", "pytorch_lightning": "pytorch_lightning"}
+
+
+def _init_defaults() -> dict[str, Any]:
+    import inspect
+
+    params = inspect.signature(L0L1ClippingBase.__init__).parameters
+    return {k: p.default for k, p in params.items() if k != "self"}
+
+
+# Users meet the class as `L0L1Clipping` (the per-namespace subclasses add only the `Callback` base): a
+# misspelt or extra argument is reported as `L0L1Clipping.__init__() got an unexpected keyword argument ...`.
+L0L1ClippingBase.__init__.__qualname__ = "L0L1Clipping.__init__"
+if hasattr(L0L1ClippingBase.__init__.__code__, "co_qualname"):  # Python >= 3.11 names the code object's
+    L0L1ClippingBase.__init__.__code__ = L0L1ClippingBase.__init__.__code__.replace(
+        co_qualname="L0L1Clipping.__init__")
 
 
 def _namespace_of(cls: type, base: str) -> Optional[str]:
