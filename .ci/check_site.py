@@ -21,7 +21,8 @@ _LOADS = [
     re.compile(r"url\(\s*[\"']?([^\"')]+)", re.I),
 ]
 _REMOTE = re.compile(r"^(?:[a-z][a-z0-9+.-]*:)?//", re.I)
-_TEX = re.compile(r'class="arithmatex">\s*\\[(\[]')
+# a formula left for a browser-side renderer: an arithmatex span, or a heading's formula in a table of contents
+_TEX = re.compile(r'class="arithmatex">\s*\\[(\[]|<span class="md-ellipsis">[^<]*\\[(\[]')
 
 
 def problems(site: Path) -> list[str]:

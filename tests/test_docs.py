@@ -120,11 +120,15 @@ def test_the_site_check_finds_remote_assets_and_tex(tmp_path: Path) -> None:
         '<link href="https://fonts.googleapis.com/css?family=Roboto" rel="stylesheet">'
         '<span class="arithmatex">\\(g\\)</span>'
     )
+    (tmp_path / "toc").mkdir()  # a heading's formula in the table of contents, nothing else
+    (tmp_path / "toc" / "index.html").write_text(
+        '<a class="md-nav__link"><span class="md-ellipsis"> The step: \\(2/r\\)</span></a>')
     (tmp_path / "assets" / "font.css").write_text("@import url('//fonts.example.com/x.css');")
     found = check.problems(tmp_path)
     assert any("cdn.jsdelivr.net" in f for f in found) and any("fonts.googleapis.com" in f for f in found)
     assert any("left as TeX" in f for f in found) and any("fonts.example.com" in f for f in found)
-    assert len(found) == 4, found
+    assert "toc/index.html: a formula left as TeX source" in found
+    assert len(found) == 5, found  # the TeX check reports a page once
 
 
 def test_mkdocs_config_loads_nothing_remote() -> None:
