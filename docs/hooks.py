@@ -1,4 +1,4 @@
-"""MkDocs hooks: the benchmark results page, and the formulas rendered to MathML at build time.
+r"""MkDocs hooks: the benchmark results page, and the formulas rendered to MathML at build time.
 
 ``docs/benchmarks.md`` is filled with the stored results in ``benchmarks/results/*.md``: each results
 file becomes one section, preceded by a line with the command that produced it and the machine it ran

@@ -95,7 +95,7 @@ class L0L1ClippingBase:
             length through the learning rate (`lightning_l0l1.rules.auto_adaptive_scale`). It keeps a
             sample of the previous step's gradients and parameters (`snapshot`: under 2% of the
             gradient bytes). "clip", "adaptive": the threshold `max_norm`; "l0l1": the constants `l0`, `l1`.
-        max_norm: the threshold γ of "clip" and "adaptive" (> 0, required there); "auto" refuses one
+        max_norm: the threshold (gamma) of "clip" and "adaptive" (> 0, required there); "auto" refuses one
             (it sets its own), "l0l1" ignores it.
         l0: the constant L0 ≥ 0 of "l0l1".
         l1: the constant L1 ≥ 0 of "l0l1" (not both 0).
@@ -254,7 +254,7 @@ class L0L1ClippingBase:
             )
         defaults = _init_defaults()
         #: the arguments given that differ from the defaults (the repr shows them)
-        self._given = {k: v for k, v in given.items() if k == "mode" or v is not defaults[k] and v != defaults[k]}
+        self._given = {k: v for k, v in given.items() if k == "mode" or (v is not defaults[k] and v != defaults[k])}
         self._warned_nonfinite = False
         self._warned_hard = False
         self._lightning_names: set[str] = set()  # the metrics handed to pl_module.log this fit
@@ -483,7 +483,7 @@ class L0L1ClippingBase:
                 self._warned_hard = True
                 top = sorted(zip(worst, names), reverse=True)[:3]
                 total = math.fsum(v * v for v in worst if math.isfinite(v)) or 1.0
-                listed = ", ".join(f"{n} ({v:.4g}, {100 * v * v / total:.0f}% of the squared norm)" for v, n in top)
+                listed = ", ".join(f"{n} ({v:.4g}, {100 * v * v / total:.2g}% of the squared norm)" for v, n in top)
                 which = f" of optimizer {key}" if len(interval.layers) > 1 else ""
                 rank_zero_warn(
                     f"`L0L1Clipping`: the gradient{which} was scaled by {scale:.3g} (less than {HARD_SCALE}) on a "
@@ -579,7 +579,7 @@ def _init_defaults() -> dict[str, Any]:
 L0L1ClippingBase.__init__.__qualname__ = "L0L1Clipping.__init__"
 if hasattr(L0L1ClippingBase.__init__.__code__, "co_qualname"):  # Python >= 3.11 names the code object's
     L0L1ClippingBase.__init__.__code__ = L0L1ClippingBase.__init__.__code__.replace(
-        co_qualname="L0L1Clipping.__init__")
+        co_qualname="L0L1Clipping.__init__")  # type: ignore[call-arg,unused-ignore]  # 3.11+ in the stubs
 
 
 def _namespace_of(cls: type, base: str) -> Optional[str]:

@@ -505,7 +505,8 @@ class Publisher:
         return self._since_log > 0
 
     def collect(self, counters: Callable[[int], Optional[Tensor]], estimate: bool) -> Interval:
-        """The interval's aggregates and the clipper's ``counters(key)``, read in one transfer; a new interval starts."""
+        """The interval's aggregates and the clipper's ``counters(key)``, read in one transfer; a new interval
+        starts."""
         self._since_log = 0
         out = self._read(counters, estimate) if self._aggs else Interval()
         for agg in self._aggs.values():

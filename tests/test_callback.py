@@ -349,7 +349,8 @@ def test_repr_shows_the_settings_given():
     def my_loss(module, batch):
         return module(batch)
 
-    assert repr(L0L1Clipping(probe_loss=my_loss)).endswith("probe_loss=test_repr_shows_the_settings_given.<locals>.my_loss)")
+    shown = repr(L0L1Clipping(probe_loss=my_loss))
+    assert shown.endswith("probe_loss=test_repr_shows_the_settings_given.<locals>.my_loss)")
     # what the repr shows builds the same callback
     again = eval(repr(cb), {"L0L1Clipping": L0L1Clipping})
     assert again.state_key == cb.state_key and repr(again) == repr(cb)

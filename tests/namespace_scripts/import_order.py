@@ -47,7 +47,8 @@ def main() -> None:
     x = torch.randn(48, 6, generator=g)
     data = DataLoader(TensorDataset(x, (x**2).sum(1, keepdim=True)), batch_size=8)
     class RawNorms(L.Callback):  # placed before L0L1Clipping: the raw norm of each step, in float64
-        norms: list[float] = []
+        def __init__(self) -> None:
+            self.norms: list[float] = []
 
         def on_before_optimizer_step(self, trainer: Any, pl_module: Any, optimizer: Any) -> None:
             grads = [p.grad.double().reshape(-1) for p in pl_module.parameters() if p.grad is not None]
