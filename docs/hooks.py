@@ -40,7 +40,7 @@ COMMANDS = {
 
 # The order of the sections; files not listed follow in alphabetical order.
 ORDER = [
-    "bench_step", "bench_e2e", "bench_stats", "bench_memory", "bench_cosh", "bench_lstm",
+    "bench_step", "bench_e2e", "bench_stats", "bench_layer_norms", "bench_memory", "bench_cosh", "bench_lstm",
     "bench_lstm_12seeds", "bench_lstm_lrs", "bench_lstm_lrs_momentum", "bench_lstm_lrs_adamw", "bench_gpt_adamw",
     "bench_gpt_adam", "bench_lstm_demo", "bench_secant_accuracy", "bench_gpt_adamw_full_snapshot",
 ]
@@ -49,6 +49,7 @@ TITLES = {
     "bench_step": "Per-step cost of the gradient work",
     "bench_e2e": "Share of a real training step",
     "bench_stats": "What the statistics add",
+    "bench_layer_norms": "What the per-layer norms add",
     "bench_memory": "Peak extra memory",
     "bench_cosh": "Convergence on cosh, with known constants",
     "bench_lstm": "Character LSTM, SGD at lr 20, every threshold against auto",

@@ -1,6 +1,6 @@
 """Quickstart: train a small LSTM language model with `L0L1Clipping` and print what it did.
 
-    python examples/quickstart.py                    # 256 steps, ~15 seconds on a 2-core CPU
+    python examples/quickstart.py                    # 256 steps, under a minute on a 2-core CPU
     python examples/quickstart.py --seqs 4096 --hidden 256 --epochs 10  # bigger
     python examples/quickstart.py --mode clip --max-norm 0.25   # a hand-tuned threshold instead
     python examples/quickstart.py --help
@@ -91,6 +91,14 @@ def plot(rows: list[dict[str, float]], out: Path, lr: float, mode: str) -> list[
     return paths
 
 
+def _shown(path: Path) -> str:
+    """``path`` relative to the working directory where it is under it (the summary reads the same anywhere)."""
+    try:
+        return str(path.resolve().relative_to(Path.cwd().resolve()))
+    except ValueError:
+        return str(path)
+
+
 def base_step(lr_effective: float, norm: float, threshold: float) -> float:
     """``auto``'s base step, from a step's record: its effective lr is the base step times
     ``min(1, threshold / norm)`` (``lightning_l0l1.rules.auto_scale``), so dividing that factor out gives it."""
@@ -133,7 +141,7 @@ def summary_lines(stats: dict[str, float], mode: str, lr: float, l0: float, l1: 
         f"  their L0/L1          {fmt(gamma)}  (the threshold the (L0,L1) theory suggests)",
         f"  suggested lr 1/L0    {fmt(stats.get('l0l1/lr_suggested', math.nan))}",
         f"  final train loss     {loss:.4f} (uniform guess: {math.log(vocab):.4f})",
-        "  figures              " + ", ".join(str(p) for p in paths),
+        "  figures              " + ", ".join(_shown(p) for p in paths),
     ]
     return lines
 
@@ -150,6 +158,8 @@ def main(argv: list[str] | None = None) -> dict[str, float | None]:
     parser.add_argument("--lr", type=float, default=30.0, help="SGD learning rate (large on purpose)")
     add_char_lm_args(parser)
     parser.add_argument("--epochs", type=int, default=4)
+    parser.add_argument("--summary-out", type=Path, default=None,
+                        help="also write the printed summary to this file (docs/quickstart_output.txt is one)")
     add_seed_arg(parser)
     args = parse_char_lm_args(parser, argv, "epochs")
 
@@ -164,8 +174,10 @@ def main(argv: list[str] | None = None) -> dict[str, float | None]:
     l0, l1 = fitted_constants(stats)
     gamma = l0 / l1 if l0 > 0 and l1 > 0 else math.nan
     paths = plot(rec.rows, args.out, args.lr, args.mode)
-    for line in summary_lines(stats, args.mode, args.lr, l0, l1, gamma, loss, vocab, paths):
-        print(line)
+    lines = summary_lines(stats, args.mode, args.lr, l0, l1, gamma, loss, vocab, paths)
+    print("\n".join(lines))
+    if args.summary_out is not None:
+        args.summary_out.write_text("\n".join(lines).strip("\n") + "\n")
     return json_safe({**stats, "gamma": gamma, "train_loss": loss})
 
 

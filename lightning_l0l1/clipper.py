@@ -31,7 +31,7 @@ from lightning_l0l1 import stats, validation
 from lightning_l0l1.estimator import SecantEstimator
 from lightning_l0l1.gradients import Gradients
 from lightning_l0l1.modes import RULES, Mode, Rule, StepContext, make_rule
-from lightning_l0l1.norms import scale_grads_, total_norm
+from lightning_l0l1.norms import PerTensorNorms, scale_grads_, total_norm
 from lightning_l0l1.state import VERSION, Counters, OptimizerState
 from lightning_l0l1.stats import StepRecord
 
@@ -57,15 +57,15 @@ class StepOutcome:
         action: ``"scaled"``, or for a non-finite step ``"skipped"`` or ``"zeroed"``.
         record: the step's statistics, on the device (:class:`~lightning_l0l1.stats.StepRecord`).
         param_norms: with :attr:`GradientClipper.keep_param_norms`: each parameter's gradient norm
-            before scaling, keyed by ``id(param)`` (0-d device tensors, the ones the global norm is
-            formed from; none for FSDP1 shards).
+            before scaling, as segments ``(ids of the parameters, 1-d device tensor of their norms)``:
+            the per-tensor norms the global norm is formed from (none for FSDP1 shards).
     """
 
     norm: Tensor
     finite: Optional[bool]
     action: str = "scaled"
     record: Optional[StepRecord] = None
-    param_norms: Optional[dict[int, Tensor]] = None
+    param_norms: Optional[PerTensorNorms] = None
 
 
 class _HostFlag:

@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from lightning_l0l1.norms import GradGroup, group_norms, is_dtensor, require_dense, total_norm
+from lightning_l0l1.norms import GradGroup, PerTensorNorms, group_norms, is_dtensor, require_dense, total_norm
 
 if TYPE_CHECKING:
     from torch.distributed.tensor import DTensor
@@ -57,9 +57,9 @@ class Gradients:
     process_group: Any = None
     sharded: bool = False
     device: Optional[torch.device] = None
-    #: with ``norms(keep_per_tensor=True)``: the gradient norm of each parameter, keyed by ``id(param)``
-    #: (0-d device tensors; FSDP1 shards have none).
-    param_norms: Optional[dict[int, Tensor]] = None
+    #: with ``norms(keep_per_tensor=True)``: the gradient norm of each parameter, as segments
+    #: ``(ids of the parameters, 1-d device tensor of their norms)`` (FSDP1 shards have none).
+    param_norms: Optional[PerTensorNorms] = None
 
     @classmethod
     def collect(
@@ -114,13 +114,14 @@ class Gradients:
 
         ``keep_per_tensor``: also keep the per-tensor norms they are formed from in :attr:`param_norms`.
         """
-        per_tensor: Optional[dict[int, Tensor]] = {} if keep_per_tensor else None
+        per_tensor: Optional[PerTensorNorms] = [] if keep_per_tensor else None
         out = group_norms(
             self.groups if groups is None else groups, norm_type, process_group=self.process_group,
             sharded=self.sharded, foreach=foreach, device=self.device, per_tensor=per_tensor,
         )
         if per_tensor is not None:
-            self.param_norms = {id(p): per_tensor[id(g)] for _, g, p in self.entries if id(g) in per_tensor}
+            param_of = {id(g): id(p) for _, g, p in self.entries}
+            self.param_norms = [([param_of[i] for i in ids], norms) for ids, norms in per_tensor]
         return out
 
     def like(self, tensors: Sequence[Tensor], flat: bool = False) -> GradGroup:

@@ -138,6 +138,10 @@ class GradGroup:
         return self.dtensors[0].to_local()
 
 
+#: Per-tensor norms as segments: (``id`` of each gradient, a 1-d tensor of their norms in that order).
+PerTensorNorms = list[tuple[list[int], Tensor]]
+
+
 def _use_foreach(foreach: bool | None, device: torch.device) -> bool:
     if foreach is None:
         return device.type in ("cuda", "cpu", "xpu")
@@ -196,12 +200,21 @@ def _reduce(norms: Sequence[Tensor], p: float, device: torch.device, acc: torch.
 
 def _local_group_norms(
     parts: Sequence[Sequence[Tensor]], p: float, device: torch.device, acc: torch.dtype, foreach: bool | None,
-    per_tensor: dict[int, Tensor] | None = None,
+    per_tensor: PerTensorNorms | None = None,
 ) -> Tensor:
     flat = [t for part in parts for t in part]
     norms = _per_tensor_norms(flat, p, acc, foreach) if flat else []
-    if per_tensor is not None:
-        per_tensor.update(zip(map(id, flat), norms))
+    if per_tensor is not None and flat:
+        # one stacked vector, kept for the per-layer norms; the group norms from its slices (the same
+        # values `_reduce` stacks, so the same results)
+        stacked = torch.stack([n.to(device=device, dtype=acc) for n in norms])
+        per_tensor.append(([id(t) for t in flat], stacked))
+        out, k = [], 0
+        for part in parts:
+            seg = stacked[k : k + len(part)]
+            out.append(torch.linalg.vector_norm(seg, p) if len(part) else torch.zeros((), device=device, dtype=acc))
+            k += len(part)
+        return torch.stack(out)
     out, k = [], 0
     for part in parts:
         out.append(_reduce(norms[k : k + len(part)], p, device, acc))
@@ -211,7 +224,7 @@ def _local_group_norms(
 
 def _dtensor_group_norms(
     parts: Sequence[Sequence[DTensor]], p: float, device: torch.device, acc: torch.dtype,
-    per_tensor: dict[int, Tensor] | None = None,
+    per_tensor: PerTensorNorms | None = None,
 ) -> Tensor:
     """Per-group norms of DTensor grads with one all-reduce per device mesh.
 
@@ -233,10 +246,10 @@ def _dtensor_group_norms(
             norms.append(torch.linalg.vector_norm(t, p, dtype=norm_dtype).to(acc))
         # torch.stack of DTensors is a DTensor (its type is not in torch's signature): one cast per mesh.
         full = cast("DTensor", torch.stack(norms)).full_tensor().to(device=device, dtype=acc)
-        for j, (gi, t) in enumerate(items):
+        for j, (gi, _) in enumerate(items):
             per_group[gi].append(full[j])
-            if per_tensor is not None:
-                per_tensor[id(t)] = full[j]
+        if per_tensor is not None:
+            per_tensor.append(([id(t) for _, t in items], full))
     return torch.stack([_reduce(ns, p, device, acc) for ns in per_group])
 
 
@@ -260,7 +273,7 @@ def group_norms(
     sharded: bool = False,
     foreach: bool | None = None,
     device: torch.device | None = None,
-    per_tensor: dict[int, Tensor] | None = None,
+    per_tensor: PerTensorNorms | None = None,
 ) -> Tensor:
     """Global p-norm of each group's gradients, identical on every rank.
 
@@ -276,9 +289,10 @@ def group_norms(
         foreach: use the ``torch._foreach_norm`` fast path (``None``: where supported).
         device: where a rank holding no gradient computes (and all-reduces) its zeros;
             pass the parameters' device (``None``: the CPU).
-        per_tensor: receives, keyed by ``id`` of the gradient, the per-tensor norms the group norms are
-            formed from (0-d, on the device, in the accumulation dtype): global for whole (replicated)
-            and DTensor gradients, none for FSDP1 shards (their local norms are not any tensor's).
+        per_tensor: receives the per-tensor norms the group norms are formed from, as segments
+            ``(ids of the gradients, 1-d tensor of their norms)`` on the device in the accumulation
+            dtype: global for whole (replicated) and DTensor gradients, none for FSDP1 shards (their
+            local norms are not any tensor's).
 
     Returns:
         A 1-d tensor of ``len(groups)`` norms (float32, float64 if any gradient is

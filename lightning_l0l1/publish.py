@@ -26,6 +26,7 @@ import torch
 from torch import Tensor
 from torchmetrics import Metric
 
+from lightning_l0l1.norms import PerTensorNorms
 from lightning_l0l1.stats import (
     COUNTER_FIELDS,
     RECORD_FIELDS,
@@ -168,8 +169,8 @@ class LayerGrouping:
         norm_type: the p of the norms: a layer's norm is the p-norm of its parameters' norms.
 
     The parameter-to-layer index is built once per set of parameters with a gradient (a device
-    tensor, copied once); a step is then one ``stack`` and one ``index_add_`` (``scatter_reduce_``
-    for the max-norm), on the device.
+    tensor, copied once); a step is then one ``index_add_`` (``scatter_reduce_`` for the max-norm) over
+    the vector of per-parameter norms the global norm was formed from, on the device.
     """
 
     def __init__(self, names: dict[int, str], by: LayerBy, norm_type: float) -> None:
@@ -191,10 +192,13 @@ class LayerGrouping:
             found = self._plans[ids] = (list(layers), torch.tensor(index, device=device))
         return found
 
-    def step(self, param_norms: dict[int, Tensor]) -> tuple[list[str], Tensor]:
-        """The layer names and their norms (1-d float64, on the device) of one step."""
-        norms = torch.stack(list(param_norms.values())).to(torch.float64)
-        layers, index = self.plan(tuple(param_norms), norms.device)
+    def step(self, param_norms: PerTensorNorms) -> tuple[list[str], Tensor]:
+        """The layer names and their norms (1-d float64, on the device) of one step, from the per-parameter
+        norms' segments (:attr:`~lightning_l0l1.clipper.StepOutcome.param_norms`)."""
+        vectors = [v for _, v in param_norms]
+        norms = (vectors[0] if len(vectors) == 1 else torch.cat([v.to(vectors[0].device) for v in vectors]))
+        norms = norms.to(torch.float64)
+        layers, index = self.plan(tuple(i for ids, _ in param_norms for i in ids), norms.device)
         out = norms.new_zeros(len(layers))
         if math.isinf(self.p):
             return layers, out.scatter_reduce_(0, index, norms.abs(), "amax")
@@ -473,7 +477,7 @@ class Publisher:
         self._sinks = None
         self.published = {}
 
-    def add(self, key: int, record: StepRecord, param_norms: Optional[dict[int, Tensor]] = None) -> None:
+    def add(self, key: int, record: StepRecord, param_norms: Optional[PerTensorNorms] = None) -> None:
         """Aggregate one step of optimizer ``key`` (on the device, no host read); with :attr:`layers` set,
         also its per-layer norms from ``param_norms`` (:attr:`StepOutcome.param_norms`)."""
         n = record.values.numel()

@@ -38,6 +38,8 @@ def _rows(report: str) -> list[list[str]]:
         ("bench_cosh", ["L0=1, L1=1"]),
         ("bench_lstm", ["unclipped", "clip=0.5", "auto"]),
         ("bench_stats", ["log_stats=False", "log_stats=True, every step", "log_stats=True, every 50 steps"]),
+        ("bench_layer_norms", ["clip", "clip, layer_norms='module'", "clip, layer_norms='parameter'",
+                               "clip + Lightning grad_norm() every step"]),
     ],
 )
 def test_benchmark_quick_mode_prints_its_table(name, expect, capsys):
