@@ -251,3 +251,22 @@ def test_wandb_only_setting_without_wandb_warns_once(monkeypatch: pytest.MonkeyP
     with pytest.warns(UserWarning, match=r"`L0L1Clipping\(wandb_table_every=1\)` only affects W&B") as rec:
         L0L1Clipping(mode="clip", max_norm=1.0, wandb_table_every=1)
     assert len([w for w in rec if "only affects W&B" in str(w.message)]) == 1
+
+
+@pytest.mark.skipif(importlib.util.find_spec("wandb") is None, reason="wandb is not installed")
+def test_wandb_gets_the_layers_histogram_and_table() -> None:
+    import wandb
+
+    from lightning_l0l1.publish import Interval
+
+    run = _Run()
+    pub = Publisher("l0l1/", 2, 1, {})
+    pub._sinks = (pub.sinks([])[0], WandbSink(lambda: run, "l0l1/", {}, log_metrics=True, table_every=1))
+    layers = {0: (["net.0", "net.2"], [1.5, math.nan], [2.0, math.nan], [2.0, 0.0], 0.5)}
+    pub.publish(Interval({"l0l1/grad_norm": 1.0}, layers=layers), 7, [], False, False)
+    rows = [r for r in run.logged if "l0l1/layer_grad_norm_hist" in r]
+    assert len(rows) == 1 and rows[0]["trainer/global_step"] == 7
+    assert isinstance(rows[0]["l0l1/layer_grad_norm_hist"], wandb.Histogram)
+    table = rows[0]["l0l1/layer_grad_norm_table"]
+    assert table.columns == ["layer", "grad_norm_mean", "grad_norm_max"]
+    assert table.data == [["net.0", 1.5, 2.0]]  # a layer without a finite step is left out
