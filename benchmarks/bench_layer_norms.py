@@ -8,6 +8,9 @@ blocks of 50 optimizer steps; the configurations alternate within every repetiti
 median time per step, the extra over plain ``clip`` and the host reads per block (counted as the tests
 count them, ``tests/_sync.py``). ``nonfinite="propagate"``: the clipping itself reads nothing.
 
+The last table times the per-layer work alone (the layer norms from the vector of per-tensor norms and the
+interval's update), which on a shared machine is steadier than the difference of two whole steps.
+
 The ``grad_norm`` row is ``clip`` plus what a module does with Lightning's utility: every step
 ``grad_norm(module, 2)`` (one norm per parameter, and their total), and at each of the 50-step logging
 points each value read on the host (what Lightning's logger connection does with ``self.log_dict``).
@@ -108,6 +111,33 @@ def configs(params: list[nn.Parameter]) -> dict[str, Any]:
     return cases
 
 
+def added_work(n_tensors: int, per_layer: int, device: str, reps: int, iters: int = 200) -> float:
+    """Seconds per step of the per-layer work alone: the layer norms from the vector of per-tensor norms
+    (``LayerGrouping.step``) and the interval's update (``LayerStatistics.update``), without the gradient
+    passes around it (which dominate, and vary, on a shared machine)."""
+    import statistics
+    import time
+
+    from lightning_l0l1.publish import LayerGrouping, LayerStatistics
+
+    vec = torch.rand(n_tensors, device=device)
+    segments = [(list(range(n_tensors)), vec)]
+    grouping = LayerGrouping({i: f"block{i // per_layer}.p{i % per_layer}" for i in range(n_tensors)}, "module", 2.0)
+    names, _ = grouping.step(segments)
+    agg = LayerStatistics(len(names)).to(device)
+    finite, scale = torch.tensor(True, device=device), torch.tensor(0.5, device=device)
+    times = []
+    for _ in range(reps + 2):
+        sync(device)
+        t0 = time.perf_counter()
+        for _ in range(iters):
+            _, norms = grouping.step(segments)
+            agg.update(norms, finite, scale)
+        sync(device)
+        times.append((time.perf_counter() - t0) / iters)
+    return statistics.median(times[2:])
+
+
 def run(sizes, devices, reps: int) -> str:
     out = [f"Machine: {machine()}\n"]
     for device in devices:
@@ -143,6 +173,9 @@ def run(sizes, devices, reps: int) -> str:
                     rows,
                 )
             )
+        out.append(f"\n### {device}: the per-layer work alone (per step, median of {reps} x 200 steps)\n")
+        rows = [[f"{n} tensors, {n // 11} modules", added_work(n, 11, device, reps) * 1e3] for n in (44, 1056, 11000)]
+        out.append(table(["model", "ms / step"], rows))
     return "\n".join(out) + "\n"
 
 

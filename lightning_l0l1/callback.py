@@ -436,7 +436,7 @@ class L0L1ClippingBase:
         step = _log_step(trainer) - (1 if pl_module is None else 0)
         if trainer.is_global_zero:
             self.publisher.publish(interval, max(step, 0), trainer.loggers, not through, self.clipper.estimate)
-        self._warn_hard(trainer, interval)
+        self._warn_hard(interval, max(step, 0))
         return interval
 
     def _log_to_lightning(
@@ -461,7 +461,7 @@ class L0L1ClippingBase:
             self._warned_nonfinite = True
             layers = ""
             if self.publisher.last_layer_norms:  # read once, in this one warning
-                names, norms = self.publisher.last_layer_norms[min(self.publisher.last_layer_norms)]
+                names, norms = self.publisher.last_layer_norms[self.publisher.last_layer_key]
                 bad = [n for n, v in zip(names, norms.tolist()) if not math.isfinite(v)]
                 if bad:
                     layers = f" Layers with a non-finite gradient norm: {', '.join(bad[:10])}" + (
@@ -473,7 +473,7 @@ class L0L1ClippingBase:
                 "without a warning."
             )
 
-    def _warn_hard(self, trainer: Trainer, interval: Interval) -> None:
+    def _warn_hard(self, interval: Interval, step: int) -> None:
         """Once per fit: an interval whose gradient was scaled by less than :data:`HARD_SCALE`, naming the
         layers with the largest norms at that step (from the interval's transfer: no extra read)."""
         if self._warned_hard:
@@ -483,11 +483,13 @@ class L0L1ClippingBase:
                 self._warned_hard = True
                 top = sorted(zip(worst, names), reverse=True)[:3]
                 total = math.fsum(v * v for v in worst if math.isfinite(v)) or 1.0
-                listed = ", ".join(f"{n} ({v:.4g}, {100 * v * v / total:.2g}% of the squared norm)" for v, n in top)
+                share = self.norm_type == 2.0  # the layers' squared norms add up to the squared global norm
+                listed = ", ".join(f"{n} ({v:.4g}" + (f", {100 * v * v / total:.2g}% of the squared norm)" if share
+                                                      else ")") for v, n in top)
                 which = f" of optimizer {key}" if len(interval.layers) > 1 else ""
                 rank_zero_warn(
                     f"`L0L1Clipping`: the gradient{which} was scaled by {scale:.3g} (less than {HARD_SCALE}) on a "
-                    f"step of the logging interval logged at step {_log_step(trainer)}. The largest layer gradient "
+                    f"step of the logging interval logged at step {step}. The largest layer gradient "
                     f"norms at that step: {listed}. This warning is shown once per fit."
                 )
                 return

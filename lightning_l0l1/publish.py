@@ -463,6 +463,7 @@ class Publisher:
         self._layer_aggs: dict[int, tuple[list[str], LayerStatistics]] = {}
         #: each optimizer's last step's layer names and norms (on the device), for a non-finite warning.
         self.last_layer_norms: dict[int, tuple[list[str], Tensor]] = {}
+        self.last_layer_key = 0  # the optimizer of the last step with layer norms
         #: every metric published this fit, with its last value (what a run summary must not keep stale).
         self.published: dict[str, float] = {}
 
@@ -489,7 +490,7 @@ class Publisher:
         agg.update(record.values, record.finite, record.clipped)
         if self.layers is not None and param_norms:
             names, norms = self.layers.step(param_norms)
-            self.last_layer_norms[key] = (names, norms)
+            self.last_layer_norms[key], self.last_layer_key = (names, norms), key
             held = self._layer_aggs.get(key)
             if held is None or held[0] != names:
                 held = self._layer_aggs[key] = (names, LayerStatistics(len(names)).to(norms.device))
