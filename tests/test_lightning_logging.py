@@ -119,7 +119,8 @@ def test_rows_share_the_modules_step_and_row_in_csv(tmp_path: Path) -> None:
 
 
 def test_an_interval_without_a_value_is_not_logged_again(tmp_path: Path) -> None:
-    """lr_suggested is undefined while L0 = 0: Lightning must not write its last value again."""
+    """A metric without a value in an interval (here every mean: no finite step) must not be written again
+    with its last value by Lightning, which keeps a logged value until the epoch ends."""
     cb = L0L1Clipping(mode="clip", max_norm=30.0)
     tr = trainer(callbacks=[cb], logger=CSVLogger(tmp_path, name="csv", version=0), log_every_n_steps=2,
                  max_epochs=1)
