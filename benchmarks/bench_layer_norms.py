@@ -14,6 +14,8 @@ interval's update), which on a shared machine is steadier than the difference of
 The ``grad_norm`` row is ``clip`` plus what a module does with Lightning's utility: every step
 ``grad_norm(module, 2)`` (one norm per parameter, and their total), and at each of the 50-step logging
 points each value read on the host (what Lightning's logger connection does with ``self.log_dict``).
+Its total is built with ``torch.tensor`` over the per-parameter norms, which reads CPU memory directly
+(not counted here) and on a GPU copies each norm to the host every step.
 
     python benchmarks/bench_layer_norms.py            # full: 96 blocks of width 64, 4 of width 768
     python benchmarks/bench_layer_norms.py --quick    # seconds; what the test suite runs
