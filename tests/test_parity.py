@@ -25,6 +25,7 @@ from torch.nn import functional as F
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_l0l1 import GradientClipper
+from lightning_l0l1.modes import INITIAL_STEP_ADAPTIVE
 
 STEPS = 12
 BATCH = 4
@@ -310,7 +311,7 @@ def test_learning_rate_is_the_users_outside_the_step(one_thread):
 
 def test_auto_bounds_the_first_adam_step_through_lightning(one_thread):
     """The first ``auto`` step under Adam moves the parameters by at most ``initial_step * max(||theta||, 1)``
-    (0.1 for Adam-type optimizers) through the callback, as in the plain loop."""
+    (``INITIAL_STEP_ADAPTIVE`` for Adam-type optimizers) through the callback, as in the plain loop."""
     pl, L0L1Clipping = _namespace("lightning")
 
     class One(pl.LightningModule):
@@ -330,8 +331,9 @@ def test_auto_bounds_the_first_adam_step_through_lightning(one_thread):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         trainer.fit(model, DataLoader(torch.zeros(8, 1)))
-    # unclipped Adam moves every coordinate by lr: a norm of 0.1 * sqrt(1000) = 3.16
-    assert float(model.p.detach().norm()) == pytest.approx(0.1, rel=1e-4)
+    # unclipped Adam moves every coordinate by lr: a norm of 0.1 * sqrt(1000) = 3.16; theta starts at 0
+    assert float(model.p.detach().norm()) == pytest.approx(INITIAL_STEP_ADAPTIVE * 1.0, rel=1e-4)
+    assert INITIAL_STEP_ADAPTIVE < 0.1 * 1000**0.5
 
 
 def _two_clipper_run(opt: str, first: dict, second: Optional[dict], inside: bool) -> list[torch.Tensor]:
