@@ -5,8 +5,8 @@
 Builds the site (``mkdocs build --strict``) into a temporary folder, serves it with
 ``python -m http.server`` on 127.0.0.1 at a free port, takes a screenshot of the home, getting
 started, how it works, benchmarks and API pages with headless Chromium, then stops the server.
-Needs ``chromium`` (Debian: ``apt-get install -y chromium``). Offline, MathJax (loaded from a CDN
-in the browser) does not run, so formulas show as TeX source.
+Needs ``chromium`` (Debian: ``apt-get install -y chromium``). The formulas are MathML rendered at
+build time (``docs/hooks.py``): they show as typeset math offline too, drawn by the browser itself.
 """
 
 from __future__ import annotations

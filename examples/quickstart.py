@@ -1,6 +1,6 @@
 """Quickstart: train a small LSTM language model with `L0L1Clipping` and print what it did.
 
-    python examples/quickstart.py                    # 256 steps, ~15 seconds on a 2-core CPU
+    python examples/quickstart.py                    # 256 steps, 15 s to 2.5 min on a 2-core CPU
     python examples/quickstart.py --seqs 4096 --hidden 256 --epochs 10  # bigger
     python examples/quickstart.py --mode clip --max-norm 0.25   # a hand-tuned threshold instead
     python examples/quickstart.py --help
@@ -64,7 +64,7 @@ def plot(rows: list[dict[str, float]], out: Path, lr: float, mode: str) -> list[
     norm = [r["l0l1/grad_norm"] for r in rows]
     threshold = [r["l0l1/max_norm"] for r in rows]
     clipped = [(t, n) for t, n, g in zip(steps, norm, threshold) if n > g]
-    top.plot(steps, norm, lw=1.5, label="gradient norm ||g||")
+    top.plot(steps, norm, lw=1.5, label="gradient norm ‖g‖")
     top.plot(steps, threshold, lw=1, color="gray", ls=":", label="threshold (clipped above it)")
     if clipped:
         top.scatter(*zip(*clipped), s=10, color="C3", zorder=3, label="clipped steps")
@@ -75,6 +75,10 @@ def plot(rows: list[dict[str, float]], out: Path, lr: float, mode: str) -> list[
     top.legend(fontsize=8)
     top.grid(alpha=0.3, which="both")
     bottom.plot(steps, [r["l0l1/lr_effective"] for r in rows], lw=1.5, color="C2", label="effective lr = lr x s")
+    if mode == "auto":  # what the effective lr is below the threshold: auto's own learning rate
+        base = [base_step(r["l0l1/lr_effective"], r["l0l1/grad_norm"], r["l0l1/max_norm"]) for r in rows]
+        bottom.plot(steps, base, lw=1.3, color="C1", ls="--", zorder=3,
+                    label="base step: auto's lr, 1/(smallest curvature measured); clipped steps dip below it")
     bottom.axhline(lr, lw=1, color="gray", ls=":", label=f"learning rate set ({lr:g})")
     bottom.set_yscale("log")
     bottom.set_ylim(top=lr * 1.6)
@@ -85,6 +89,61 @@ def plot(rows: list[dict[str, float]], out: Path, lr: float, mode: str) -> list[
     bottom.grid(alpha=0.3, which="both")
     save_png(fig, paths[1])
     return paths
+
+
+def _shown(path: Path) -> str:
+    """``path`` relative to the working directory where it is under it (the summary reads the same anywhere)."""
+    try:
+        return str(path.resolve().relative_to(Path.cwd().resolve()))
+    except ValueError:
+        return str(path)
+
+
+def base_step(lr_effective: float, norm: float, threshold: float) -> float:
+    """``auto``'s base step, from a step's record: its effective lr is the base step times
+    ``min(1, threshold / norm)`` (``lightning_l0l1.rules.auto_scale``), so dividing that factor out gives it."""
+    return lr_effective / min(1.0, threshold / norm) if norm > 0 and math.isfinite(threshold) else lr_effective
+
+
+def summary_lines(stats: dict[str, float], mode: str, lr: float, l0: float, l1: float, gamma: float, loss: float,
+                  vocab: int, paths: list[Path]) -> list[str]:
+    """The printed summary: what the callback did, in words (the lines docs/getting-started.md shows)."""
+    norm, scaled = stats["l0l1/grad_norm"], stats["l0l1/grad_norm_scaled"]
+    threshold, lr_eff = stats["l0l1/max_norm"], stats["l0l1/lr_effective"]
+    scale = scaled / norm if norm > 0 else 1.0
+    above = norm > threshold
+    lines = ["", "L0L1Clipping summary",
+             f"  mode                 {mode}",
+             f"  optimizer steps      {int(stats['l0l1/steps'])}",
+             f"  learning rate set    {lr:g}"]
+    if mode == "auto":
+        base = base_step(lr_eff, norm, threshold)
+        lines += [
+            f"  base step            {base:.4g}  (auto's own learning rate, 1 / the smallest curvature measured;",
+            f"                       every step uses at most this: lr {lr:g} is scaled by {base / lr:.2f}"
+            " before any clipping)",
+            f"  threshold in use     {threshold:.4g}  (a gradient norm above it gets a shorter step still,",
+            "                       base step x threshold / norm: that is clipping)",
+        ]
+    else:
+        lines.append(f"  threshold in use     {threshold:.4g}  (a gradient norm above it is scaled down to it)")
+    lines += [
+        f"  clip rate (all run)  {stats['l0l1/clip_rate']:.2f}  (the fraction of steps whose norm was above"
+        " the threshold)",
+        f"  last step            norm {norm:.4g} ({'above' if above else 'below'} the threshold) -> "
+        f"{scaled:.4g}, scale {scale:.2f}"
+        + ("  (the base step alone)" if mode == "auto" and not above else ""),
+        f"  effective lr         {lr_eff:.4g}  (lr x scale: the step size the optimizer used)",
+        f"  non-finite steps     {int(stats['l0l1/nonfinite_steps'])}",
+        # the envelope fit: the constants of the loss (what auto steps by is the threshold above)
+        f"  fitted L0, L1        {fmt(l0)}, {fmt(l1)}"
+        + ("  (L0 not identified yet: no small-gradient pair)" if l0 == 0 else ""),
+        f"  their L0/L1          {fmt(gamma)}  (the threshold the (L0,L1) theory suggests)",
+        f"  suggested lr 1/L0    {fmt(stats.get('l0l1/lr_suggested', math.nan))}",
+        f"  final train loss     {loss:.4f} (uniform guess: {math.log(vocab):.4f})",
+        "  figures              " + ", ".join(_shown(p) for p in paths),
+    ]
+    return lines
 
 
 def main(argv: list[str] | None = None) -> dict[str, float | None]:
@@ -99,6 +158,8 @@ def main(argv: list[str] | None = None) -> dict[str, float | None]:
     parser.add_argument("--lr", type=float, default=30.0, help="SGD learning rate (large on purpose)")
     add_char_lm_args(parser)
     parser.add_argument("--epochs", type=int, default=4)
+    parser.add_argument("--summary-out", type=Path, default=None,
+                        help="also write the printed summary to this file (docs/quickstart_output.txt is one)")
     add_seed_arg(parser)
     args = parse_char_lm_args(parser, argv, "epochs")
 
@@ -113,21 +174,10 @@ def main(argv: list[str] | None = None) -> dict[str, float | None]:
     l0, l1 = fitted_constants(stats)
     gamma = l0 / l1 if l0 > 0 and l1 > 0 else math.nan
     paths = plot(rec.rows, args.out, args.lr, args.mode)
-    print("\nL0L1Clipping summary")
-    print(f"  mode                 {args.mode}")
-    print(f"  optimizer steps      {int(stats['l0l1/steps'])}")
-    print(f"  clip rate (all run)  {stats['l0l1/clip_rate']:.2f}")
-    print(f"  last grad norm       {stats['l0l1/grad_norm']:.4g} -> {stats['l0l1/grad_norm_scaled']:.4g}")
-    print(f"  threshold in use     {stats['l0l1/max_norm']:.4g}")
-    print(f"  effective lr         {stats['l0l1/lr_effective']:.4g} (lr {args.lr})")
-    print(f"  non-finite steps     {int(stats['l0l1/nonfinite_steps'])}")
-    # the envelope fit: the constants of the loss (what auto steps by is the threshold above)
-    print(f"  fitted L0, L1        {fmt(l0)}, {fmt(l1)}"
-          + ("  (L0 not identified yet: no small-gradient pair)" if l0 == 0 else ""))
-    print(f"  their L0/L1          {fmt(gamma)}")
-    print(f"  suggested lr 1/L0    {fmt(stats.get('l0l1/lr_suggested', math.nan))}")
-    print(f"  final train loss     {loss:.4f} (uniform guess: {math.log(vocab):.4f})")
-    print("  figures              " + ", ".join(str(p) for p in paths))
+    lines = summary_lines(stats, args.mode, args.lr, l0, l1, gamma, loss, vocab, paths)
+    print("\n".join(lines))
+    if args.summary_out is not None:
+        args.summary_out.write_text("\n".join(lines).strip("\n") + "\n")
     return json_safe({**stats, "gamma": gamma, "train_loss": loss})
 
 

@@ -10,6 +10,8 @@ class of each, ``lightning_l0l1.pytorch_lightning.L0L1Clipping`` and
 
 from __future__ import annotations
 
+import importlib.util
+import math
 import weakref
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Generic, Literal, Optional, TypeVar, Union, overload
@@ -23,10 +25,13 @@ from lightning_l0l1 import validation
 from lightning_l0l1.clipper import GradientClipper, NonFinite, SnapshotKind, StepOutcome
 from lightning_l0l1.gradients import all_ranks_finite, average_over_ranks_
 from lightning_l0l1.modes import Mode
-from lightning_l0l1.publish import Publisher
+from lightning_l0l1.publish import Interval, LayerBy, LayerGrouping, Publisher
 from lightning_l0l1.stats import metric_name
 
 __all__ = ["L0L1ClippingBase"]
+
+#: An interval whose gradient was scaled by less than this is reported (with ``layer_norms``) once per fit.
+HARD_SCALE = 0.1
 
 T = TypeVar("T")
 #: A ``Trainer`` / ``LightningModule`` of either namespace (``pytorch_lightning`` or ``lightning.pytorch``).
@@ -54,7 +59,7 @@ class _Setting(Generic[T]):
 
 
 class L0L1ClippingBase:
-    r"""Scale the global gradient on every optimizer step: ``auto`` (nothing to tune), clipping, adaptive, (L0,L1).
+    r"""Scale the global gradient on every optimizer step: "auto" (nothing to tune), clipping, adaptive, (L0,L1).
 
     With :math:`g` the gradient of all parameters the optimizer steps (global over
     every process), each rule multiplies it by a factor :math:`0 \le s \le 1`:
@@ -82,72 +87,88 @@ class L0L1ClippingBase:
     none under an fp16 GradScaler, which skips overflow steps itself).
 
     Args:
-        mode: ``"auto"`` (default): no threshold to tune. Hard clipping with a base step and a step length
-            measured online, :math:`\eta_\text{eff} = \min(\eta, 1/\underline L, 2/(\tilde r\lVert g\rVert))`,
-            with :math:`\underline L` the smallest smoothness measured so far and :math:`\tilde r` the
-            median of smoothness / gradient norm over the last 20 pairs
-            (:func:`lightning_l0l1.rules.auto_scale`). It sets a plain-SGD step, corrected under SGD with
-            momentum by the measured ratio of the step taken to the step set; under Adam-type optimizers it
-            clips the gradient that enters their moments and bounds the step length through the learning
-            rate (:func:`lightning_l0l1.rules.auto_adaptive_scale`). It keeps a sample of the previous
-            step's gradients and parameters (``snapshot``: under 2% of the gradient bytes).
-            ``"clip"``, ``"adaptive"``: the threshold ``max_norm``; ``"l0l1"``: the constants ``l0``, ``l1``.
-        max_norm: the threshold :math:`\gamma` of ``clip`` and ``adaptive`` (> 0, required there);
-            ``auto`` refuses one (it sets its own), ``l0l1`` ignores it.
-        l0: :math:`L_0 \ge 0` for ``l0l1``.
-        l1: :math:`L_1 \ge 0` for ``l0l1`` (not both 0).
-        norm_type: p of the p-norm (``float("inf")`` or ``"inf"`` for the max-norm).
-        nonfinite: a NaN/Inf global norm: ``"skip"`` (default) drops the step (grads
-            set to ``None``, counted, warned once); ``"zero"`` zeroes the gradients;
-            ``"raise"`` raises :class:`~lightning_l0l1.NonFiniteGradientError` with the
-            step; ``"propagate"`` checks nothing, costs nothing, like torch.
-        foreach: use torch's ``_foreach`` kernels (``None``: where supported).
-        estimate: run the smoothness estimator (``None``: on in ``auto`` only); in the fixed modes
-            it only adds ``l0l1/smoothness``, ``l0l1/L0``, ``l0l1/L1``, ``l0l1/lr_suggested``.
-            Costs the snapshot (``snapshot``) and a few percent of a clipping step.
+        mode: "auto" (default): no threshold to tune. Hard clipping with a base step and a step length
+            measured online: the effective learning rate is η_eff = min(η, 1/L_min, 2/(r·‖g‖)), with L_min
+            the smallest smoothness measured so far and r the median of smoothness / gradient norm over
+            the last 20 pairs (`lightning_l0l1.rules.auto_scale`). It sets a plain-SGD step, corrected
+            under SGD with momentum by the measured ratio of the step taken to the step set; under
+            Adam-type optimizers it clips the gradient that enters their moments and bounds the step
+            length through the learning rate (`lightning_l0l1.rules.auto_adaptive_scale`). It keeps a
+            sample of the previous step's gradients and parameters (`snapshot`: under 2% of the
+            gradient bytes). "clip", "adaptive": the threshold `max_norm`; "l0l1": the constants `l0`, `l1`.
+        max_norm: the threshold (gamma) of "clip" and "adaptive" (> 0, required there); "auto" refuses one
+            (it sets its own), "l0l1" ignores it.
+        l0: the constant L0 ≥ 0 of "l0l1".
+        l1: the constant L1 ≥ 0 of "l0l1" (not both 0).
+        norm_type: p of the p-norm (`float("inf")` or "inf" for the max-norm).
+        nonfinite: what a NaN/Inf global norm does: "skip" (default) drops the step (gradients set
+            to None, counted, warned once); "zero" zeroes the gradients; "raise" raises
+            `lightning_l0l1.NonFiniteGradientError` naming the step; "propagate" checks nothing and
+            costs nothing, like torch.
+        foreach: use torch's `_foreach` kernels (None: where supported).
+        estimate: run the smoothness estimator (None: on in "auto" only); in the fixed modes it only
+            adds `l0l1/smoothness`, `l0l1/L0`, `l0l1/L1`, `l0l1/lr_suggested`. Costs the snapshot
+            (`snapshot`) and a few percent of a clipping step.
         estimate_every: form a secant pair every K steps only, plus one at step 1 (cost divided by
             about K).
-        probe_loss: the paper's noise-free measurement. ``probe_loss(pl_module, batch)`` returns the
-            loss of ``batch`` (the step's own batch) as ``training_step`` computes it, without logging;
+        probe_loss: the paper's noise-free measurement. `probe_loss(pl_module, batch)` returns the
+            loss of `batch` (the step's own batch) as `training_step` computes it, without logging;
             after each estimated step the callback evaluates its gradient at the midpoint of the step
             and forms the secant pair from it, instead of from two different minibatches, whose
             noise biases the secant upwards. Costs one extra forward and backward pass per estimated
-            step (``estimate_every`` thins it). Implies ``estimate=True``; automatic optimization,
-            ``accumulate_grad_batches=1`` and unsharded gradients (single device, DDP) only.
-        snapshot: what the estimator keeps of the previous step: ``"sampled"`` (one block of 64
-            elements in 128 of every large tensor, under 2% of the gradient bytes; the norms of the
-            differences are estimated) or ``"full"`` (every gradient and parameter: two gradient-sized
-            buffers, the exact differences). ``None``: ``"full"`` with ``probe_loss`` or
-            ``snapshot_device="cpu"``, else ``"sampled"``.
-        snapshot_device: ``"cpu"`` keeps a full snapshot in host memory.
-        initial_step: ``auto``: the first update moves the parameters by at most
-            ``initial_step * max(||theta||, 1)``; the bound doubles every step. ``None`` (default):
-            ``1e-2``, or ``0.2`` for an optimizer that normalizes the gradient (Adam, AdamW, ...).
-        fused_handoff: with a fused optimizer (``Adam(fused=True)`` ...), no GradScaler and one scale
+            step (`estimate_every` thins it). Implies `estimate=True`; automatic optimization,
+            `accumulate_grad_batches=1` and unsharded gradients (single device, DDP) only.
+        snapshot_device: "cpu" keeps a full snapshot in host memory.
+        initial_step: "auto" only: the first update moves the parameters by at most
+            `initial_step * max(‖θ‖, 1)`; the bound doubles every step. None (default): 1e-2, or 0.2
+            for an optimizer that normalizes the gradient (Adam, AdamW, ...).
+        fused_handoff: with a fused optimizer (`Adam(fused=True)` ...), no GradScaler and one scale
             for the optimizer, hand the scale and the skip verdict to the optimizer's kernel instead
             of scaling the gradients: no scaling pass, no host read (see the README).
-        log_stats: aggregate the statistics on the device and publish them to ``trainer.loggers``
-            (and W&B) every ``log_every_n_steps`` optimizer steps, rank zero only: one
-            device-to-host transfer per interval, none in between.
-        log_every_n_steps: the logging interval in optimizer steps (``None``: the trainer's; where that is
-            0, the trainer's logging is off, and no interval is logged).
-        prefix: the metric-name prefix (also of :meth:`latest`'s keys).
-        prog_bar: show ``grad_norm`` and ``scale`` in the progress bar. This reads both values
+        log_stats: aggregate the statistics on the device and publish them every `log_every_n_steps`
+            optimizer steps through Lightning's own logging (`pl_module.log`): they are in
+            `trainer.callback_metrics` for `EarlyStopping`, `ModelCheckpoint` and the progress bar,
+            and in the loggers' rows at the same step as the module's own `self.log` values (plus W&B's
+            table, histograms and summary). One device-to-host transfer per interval on each rank,
+            none in between.
+        log_every_n_steps: the logging interval in optimizer steps (None: the trainer's; where that is
+            0, the trainer's logging is off, and no interval is logged). Another
+            value than the trainer's writes the rows to the loggers directly, at the step Lightning
+            gives that batch, in rows of their own.
+        prefix: the metric-name prefix (also of the keys of `latest()`).
+        prog_bar: show `grad_norm` and `scale` in the progress bar. This reads both values
             on the host **every step** (a sync): off by default.
         wandb_table_every: refresh the W&B smoothness table (the paper's Figure 1) at most every
             this many logging intervals (and at most every 30 s).
         sync_nonfinite: agree on the non-finite verdict across data-parallel ranks (DDP): one
             1-element all-reduce per step, so that a gradient made non-finite on one rank only (by a
             hook after DDP's all-reduce) skips the step on every rank instead of on that rank alone,
-            which would leave the replicas different. ``None`` (default): on under more than one
-            process with ``skip``/``zero``/``raise``, off with ``propagate`` (which reads and
+            which would leave the replicas different. None (default): on under more than one
+            process with "skip", "zero" or "raise", off with "propagate" (which reads and
             communicates nothing) and under an fp16 GradScaler (which skips overflow steps itself).
             Sharded gradients (FSDP) need no extra collective: their norm's all-reduce carries a
             NaN to every rank.
+        snapshot: what the estimator keeps of the previous step: "sampled" (one block of 64
+            elements in 128 of every large tensor, under 2% of the gradient bytes; the norms of the
+            differences are estimated) or "full" (every gradient and parameter: two gradient-sized
+            buffers, the exact differences). None: "full" with `probe_loss` or
+            `snapshot_device="cpu"`, else "sampled".
+        layer_norms: also publish per-layer gradient norms (before scaling): "module", one norm per
+            module (`net.0` for `net.0.weight` and `net.0.bias`), or "parameter", one per parameter;
+            None (default): off. They are the per-tensor norms the global norm is already formed
+            from, combined per layer and averaged over the interval on the device, published with
+            the other statistics as `l0l1/layer_grad_norm/<layer>` (mean) and
+            `l0l1/layer_grad_norm_max/<layer>`, and in W&B as a histogram and a table: a replacement
+            for `lightning.pytorch.utilities.grad_norm` that reads nothing on the host per step.
+            The warning of a non-finite step names the layers whose norm is not finite; an interval
+            whose gradient was scaled by less than 0.1 is reported once, naming the largest layers.
+            Off by default: it adds two metrics per layer to every logger's rows. Whole gradients
+            (single device, DDP) and DTensors (FSDP2); FSDP1's flat shards have no per-layer norm.
 
     Raises:
         ValueError: at construction, for any invalid argument (named, with its value).
-        RuntimeError: at ``setup`` under DeepSpeed, which clips inside its own engine.
+        RuntimeError: at `setup` under DeepSpeed, which clips inside its own engine, or for a subclass
+            of the other Lightning namespace's class than the Trainer's.
 
     Example:
         >>> from lightning_l0l1 import L0L1Clipping
@@ -199,7 +220,9 @@ class L0L1ClippingBase:
         wandb_table_every: int = 10,
         sync_nonfinite: Optional[bool] = None,
         snapshot: Optional[SnapshotKind] = None,
+        layer_norms: Optional[LayerBy] = None,
     ) -> None:
+        given = {k: v for k, v in locals().items() if k not in ("self", "__class__")}
         super().__init__()
         if probe_loss is not None and not callable(probe_loss):
             raise ValueError(f"`probe_loss` must be a callable (pl_module, batch) -> loss tensor, got {probe_loss!r}.")
@@ -221,10 +244,31 @@ class L0L1ClippingBase:
         table_every: int = validation.count("wandb_table_every", wandb_table_every)  # type: ignore[assignment]
         self.publisher = Publisher(prefix, every, table_every, self.clipper.settings())
         self.sync_nonfinite = validation.flag("sync_nonfinite", sync_nonfinite, allow_none=True)
+        self.layer_norms: Optional[LayerBy] = (
+            None if layer_norms is None
+            else validation.choice("layer_norms", layer_norms, ("module", "parameter"))  # type: ignore[assignment]
+        )
+        self.clipper.keep_param_norms = self.layer_norms is not None and self.log_stats
+        if wandb_table_every != 10 and importlib.util.find_spec("wandb") is None:
+            rank_zero_warn(
+                f"`L0L1Clipping(wandb_table_every={wandb_table_every})` only affects W&B, and `wandb` is not "
+                "installed: the setting has no effect. `pip install wandb` (or the `wandb` extra) to use it."
+            )
+        defaults = _init_defaults()
+        #: the arguments given that differ from the defaults (the repr shows them)
+        self._given = {k: v for k, v in given.items() if k == "mode" or (v is not defaults[k] and v != defaults[k])}
         self._warned_nonfinite = False
+        self._warned_hard = False
+        self._lightning_names: set[str] = set()  # the metrics handed to pl_module.log this fit
+        self._last_metrics: dict[str, float] = {}
         self._fsdp1: Optional[tuple[Any]] = None  # (process_group,) under FSDP1, else None (checked once per fit)
         self._fsdp1_checked = False
         self._trainer_ref: Optional[weakref.ref[Any]] = None  # the trainer of the fit set up last
+
+    def __repr__(self) -> str:
+        shown = ", ".join(f"{k}={getattr(v, '__qualname__', None) or repr(v)}" if k == "probe_loss" else f"{k}={v!r}"
+                          for k, v in self._given.items())
+        return f"{type(self).__name__}({shown})"
 
     if TYPE_CHECKING:  # provided by the namespace's ``Callback`` base
 
@@ -283,6 +327,7 @@ class L0L1ClippingBase:
 
     # ------------------------------------------------------------------ hooks
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        self._match_namespace(trainer)
         strategy = trainer.strategy
         if "deepspeed" in type(strategy).__name__.lower():
             raise RuntimeError(
@@ -306,6 +351,41 @@ class L0L1ClippingBase:
             self._trainer_ref = weakref.ref(trainer)
         except TypeError:  # a stand-in trainer (tests, tools) that takes no weak reference: never restoring
             self._trainer_ref = None
+        self._lightning_names, self._last_metrics, self._warned_hard = set(), {}, False
+        if self.layer_norms is not None:
+            names = {id(p): n for n, p in pl_module.named_parameters()}
+            self.publisher.layers = LayerGrouping(names, self.layer_norms, self.norm_type)
+
+    def _match_namespace(self, trainer: Trainer) -> None:
+        """Resolve the class from the Trainer: a callback of the other Lightning namespace becomes this one's.
+
+        ``lightning_l0l1.L0L1Clipping`` is resolved when it is first used, from the namespaces imported
+        so far; imported before ``lightning.pytorch`` (with ``pytorch_lightning`` installed too) it is
+        ``pytorch_lightning``'s. At ``setup`` the instance takes the class of the Trainer's namespace
+        (the two differ in their ``Callback`` base only), with one warning saying what to import. A
+        subclass of the other namespace's class cannot be converted: that raises.
+        """
+        want, have = _namespace_of(type(trainer), "Trainer"), _namespace_of(type(self), "Callback")
+        if want is None or have is None or want == have:
+            return
+        import importlib
+
+        target = importlib.import_module(f"lightning_l0l1.{want}").L0L1Clipping
+        source = importlib.import_module(f"lightning_l0l1.{have}").L0L1Clipping
+        fix = (f"`from lightning_l0l1.{want} import L0L1Clipping`, or import "
+               f"`{_PACKAGES[want]}` before using `lightning_l0l1.L0L1Clipping`")
+        if type(self) is not source:
+            raise RuntimeError(
+                f"`{type(self).__name__}` is a `{_PACKAGES[have]}` callback, but the Trainer is a "
+                f"`{_PACKAGES[want]}` Trainer: derive it from the `{_PACKAGES[want]}` class instead: {fix}."
+            )
+        self.__class__ = target
+        rank_zero_warn(
+            f"`L0L1Clipping` was created as a `{_PACKAGES[have]}` callback (`lightning_l0l1.L0L1Clipping` is "
+            f"resolved from the Lightning namespaces imported when it is first used), but the Trainer is a "
+            f"`{_PACKAGES[want]}` Trainer: it now runs as `lightning_l0l1.{want}.L0L1Clipping`. To create it "
+            f"as one: {fix}."
+        )
 
     def on_before_optimizer_step(
         self, trainer: Trainer, pl_module: LightningModule, optimizer: Optimizer
@@ -328,7 +408,7 @@ class L0L1ClippingBase:
         if outcome is None or outcome.record is None:
             return
         if self.log_stats:
-            self.publisher.add(key, outcome.record)
+            self.publisher.add(key, outcome.record, outcome.param_norms)
         if self.prog_bar:
             norm_name, scale_name = self.publisher.progress_names(key, several=len(trainer.optimizers) > 1)
             pl_module.log(norm_name, outcome.norm, prog_bar=True, logger=False, on_step=True)
@@ -348,36 +428,104 @@ class L0L1ClippingBase:
         if self.probe_loss is not None:
             self._probe(trainer, pl_module, batch)
         if self.log_stats and self.publisher.due(getattr(trainer, "log_every_n_steps", None)):
-            self._flush(trainer)
+            self._flush(trainer, pl_module)
 
     def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self.publisher.epoch_end(
-            trainer.global_step, trainer.current_epoch, self.log_stats and trainer.is_global_zero, trainer.loggers
+            _log_step(trainer), trainer.current_epoch, self.log_stats and trainer.is_global_zero, trainer.loggers
         )
 
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if not self.log_stats:
             return
-        if self.publisher.pending and self.publisher.interval(getattr(trainer, "log_every_n_steps", None)):
-            self._flush(trainer)
+        due = self.publisher.pending and self.publisher.interval(getattr(trainer, "log_every_n_steps", None))
+        last = self._flush(trainer, None) if due else None
         if trainer.is_global_zero:
-            self.publisher.finish(trainer.global_step, trainer.loggers, self.latest)
+            last_metrics = last.metrics if last is not None and last.metrics else self._last_metrics
+            self.publisher.finish(max(_log_step(trainer) - 1, 0), trainer.loggers, self.latest, last_metrics)
 
-    def _flush(self, trainer: Trainer) -> None:
-        self.publisher.flush(
-            trainer.global_step, trainer.is_global_zero, trainer.loggers, self.clipper.device_counters,
-            self.clipper.estimate,
-        )
+    def _through_lightning(self, trainer: Trainer) -> bool:
+        """The interval coincides with the trainer's logging steps: the rows go through ``pl_module.log``."""
+        trainer_every = int(getattr(trainer, "log_every_n_steps", 0) or 0)
+        return bool(trainer.loggers) and trainer_every > 0 and self.publisher.every in (None, trainer_every)
+
+    def _flush(self, trainer: Trainer, pl_module: Optional[LightningModule]) -> Interval:
+        """Publish the interval: one device-to-host transfer on every rank, no collective.
+
+        Inside ``on_train_batch_end`` (``pl_module`` given) the metrics are handed to
+        ``pl_module.log`` as CPU tensors (nothing more is read from the device), so that
+        ``trainer.callback_metrics``, ``EarlyStopping``, ``ModelCheckpoint`` and the progress bar see
+        them, and where the interval is the trainer's ``log_every_n_steps`` Lightning writes them in
+        the same row, at the same step, as the module's own ``self.log`` values. Otherwise (another
+        interval, the last partial interval at the end of training) rank zero writes them to the
+        loggers itself, at the step Lightning would give them.
+        """
+        interval = self.publisher.collect(self.clipper.device_counters, self.clipper.estimate)
+        through = pl_module is not None and self._through_lightning(trainer)
+        if pl_module is not None:
+            self._log_to_lightning(trainer, pl_module, interval.metrics, logger=through)
+        if interval.metrics:
+            self._last_metrics = interval.metrics
+        step = _log_step(trainer) - (1 if pl_module is None else 0)
+        if trainer.is_global_zero:
+            self.publisher.publish(interval, max(step, 0), trainer.loggers, not through, self.clipper.estimate)
+        self._warn_hard(interval, max(step, 0))
+        return interval
+
+    def _log_to_lightning(
+        self, trainer: Trainer, pl_module: LightningModule, metrics: dict[str, float], logger: bool
+    ) -> None:
+        """``pl_module.log`` every metric of the interval; metrics not defined this interval are withdrawn
+        from Lightning's step results (else Lightning would write their last value again)."""
+        fx = getattr(pl_module, "_current_fx_name", None) or "on_train_batch_end"
+        results = getattr(trainer, "_results", None)
+        for name in self._lightning_names.difference(metrics):
+            item = results.get(f"{fx}.{name}") if results is not None else None
+            if item is not None and hasattr(item, "reset"):
+                item.reset()
+        for name, value in metrics.items():
+            # a CPU tensor: Lightning's own conversions then read nothing from the device
+            pl_module.log(name, torch.tensor(value, dtype=torch.float64), on_step=True, on_epoch=False,
+                          prog_bar=False, logger=logger, batch_size=1)
+        self._lightning_names.update(metrics)
 
     def _warn_nonfinite(self, trainer: Trainer, outcome: StepOutcome) -> None:
         if not self._warned_nonfinite:
             self._warned_nonfinite = True
+            layers = ""
+            if self.publisher.last_layer_norms:  # read once, in this one warning
+                names, norms = self.publisher.last_layer_norms[self.publisher.last_layer_key]
+                bad = [n for n, v in zip(names, norms.tolist()) if not math.isfinite(v)]
+                if bad:
+                    layers = f" Layers with a non-finite gradient norm: {', '.join(bad[:10])}" + (
+                        f" and {len(bad) - 10} more." if len(bad) > 10 else ".")
             rank_zero_warn(
                 f"`L0L1Clipping`: the global gradient norm is not finite at step {trainer.global_step}; "
-                f"the step's gradients were {outcome.action} (`nonfinite={self.nonfinite!r}`). "
+                f"the step's gradients were {outcome.action} (`nonfinite={self.nonfinite!r}`).{layers} "
                 f"Further non-finite steps are counted in `{metric_name(self.prefix, 'nonfinite_steps')}` "
                 "without a warning."
             )
+
+    def _warn_hard(self, interval: Interval, step: int) -> None:
+        """Once per fit: an interval whose gradient was scaled by less than :data:`HARD_SCALE`, naming the
+        layers with the largest norms at that step (from the interval's transfer: no extra read)."""
+        if self._warned_hard:
+            return
+        for key, (names, _, _, worst, scale) in sorted(interval.layers.items()):
+            if scale < HARD_SCALE:
+                self._warned_hard = True
+                top = sorted(zip(worst, names), reverse=True)[:3]
+                total = math.fsum(v * v for v in worst if math.isfinite(v)) or 1.0
+                share = self.norm_type == 2.0  # the layers' squared norms add up to the squared global norm
+                listed = ", ".join(f"{n} ({v:.4g}" + (f", {100 * v * v / total:.2g}% of the squared norm)" if share
+                                                      else ")") for v, n in top)
+                which = f" of optimizer {key}" if len(interval.layers) > 1 else ""
+                rank_zero_warn(
+                    f"`L0L1Clipping`: the gradient{which} was scaled by {scale:.3g} (less than {HARD_SCALE}) on a "
+                    f"step of the logging interval logged at step {step}. The largest layer gradient "
+                    f"norms at that step: {listed}. This warning is shown once per fit."
+                )
+                return
 
     def _probe(self, trainer: Trainer, pl_module: LightningModule, batch: Any) -> None:
         """The gradient of this step's batch at the step's midpoint, averaged over data-parallel ranks."""
@@ -449,6 +597,43 @@ def _check_probe_setup(trainer: Trainer, pl_module: LightningModule) -> None:
             f"{trainer.accumulate_grad_batches}: the step's gradient is summed over several batches, "
             "the probe would see only the last one."
         )
+
+
+_PACKAGES = {"lightning": "lightning.pytorch", "pytorch_lightning": "pytorch_lightning"}
+
+
+def _init_defaults() -> dict[str, Any]:
+    import inspect
+
+    params = inspect.signature(L0L1ClippingBase.__init__).parameters
+    return {k: p.default for k, p in params.items() if k != "self"}
+
+
+# Users meet the class as `L0L1Clipping` (the per-namespace subclasses add only the `Callback` base): a
+# misspelt or extra argument is reported as `L0L1Clipping.__init__() got an unexpected keyword argument ...`.
+L0L1ClippingBase.__init__.__qualname__ = "L0L1Clipping.__init__"
+if hasattr(L0L1ClippingBase.__init__.__code__, "co_qualname"):  # Python >= 3.11 names the code object's
+    L0L1ClippingBase.__init__.__code__ = L0L1ClippingBase.__init__.__code__.replace(
+        co_qualname="L0L1Clipping.__init__")  # type: ignore[call-arg,unused-ignore]  # 3.11+ in the stubs
+
+
+def _namespace_of(cls: type, base: str) -> Optional[str]:
+    """``"lightning"`` or ``"pytorch_lightning"``: the package of the class named ``base`` in ``cls``'s MRO."""
+    for c in cls.__mro__:
+        if c.__name__ == base:
+            module = c.__module__
+            if module.startswith("lightning.pytorch."):
+                return "lightning"
+            if module.startswith("pytorch_lightning."):
+                return "pytorch_lightning"
+    return None
+
+
+def _log_step(trainer: Trainer) -> int:
+    """The step Lightning labels the current batch's logged rows with (its stepped batches so far)."""
+    loop = getattr(getattr(trainer, "fit_loop", None), "epoch_loop", None)
+    n = getattr(loop, "_batches_that_stepped", None)
+    return int(n) if isinstance(n, int) else max(int(trainer.global_step) - 1, 0)
 
 
 def _optimizer_index(trainer: Trainer, optimizer: Optimizer) -> int:

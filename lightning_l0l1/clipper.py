@@ -31,7 +31,7 @@ from lightning_l0l1 import handoff, stats, validation
 from lightning_l0l1.estimator import SecantEstimator
 from lightning_l0l1.gradients import Gradients
 from lightning_l0l1.modes import RULES, Mode, Rule, StepContext, make_rule
-from lightning_l0l1.norms import scale_grads_, total_norm
+from lightning_l0l1.norms import PerTensorNorms, scale_grads_, total_norm
 from lightning_l0l1.state import VERSION, Counters, OptimizerState, check_clipper_state
 from lightning_l0l1.stats import StepRecord
 
@@ -56,12 +56,16 @@ class StepOutcome:
             host, ``None`` when nothing was read (``propagate``, or a GradScaler decides).
         action: ``"scaled"``, or for a non-finite step ``"skipped"`` or ``"zeroed"``.
         record: the step's statistics, on the device (:class:`~lightning_l0l1.stats.StepRecord`).
+        param_norms: with :attr:`GradientClipper.keep_param_norms`: each parameter's gradient norm
+            before scaling, as segments ``(ids of the parameters, 1-d device tensor of their norms)``:
+            the per-tensor norms the global norm is formed from (none for FSDP1 shards).
     """
 
     norm: Tensor
     finite: Optional[bool]
     action: str = "scaled"
     record: Optional[StepRecord] = None
+    param_norms: Optional[PerTensorNorms] = None
 
 
 class _HostFlag:
@@ -159,6 +163,10 @@ class GradientClipper:
         >>> round(float(torch.nn.utils.get_total_norm([p.grad for p in model.parameters()])), 4)
         1.0
     """
+
+    #: keep each parameter's gradient norm in :attr:`StepOutcome.param_norms` (the per-layer statistics;
+    #: no extra computation: they are the per-tensor norms the global norm is formed from).
+    keep_param_norms: bool = False
 
     def __init__(
         self,
@@ -288,7 +296,7 @@ class GradientClipper:
         if grads is None:
             return None
         lrs = handoff.begin(optimizer, self, grads.all())
-        norms = grads.norms(self.norm_type, self.foreach)
+        norms = grads.norms(self.norm_type, self.foreach, keep_per_tensor=self.keep_param_norms)
         ctx = StepContext(optimizer, grads, norms, total_norm(norms, self.norm_type), self.norm_type, lrs)
         finite = torch.isfinite(ctx.norm)
         # every rank must take the same branch: `sharded` (FSDP1) is the same on all of them, while a rank
@@ -308,7 +316,7 @@ class GradientClipper:
             handoff.scale_lrs(optimizer, self, ctx.lr_factors)
         record = self._record(state, ctx, per_group, scaled_norm, threshold, finite)
 
-        outcome = StepOutcome(norm=ctx.norm, finite=None, record=record)
+        outcome = StepOutcome(norm=ctx.norm, finite=None, record=record, param_norms=grads.param_norms)
         if flag is not None:
             outcome.finite = flag.get()
             if not outcome.finite:

@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from lightning_l0l1.norms import GradGroup, group_norms, is_dtensor, require_dense, total_norm
+from lightning_l0l1.norms import GradGroup, PerTensorNorms, group_norms, is_dtensor, require_dense, total_norm
 
 if TYPE_CHECKING:
     from torch.distributed.tensor import DTensor
@@ -64,6 +64,9 @@ class Gradients:
     device: Optional[torch.device] = None
     ids: tuple[tuple[int, int], ...] = ()
     everyone: list[list[Tensor]] = dataclasses.field(default_factory=list)
+    #: with ``norms(keep_per_tensor=True)``: the gradient norm of each parameter, as segments
+    #: ``(ids of the parameters, 1-d device tensor of their norms)`` (FSDP1 shards have none).
+    param_norms: Optional[PerTensorNorms] = None
 
     @classmethod
     def collect(
@@ -123,13 +126,21 @@ class Gradients:
         params = [(cast("DTensor", p).to_local() if kind == "d" else p).detach() for kind, _, p in self.entries]
         return grads, params
 
-    def norms(self, norm_type: float, foreach: Optional[bool] = None, groups: Optional[Sequence[GradGroup]] = None
-              ) -> Tensor:
-        """The global norm of each of ``groups`` (default: the gradients' groups), reduced like the gradients."""
-        return group_norms(
+    def norms(self, norm_type: float, foreach: Optional[bool] = None, groups: Optional[Sequence[GradGroup]] = None,
+              keep_per_tensor: bool = False) -> Tensor:
+        """The global norm of each of ``groups`` (default: the gradients' groups), reduced like the gradients.
+
+        ``keep_per_tensor``: also keep the per-tensor norms they are formed from in :attr:`param_norms`.
+        """
+        per_tensor: Optional[PerTensorNorms] = [] if keep_per_tensor else None
+        out = group_norms(
             self.groups if groups is None else groups, norm_type, process_group=self.process_group,
-            sharded=self.sharded, foreach=foreach, device=self.device,
+            sharded=self.sharded, foreach=foreach, device=self.device, per_tensor=per_tensor,
         )
+        if per_tensor is not None:
+            param_of = {id(g): id(p) for _, g, p in self.entries}
+            self.param_norms = [([param_of[i] for i in ids], norms) for ids, norms in per_tensor]
+        return out
 
     def like(self, tensors: Sequence[Tensor], flat: bool = False) -> GradGroup:
         """A :class:`GradGroup` of local ``tensors`` (one per entry) distributed like the gradients.

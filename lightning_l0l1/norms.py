@@ -138,6 +138,10 @@ class GradGroup:
         return self.dtensors[0].to_local()
 
 
+#: Per-tensor norms as segments: (``id`` of each gradient, a 1-d tensor of their norms in that order).
+PerTensorNorms = list[tuple[list[int], Tensor]]
+
+
 def _use_foreach(foreach: bool | None, device: torch.device) -> bool:
     if foreach is None:
         return device.type in ("cuda", "cpu", "xpu")
@@ -195,10 +199,22 @@ def _reduce(norms: Sequence[Tensor], p: float, device: torch.device, acc: torch.
 
 
 def _local_group_norms(
-    parts: Sequence[Sequence[Tensor]], p: float, device: torch.device, acc: torch.dtype, foreach: bool | None
+    parts: Sequence[Sequence[Tensor]], p: float, device: torch.device, acc: torch.dtype, foreach: bool | None,
+    per_tensor: PerTensorNorms | None = None,
 ) -> Tensor:
     flat = [t for part in parts for t in part]
     norms = _per_tensor_norms(flat, p, acc, foreach) if flat else []
+    if per_tensor is not None and flat:
+        # one stacked vector, kept for the per-layer norms; the group norms from its slices (the same
+        # values `_reduce` stacks, so the same results)
+        stacked = torch.stack([n.to(device=device, dtype=acc) for n in norms])
+        per_tensor.append(([id(t) for t in flat], stacked))
+        out, k = [], 0
+        for part in parts:
+            seg = stacked[k : k + len(part)]
+            out.append(torch.linalg.vector_norm(seg, p) if len(part) else torch.zeros((), device=device, dtype=acc))
+            k += len(part)
+        return torch.stack(out)
     out, k = [], 0
     for part in parts:
         out.append(_reduce(norms[k : k + len(part)], p, device, acc))
@@ -207,7 +223,8 @@ def _local_group_norms(
 
 
 def _dtensor_group_norms(
-    parts: Sequence[Sequence[DTensor]], p: float, device: torch.device, acc: torch.dtype
+    parts: Sequence[Sequence[DTensor]], p: float, device: torch.device, acc: torch.dtype,
+    per_tensor: PerTensorNorms | None = None,
 ) -> Tensor:
     """Per-group norms of DTensor grads with one all-reduce per device mesh.
 
@@ -231,6 +248,8 @@ def _dtensor_group_norms(
         full = cast("DTensor", torch.stack(norms)).full_tensor().to(device=device, dtype=acc)
         for j, (gi, _) in enumerate(items):
             per_group[gi].append(full[j])
+        if per_tensor is not None:
+            per_tensor.append(([id(t) for _, t in items], full))
     return torch.stack([_reduce(ns, p, device, acc) for ns in per_group])
 
 
@@ -254,6 +273,7 @@ def group_norms(
     sharded: bool = False,
     foreach: bool | None = None,
     device: torch.device | None = None,
+    per_tensor: PerTensorNorms | None = None,
 ) -> Tensor:
     """Global p-norm of each group's gradients, identical on every rank.
 
@@ -269,6 +289,10 @@ def group_norms(
         foreach: use the ``torch._foreach_norm`` fast path (``None``: where supported).
         device: where a rank holding no gradient computes (and all-reduces) its zeros;
             pass the parameters' device (``None``: the CPU).
+        per_tensor: receives the per-tensor norms the group norms are formed from, as segments
+            ``(ids of the gradients, 1-d tensor of their norms)`` on the device in the accumulation
+            dtype: global for whole (replicated) and DTensor gradients, none for FSDP1 shards (their
+            local norms are not any tensor's).
 
     Returns:
         A 1-d tensor of ``len(groups)`` norms (float32, float64 if any gradient is
@@ -286,11 +310,11 @@ def group_norms(
     dtensors = [g.dtensors for g in groups]
     parts: list[Tensor] = []
     if any(replicated):
-        parts.append(_local_group_norms(replicated, p, device, acc, foreach))
+        parts.append(_local_group_norms(replicated, p, device, acc, foreach, per_tensor))
     if sharded or any(shards):
         parts.append(_all_reduce_norms(_local_group_norms(shards, p, device, acc, foreach), p, process_group))
     if any(dtensors):
-        parts.append(_dtensor_group_norms(dtensors, p, device, acc))
+        parts.append(_dtensor_group_norms(dtensors, p, device, acc, per_tensor))
     return parts[0] if len(parts) == 1 else torch.linalg.vector_norm(torch.stack(parts), p, dim=0)
 
 

@@ -19,12 +19,14 @@ import sys
 import time
 import warnings
 from collections.abc import Mapping, Sequence
-from typing import Any, Callable, Optional
+from dataclasses import dataclass, field
+from typing import Any, Callable, Literal, Optional
 
 import torch
 from torch import Tensor
 from torchmetrics import Metric
 
+from lightning_l0l1.norms import PerTensorNorms
 from lightning_l0l1.state import check_array, check_number, damaged
 from lightning_l0l1.stats import (
     COUNTER_FIELDS,
@@ -36,7 +38,7 @@ from lightning_l0l1.stats import (
     summary_metrics,
 )
 
-__all__ = ["LoggerSink", "Publisher", "StepStatistics", "WandbSink"]
+__all__ = ["Interval", "LayerGrouping", "LayerStatistics", "LoggerSink", "Publisher", "StepStatistics", "WandbSink"]
 
 
 class StepStatistics(Metric):
@@ -108,6 +110,115 @@ class StepStatistics(Metric):
         extremes = [torch.where(none, nan, self.norm_max), torch.where(none, nan, self.norm_min)]
         return torch.cat([means, torch.stack([*extremes, clip_rate(self.clipped, self.finite), self.finite,
                                               self.steps])])
+
+
+class LayerStatistics(Metric):
+    """Aggregates one optimizer's per-layer gradient norms over a logging interval, on the device.
+
+    ``update(norms, finite, scale)`` takes one step's per-layer norms (1-d), whether the step was
+    finite and its scale. The states are the sums over finite steps (for the means), the maxima, and
+    the per-layer norms of the interval's most-scaled finite step with its scale (``worst_scale``,
+    ``inf`` while there is none): what a "clipped hard" warning names. Nothing is read on the host.
+    """
+
+    full_state_update = False
+    is_differentiable = False
+    higher_is_better = None
+
+    sums: Tensor
+    maxes: Tensor
+    finite: Tensor
+    worst_scale: Tensor
+    worst_norms: Tensor
+
+    def __init__(self, n_layers: int) -> None:
+        super().__init__(sync_on_compute=False, dist_sync_on_step=False)
+        self.n_layers = n_layers
+        self.add_state("sums", torch.zeros(n_layers, dtype=torch.float64), dist_reduce_fx="sum")
+        self.add_state("maxes", torch.full((n_layers,), -math.inf, dtype=torch.float64), dist_reduce_fx="max")
+        self.add_state("finite", torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
+        self.add_state("worst_scale", torch.tensor(math.inf, dtype=torch.float64), dist_reduce_fx="min")
+        self.add_state("worst_norms", torch.zeros(n_layers, dtype=torch.float64), dist_reduce_fx="max")
+
+    def update(self, norms: Tensor, finite: Tensor, scale: Tensor) -> None:
+        v = norms.to(self.sums.dtype)
+        self.sums.add_(torch.where(finite, v, torch.zeros_like(v)))
+        torch.maximum(self.maxes, torch.where(finite, v, self.maxes), out=self.maxes)
+        self.finite.add_(finite.to(self.sums.dtype))
+        s = torch.where(finite, scale.to(self.sums.dtype), math.inf)
+        torch.where(s < self.worst_scale, v, self.worst_norms, out=self.worst_norms)
+        torch.minimum(self.worst_scale, s, out=self.worst_scale)
+
+    def compute(self) -> Tensor:
+        """``[means, maxima, norms at the most-scaled step, that step's scale]`` (NaN means without a finite step)."""
+        none = self.finite == 0
+        means = torch.where(none, torch.full_like(self.sums, math.nan), self.sums / self.finite.clamp_min(1))
+        maxes = torch.where(none, torch.full_like(self.maxes, math.nan), self.maxes)
+        return torch.cat([means, maxes, self.worst_norms, self.worst_scale.reshape(1)])
+
+
+LayerBy = Literal["module", "parameter"]
+
+
+class LayerGrouping:
+    """Per-layer gradient norms of one step from the per-parameter norms the global norm is formed from.
+
+    Args:
+        names: ``id(param)`` to the parameter's name (``model.named_parameters()``).
+        by: ``"module"``: one norm per module (the name without its last part, ``net.0`` for
+            ``net.0.weight`` and ``net.0.bias``); ``"parameter"``: one per parameter.
+        norm_type: the p of the norms: a layer's norm is the p-norm of its parameters' norms.
+
+    The parameter-to-layer index is built once per set of parameters with a gradient (a device
+    tensor, copied once); a step is then one ``index_add_`` (``scatter_reduce_`` for the max-norm) over
+    the vector of per-parameter norms the global norm was formed from, on the device.
+    """
+
+    def __init__(self, names: dict[int, str], by: LayerBy, norm_type: float) -> None:
+        self.names, self.by, self.p = names, by, float(norm_type)
+        self._plans: dict[tuple[int, ...], tuple[list[str], Tensor]] = {}
+
+    def layer_of(self, name: str) -> str:
+        return name.rsplit(".", 1)[0] if self.by == "module" and "." in name else name
+
+    def plan(self, ids: tuple[int, ...], device: torch.device) -> tuple[list[str], Tensor]:
+        """The layer names and each parameter's layer index (on ``device``) for these parameters."""
+        found = self._plans.get(ids)
+        if found is None:
+            layers: dict[str, int] = {}
+            index = [layers.setdefault(self.layer_of(self.names.get(i, f"param{k}")), len(layers))
+                     for k, i in enumerate(ids)]
+            if len(self._plans) > 8:  # the set of parameters with a gradient changes rarely
+                self._plans.clear()
+            found = self._plans[ids] = (list(layers), torch.tensor(index, device=device))
+        return found
+
+    def step(self, param_norms: PerTensorNorms) -> tuple[list[str], Tensor]:
+        """The layer names and their norms (1-d float64, on the device) of one step, from the per-parameter
+        norms' segments (:attr:`~lightning_l0l1.clipper.StepOutcome.param_norms`)."""
+        vectors = [v for _, v in param_norms]
+        norms = (vectors[0] if len(vectors) == 1 else torch.cat([v.to(vectors[0].device) for v in vectors]))
+        norms = norms.to(torch.float64)
+        layers, index = self.plan(tuple(i for ids, _ in param_norms for i in ids), norms.device)
+        out = norms.new_zeros(len(layers))
+        if math.isinf(self.p):
+            return layers, out.scatter_reduce_(0, index, norms.abs(), "amax")
+        return layers, out.index_add_(0, index, norms.pow(self.p)).pow(1.0 / self.p)
+
+
+@dataclass
+class Interval:
+    """One logging interval, read in one transfer.
+
+    Attributes:
+        metrics: the interval's finite metrics by name.
+        pair_norm: the norm the first optimizer's last secant pair is paired with (NaN: none).
+        layers: per optimizer key, ``(layer names, means, maxima, norms at the most-scaled step, its scale)``.
+    """
+
+    metrics: dict[str, float] = field(default_factory=dict)
+    pair_norm: float = math.nan
+    layers: dict[int, tuple[list[str], list[float], list[float], list[float], float]] = field(default_factory=dict)
 
 
 def _warn_once(owner: Any, what: str, err: BaseException) -> None:
@@ -259,7 +370,33 @@ class WandbSink:
 
         self._guard("histogram", go)
 
-    def finish(self, summary: dict[str, float], step: int) -> None:
+    def layers(self, names: Sequence[str], means: Sequence[float], maxes: Sequence[float], step: int,
+               suffix: str = "") -> None:
+        """An interval's per-layer norms: a histogram of the means, and a table (layer, mean, max) at the
+        Figure 1 table's pace."""
+        def go() -> None:
+            import wandb
+
+            run = self._run()
+            finite = [m for m in means if math.isfinite(m)]
+            row: dict[str, Any] = {self.STEP_KEY: step}
+            if finite:
+                row[metric_name(self.prefix, f"layer_grad_norm_hist{suffix}")] = wandb.Histogram(finite)
+            if self._intervals % self.table_every == 0 or self._intervals <= 1:
+                data = [[n, m, x] for n, m, x in zip(names, means, maxes) if math.isfinite(m)]
+                row[metric_name(self.prefix, f"layer_grad_norm_table{suffix}")] = wandb.Table(
+                    columns=["layer", "grad_norm_mean", "grad_norm_max"], data=data)
+            if len(row) > 1:
+                run.log(row)
+
+        self._guard("per-layer norms", go)
+
+    def run_name(self, name: str) -> str:
+        """The name a metric has in the run (a ``WandbLogger`` prefix added)."""
+        return self.logged_prefix + name[len(self.prefix) :] if name.startswith(self.prefix) else name
+
+    def finish(self, summary: dict[str, float], step: int, stale: Sequence[str] = ()) -> None:
+        """The final table; ``summary`` into the run's summary, and the ``stale`` metrics out of it."""
         def go() -> None:
             import wandb
 
@@ -268,6 +405,10 @@ class WandbSink:
                 self._log_table(wandb, run, step)
             for k, v in summary.items():
                 run.summary[k] = v
+            present = set(run.summary.keys())
+            for name in dict.fromkeys(n for k in stale for n in (k, self.run_name(k))):
+                if name in present:  # a metric now undefined: its last value is not the run's
+                    del run.summary[name]
 
         self._guard("summary", go)
 
@@ -318,6 +459,14 @@ class Publisher:
         self._epoch_norms: list[Tensor] = []
         self.keep_norms = False  # keep the first optimizer's norms for a per-epoch histogram
         self._sinks: Optional[tuple[LoggerSink, Optional[WandbSink]]] = None
+        #: per-layer norms (``None``: off); set by the callback at ``setup``.
+        self.layers: Optional[LayerGrouping] = None
+        self._layer_aggs: dict[int, tuple[list[str], LayerStatistics]] = {}
+        #: each optimizer's last step's layer names and norms (on the device), for a non-finite warning.
+        self.last_layer_norms: dict[int, tuple[list[str], Tensor]] = {}
+        self.last_layer_key = 0  # the optimizer of the last step with layer norms
+        #: every metric published this fit, with its last value (what a run summary must not keep stale).
+        self.published: dict[str, float] = {}
 
     def sinks(self, loggers: Sequence[Any]) -> tuple[LoggerSink, Optional[WandbSink]]:
         """The sinks of these loggers, found once per fit (see :meth:`reset`)."""
@@ -328,9 +477,11 @@ class Publisher:
     def reset(self) -> None:
         """Forget the sinks: the next fit's loggers are not the last one's."""
         self._sinks = None
+        self.published = {}
 
-    def add(self, key: int, record: StepRecord) -> None:
-        """Aggregate one step of optimizer ``key`` (on the device, no host read)."""
+    def add(self, key: int, record: StepRecord, param_norms: Optional[PerTensorNorms] = None) -> None:
+        """Aggregate one step of optimizer ``key`` (on the device, no host read); with :attr:`layers` set,
+        also its per-layer norms from ``param_norms`` (:attr:`StepOutcome.param_norms`)."""
         n = record.values.numel()
         agg = self._aggs.get(key)
         if agg is None or agg.n_values != n:
@@ -338,6 +489,13 @@ class Publisher:
         elif agg.device != record.values.device:  # restored from a checkpoint on the CPU
             agg = self._aggs[key] = agg.to(record.values.device)
         agg.update(record.values, record.finite, record.clipped)
+        if self.layers is not None and param_norms:
+            names, norms = self.layers.step(param_norms)
+            self.last_layer_norms[key], self.last_layer_key = (names, norms), key
+            held = self._layer_aggs.get(key)
+            if held is None or held[0] != names:
+                held = self._layer_aggs[key] = (names, LayerStatistics(len(names)).to(norms.device))
+            held[1].update(norms, record.finite, record.scale)
         if key == 0:
             self._since_log += 1
             if self.keep_norms:
@@ -362,26 +520,32 @@ class Publisher:
         """Steps have been aggregated since the last flush."""
         return self._since_log > 0
 
-    def flush(
-        self, step: int, is_global_zero: bool, loggers: Sequence[Any], counters: Callable[[int], Optional[Tensor]],
-        estimate: bool,
-    ) -> None:
-        """Publish the interval's aggregates and the clipper's ``counters(key)``; start a new interval."""
+    def collect(self, counters: Callable[[int], Optional[Tensor]], estimate: bool) -> Interval:
+        """The interval's aggregates and the clipper's ``counters(key)``, read in one transfer; a new interval
+        starts."""
         self._since_log = 0
-        metrics: dict[str, float] = {}
-        pair_norm = math.nan
-        if is_global_zero and self._aggs:
-            metrics, pair_norm = self._read(counters, estimate)
+        out = self._read(counters, estimate) if self._aggs else Interval()
         for agg in self._aggs.values():
             agg.reset()
-        if not metrics:
-            return
-        log, wb = self.sinks(loggers)
-        if wb is not None:  # first: its define_metric must precede the first l0l1 row
-            wb.log(metrics, step, metric_name(self.prefix, "smoothness") if estimate else None, pair_norm)
-        log.log(metrics, step)
+        for _, lagg in self._layer_aggs.values():
+            lagg.reset()
+        return out
 
-    def _read(self, counters: Callable[[int], Optional[Tensor]], estimate: bool) -> tuple[dict[str, float], float]:
+    def publish(self, interval: Interval, step: int, loggers: Sequence[Any], to_loggers: bool, estimate: bool) -> None:
+        """Rank zero: W&B's extras (and its rows where no ``WandbLogger`` writes them), and the rows to
+        ``loggers`` where Lightning does not write them itself (``to_loggers``)."""
+        metrics = interval.metrics
+        self.published.update(metrics)
+        log, wb = self.sinks(loggers)
+        if wb is not None and metrics:  # first: its define_metric must precede the first l0l1 row
+            wb.log(metrics, step, metric_name(self.prefix, "smoothness") if estimate else None, interval.pair_norm)
+        if wb is not None:
+            for key, (names, means, maxes, _, _) in interval.layers.items():
+                wb.layers(names, means, maxes, step, suffix=f"_opt{key}" if len(interval.layers) > 1 else "")
+        if to_loggers and metrics:
+            log.log(metrics, step)
+
+    def _read(self, counters: Callable[[int], Optional[Tensor]], estimate: bool) -> Interval:
         """Every aggregate and counter, read in one transfer, as named metrics."""
         keys = sorted(self._aggs)
         parts = []
@@ -391,14 +555,29 @@ class Publisher:
             if c is None:  # no step yet since the state was restored
                 c = vec.new_full((len(COUNTER_FIELDS),), math.nan)
             parts += [vec.to(torch.float64), c.to(vec.device, torch.float64)]
-        flat = torch.cat([p.to(parts[0].device) for p in parts]).tolist()  # the one transfer
+        layer_keys = sorted(k for k, (_, agg) in self._layer_aggs.items() if agg.update_count)
+        layer_parts = [self._layer_aggs[k][1].compute() for k in layer_keys]
+        flat = torch.cat([p.to(parts[0].device) for p in [*parts, *layer_parts]]).tolist()  # the one transfer
         blocks, i = [], 0
         for key, vec in zip(keys, parts[::2]):
             n, k = vec.numel(), len(COUNTER_FIELDS)
             n_groups = self._aggs[key].n_values - len(RECORD_FIELDS)
             blocks.append((key, n_groups, flat[i : i + n], flat[i + n : i + n + k]))
             i += n + k
-        return interval_metrics(self.prefix, blocks, estimate)
+        metrics, pair_norm = interval_metrics(self.prefix, blocks, estimate)
+        out = Interval(metrics, pair_norm)
+        several = len(self._aggs) > 1
+        for key in layer_keys:
+            names = self._layer_aggs[key][0]
+            n = len(names)
+            means, maxes, worst = flat[i : i + n], flat[i + n : i + 2 * n], flat[i + 2 * n : i + 3 * n]
+            out.layers[key] = (names, means, maxes, worst, flat[i + 3 * n])
+            i += 3 * n + 1
+            for name, mean, mx in zip(names, means, maxes):
+                for what, v in (("layer_grad_norm", mean), ("layer_grad_norm_max", mx)):
+                    if math.isfinite(v):
+                        out.metrics[metric_name(self.prefix, f"{what}/{name}", key, several)] = v
+        return out
 
     def epoch_end(self, step: int, epoch: int, is_global_zero: bool, loggers: Sequence[Any]) -> None:
         """The epoch's histogram of the first optimizer's norms (W&B only)."""
@@ -409,11 +588,19 @@ class Publisher:
         if wb is not None:
             wb.histogram(torch.stack(norms).tolist(), step, epoch)  # one transfer per epoch
 
-    def finish(self, step: int, loggers: Sequence[Any], latest: Callable[[], dict[str, float]]) -> None:
-        """The run's summary (from ``latest()``, the run's statistics) and final table (W&B only)."""
+    def finish(self, step: int, loggers: Sequence[Any], latest: Callable[[], dict[str, float]],
+               last: Optional[dict[str, float]] = None) -> None:
+        """The run's summary and final table (W&B only).
+
+        The summary holds current values only: the run's figures from ``latest()`` and the last
+        interval's metrics (``last``); every other metric published this fit (a value that was finite
+        once and is undefined now, such as ``lr_suggested`` once :math:`L_0 = 0`) is removed from it.
+        """
         _, wb = self.sinks(loggers)
         if wb is not None:
-            wb.finish(summary_metrics(self.prefix, latest()), step)
+            summary = {**(last or {}), **summary_metrics(self.prefix, latest())}
+            stale = [k for k in self.published if k not in summary]
+            wb.finish(summary, step, stale)
 
     def progress_names(self, key: int, several: bool) -> tuple[str, str]:
         """The progress-bar names of the norm and the scale."""

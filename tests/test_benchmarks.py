@@ -38,6 +38,8 @@ def _rows(report: str) -> list[list[str]]:
         ("bench_cosh", ["L0=1, L1=1"]),
         ("bench_lstm", ["unclipped", "clip=0.5", "auto"]),
         ("bench_stats", ["log_stats=False", "log_stats=True, every step", "log_stats=True, every 50 steps"]),
+        ("bench_layer_norms", ["clip", "clip, layer_norms='module'", "clip, layer_norms='parameter'",
+                               "clip + Lightning grad_norm() every step"]),
     ],
 )
 def test_benchmark_quick_mode_prints_its_table(name, expect, capsys):
@@ -47,11 +49,17 @@ def test_benchmark_quick_mode_prints_its_table(name, expect, capsys):
     labels = [r[0] for r in rows]
     for label in expect:
         assert label in labels, f"{label!r} missing from {name}'s table"
-    # every data row has as many cells as the header and some finite number in it
-    header = rows[0]
-    for r in rows[1:]:
-        if r[0] == header[0]:
-            continue  # the next table's header
+    # every data row has as many cells as its table's header and some finite number in it
+    lines = report.splitlines()
+    headers = {i - 1 for i, ln in enumerate(lines) if ln.startswith("|---")}  # the line above a separator
+    header: list[str] = []
+    for i, ln in enumerate(lines):
+        if not ln.startswith("|") or ln.startswith("|---"):
+            continue
+        r = [c.strip() for c in ln.strip("|").split("|")]
+        if i in headers:
+            header = r
+            continue
         assert len(r) == len(header)
         numbers = [float(x.replace(",", "")) for x in r[1:] if re.fullmatch(r"-?[\d.,]+(e[-+]?\d+)?", x)]
         assert any(math.isfinite(v) for v in numbers), r

@@ -341,6 +341,44 @@ def test_defaults_and_state_key():
     assert L0L1Clipping(norm_type="inf").norm_type == math.inf
 
 
+def test_repr_shows_the_settings_given():
+    assert repr(L0L1Clipping()) == "L0L1Clipping(mode='auto')"
+    cb = L0L1Clipping(mode="clip", max_norm=1.0, log_every_n_steps=10, layer_norms="module", nonfinite="skip")
+    assert repr(cb) == "L0L1Clipping(mode='clip', max_norm=1.0, log_every_n_steps=10, layer_norms='module')"
+
+    def my_loss(module, batch):
+        return module(batch)
+
+    shown = repr(L0L1Clipping(probe_loss=my_loss))
+    assert shown.endswith("probe_loss=test_repr_shows_the_settings_given.<locals>.my_loss)")
+    # what the repr shows builds the same callback
+    again = eval(repr(cb), {"L0L1Clipping": L0L1Clipping})
+    assert again.state_key == cb.state_key and repr(again) == repr(cb)
+
+
+def test_a_misspelt_argument_names_the_class_users_create():
+    with pytest.raises(TypeError, match=r"^L0L1Clipping\.__init__\(\) got an unexpected keyword argument 'max_nrom'$"):
+        L0L1Clipping(mode="clip", max_nrom=1.0)  # type: ignore[call-arg]
+
+
+def test_lightningcli_help_reads_as_text(capsys):
+    """``--trainer.callbacks.help`` prints the arguments' docstrings: no reST roles or double backticks."""
+    import inspect
+
+    from pytorch_lightning.cli import LightningCLI
+    from pytorch_lightning.demos.boring_classes import BoringModel
+
+    with pytest.raises(SystemExit):
+        LightningCLI(BoringModel, args=["fit", "--trainer.callbacks.help", "lightning_l0l1.L0L1Clipping"])
+    out = capsys.readouterr().out
+    params = [p for p in inspect.signature(L0L1Clipping.__init__).parameters if p != "self"]
+    for p in params:
+        assert f"--trainer.callbacks.{p} " in out or f"--trainer.callbacks.{p}\n" in out, p
+    for raw in (":math:", ":func:", ":class:", ":meth:", "``", "\\lVert", "\\eta"):
+        assert raw not in out, raw
+    assert "η_eff = min(η, 1/L_min, 2/(r·‖g‖))" in " ".join(out.split())
+
+
 # ---------------------------------------------------------------------------- checkpoints
 
 

@@ -166,6 +166,9 @@ def test_runs_tiny(name: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, c
     summary = module.main(argv)
     _check_summary(summary, name)
     printed = capsys.readouterr().out
+    if name == "quickstart":  # the summary has the lines the documentation shows, in its order
+        shown = printed[printed.index("L0L1Clipping summary") :]
+        assert _summary_labels(shown) == _summary_labels(QUICKSTART_OUTPUT.read_text())
     assert not re.search(r"\b(nan|inf)\b", printed, re.IGNORECASE), f"{name} printed a non-finite number:\n{printed}"
     pngs = _check_pngs(tmp_path, name)
     expected = {"quickstart": ["quickstart_loss.png", "quickstart_grad_norm.png"], "figure1": ["figure1.png"],
@@ -177,6 +180,38 @@ def test_runs_tiny(name: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, c
 
 
 QUIET = ["--no-wandb", "--no-progress"]
+#: the quickstart's summary as docs/getting-started.md shows it, written by a real run
+#: (`python examples/quickstart.py --no-wandb --summary-out docs/quickstart_output.txt`)
+QUICKSTART_OUTPUT = EXAMPLES.parent / "docs" / "quickstart_output.txt"
+
+
+def _summary_labels(text: str) -> list[str]:
+    """The label of every summary line (``mode``, ``base step``...), continuation lines left out."""
+    return [ln[:23].strip() for ln in text.splitlines() if ln.startswith("  ") and not ln.startswith("   ")]
+
+
+def test_the_documented_quickstart_summary_is_one_run_and_adds_up() -> None:
+    """The stored output (what the docs include) tells a consistent story about auto's numbers."""
+    text = QUICKSTART_OUTPUT.read_text()
+    assert '--8<-- "docs/quickstart_output.txt"' in (EXAMPLES.parent / "docs" / "getting-started.md").read_text()
+    values = {ln[:23].strip(): ln[23:] for ln in text.splitlines() if ln.startswith("  ") and not ln.startswith("   ")}
+
+    def num(label: str, k: int = 0) -> float:
+        return float(re.findall(r"-?\d+(?:\.\d+)?(?:e-?\d+)?", values[label])[k])
+
+    lr, base, threshold = num("learning rate set"), num("base step"), num("threshold in use")
+    norm, scale, lr_eff = num("last step"), float(re.search(r"scale ([\d.]+)", values["last step"])[1]), \
+        num("effective lr")
+    assert values["mode"].strip() == "auto" and num("optimizer steps") == 256
+    assert lr_eff == pytest.approx(lr * scale, rel=0.01)  # the effective lr is lr x scale
+    below = norm < threshold
+    assert ("below the threshold" in values["last step"]) is below
+    if below:  # below the threshold the step is the base step alone: scale = base / lr
+        assert scale == pytest.approx(base / lr, abs=0.006) and lr_eff == pytest.approx(base, rel=0.01)
+    else:
+        assert lr_eff == pytest.approx(base * threshold / norm, rel=0.01)
+    assert f"scaled by {base / lr:.2f}" in text
+    assert 0 <= num("clip rate (all run)") <= 1
 
 
 @pytest.mark.parametrize("mode", ["clip", "adaptive", "l0l1"])

@@ -8,6 +8,7 @@ checkpoint resume compared bitwise with an uninterrupted run, LightningCLI from 
 
 from __future__ import annotations
 
+import csv
 import importlib.util
 import json
 import subprocess
@@ -46,9 +47,52 @@ def test_fit_resume_cli_and_loggers_under_each_namespace(ns, tmp_path):
     assert fit["steps"] == 24 and fit["resume_bitwise"] and fit["csv_has_l0l1"]
     # a state under its earlier key resumes, without Lightning's "callbacks are missing" warning
     assert r["legacy"]["resumed"] == 2 * r["legacy"]["first"] and not r["legacy"]["missing_warning"]
+    # EarlyStopping and ModelCheckpoint found their l0l1/* keys: the values of the rows logged at each
+    # epoch's last batch (6 batches an epoch, rows every 2: steps 5, 11, 17, 23)
+    rows = list(csv.DictReader(fit["csv"]))
+    at_epoch_end = [r for r in rows if r["l0l1/grad_norm"] and int(r["step"]) % 6 == 5]
+    assert len(at_epoch_end) == 4
+    assert fit["stop_score"] == pytest.approx(max(float(r["l0l1/clip_rate"]) for r in at_epoch_end), rel=1e-6)
+    assert fit["ckpt_score"] == pytest.approx(min(float(r["l0l1/grad_norm"]) for r in at_epoch_end), rel=1e-6)
     for key in ("cli_auto", "cli_explicit"):  # both class paths resolve to this namespace's Callback subclass
         assert r[key] == {"max_norm": 0.5, "steps": 4.0, "class_module": module}, key
     assert r["wandb"] == {"steps": 4.0, "sinks_found_wandb": True}
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not all(map(_installed, NAMESPACES)), reason="needs both Lightning packages")
+def test_the_class_used_before_lightning_pytorch_is_imported_runs_as_lightning_pytorchs(tmp_path):
+    """The other import order (the one above imports the namespace first): ``lightning_l0l1.L0L1Clipping``
+    resolved before ``import lightning.pytorch`` is ``pytorch_lightning``'s; attached to a ``lightning.pytorch``
+    Trainer it becomes that namespace's class at ``setup``, says so once, and its keys reach the monitors."""
+    script = SCRIPT.parent / "import_order.py"
+    out = subprocess.run([sys.executable, str(script), str(tmp_path)], capture_output=True, text=True, timeout=300,
+                         env=clean_env())
+    assert out.returncode == 0, out.stderr[-3000:]
+    r = json.loads((tmp_path / "result.json").read_text())
+    assert r["first_class"] == "lightning_l0l1.pytorch_lightning.L0L1Clipping"
+    assert r["class_after_fit"] == "lightning_l0l1.lightning.L0L1Clipping" and r["is_lightning_callback"]
+    (warning,) = r["warnings"]
+    assert "`from lightning_l0l1.lightning import L0L1Clipping`" in warning
+    assert r["steps"] == 12 and {"l0l1/grad_norm", "l0l1/clip_rate"} <= set(r["callback_metrics"])
+    norms = r["raw_norms"]
+    # rows every 3 steps; the epoch-end checks read the intervals of steps 4-6 and 10-12
+    means = [sum(norms[i : i + 3]) / 3 for i in (3, 9)]
+    assert r["ckpt_best"] == pytest.approx(min(means), rel=1e-5)
+    assert r["grad_norm"] == pytest.approx(means[1], rel=1e-5)
+    assert r["stop_best"] == max(sum(n > 0.5 for n in norms[i : i + 3]) / 3 for i in (3, 9))
+
+
+def test_a_mismatched_subclass_is_refused_at_setup():
+    from lightning_l0l1.pytorch_lightning import L0L1Clipping as ForPL
+
+    class Mine(ForPL):
+        pass
+
+    fake_trainer = type("Trainer", (), {"__module__": "lightning.pytorch.trainer.trainer"})()
+    with pytest.raises(RuntimeError, match=r"`Mine` is a `pytorch_lightning` callback, but the Trainer is a "
+                                           r"`lightning.pytorch` Trainer.*from lightning_l0l1.lightning import"):
+        Mine(mode="clip", max_norm=1.0).setup(fake_trainer, None, "fit")
 
 
 def test_importing_the_package_imports_no_lightning_namespace():

@@ -189,3 +189,20 @@ def test_validate_norm_type_accepts(value, expected):
     out = validate_norm_type(value)
     assert isinstance(out, float)
     assert out == expected
+
+
+@pytest.mark.parametrize("norm_type", [2.0, 1.0, math.inf])
+@pytest.mark.parametrize("foreach", [True, False])
+def test_per_tensor_norms_are_kept_and_the_group_norms_unchanged(norm_type, foreach):
+    """``per_tensor``: each gradient's norm (float64 reference), in one vector per segment; the group
+    norms the same bits as without it (they are formed from the same values)."""
+    groups = make_groups(torch.float32)
+    plain = group_norms([GradGroup(g) for g in groups], norm_type, foreach=foreach)
+    kept: list = []
+    with_kept = group_norms([GradGroup(g) for g in groups], norm_type, foreach=foreach, per_tensor=kept)
+    assert torch.equal(plain, with_kept)
+    flat = [t for g in groups for t in g]
+    ((ids, vec),) = kept
+    assert ids == [id(t) for t in flat] and vec.shape == (len(flat),)
+    want = torch.tensor([torch.linalg.vector_norm(t.double(), norm_type).item() for t in flat], dtype=torch.float64)
+    torch.testing.assert_close(vec.double(), want, rtol=1e-6, atol=0)

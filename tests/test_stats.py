@@ -156,9 +156,11 @@ class IntervalRecorder(Recorder):
         super().__init__(cb)
         self.before, self.every = before, every
         self.steps: list[dict[str, Any]] = []
-        self.intervals: list[tuple[int, list[dict[str, Any]]]] = []  # (global_step at the close, steps)
+        self.intervals: list[tuple[int, list[dict[str, Any]]]] = []  # (step label at the close, steps)
         self._open: list[dict[str, Any]] = []
         self._count = 0
+        self._batches = 0  # batches in which an optimizer stepped (Lightning's step axis of its rows)
+        self._stepped = False
 
     def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
         super().on_before_optimizer_step(trainer, pl_module, optimizer)
@@ -168,8 +170,11 @@ class IntervalRecorder(Recorder):
         self.steps.append(rec)
         self._open.append(rec)
         self._count += key == 0
+        self._stepped = True
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self._batches += self._stepped
+        self._stepped = False
         if self._count >= self.every:
             self._close(trainer)
 
@@ -178,7 +183,8 @@ class IntervalRecorder(Recorder):
             self._close(trainer)
 
     def _close(self, trainer) -> None:
-        self.intervals.append((trainer.global_step, self._open))
+        # the step Lightning gives the rows a module logs in this batch: the stepped batches before it
+        self.intervals.append((self._batches - 1, self._open))
         self._open, self._count = [], 0
 
 
@@ -229,8 +235,9 @@ def read_csv(save_dir: Path) -> tuple[list[str], list[dict[str, str]]]:
     assert len(files) == 1, files
     with open(files[0], newline="") as fh:
         reader = csv.DictReader(fh)
-        rows = list(reader)
-        return list(reader.fieldnames or []), rows
+        # "epoch": Lightning adds it to the rows it writes itself (those of the trainer's logging steps)
+        rows = [{k: v for k, v in r.items() if k != "epoch"} for r in reader]
+        return [f for f in reader.fieldnames or [] if f != "epoch"], rows
 
 
 def assert_rows_match(got: list[dict[str, str]], want: list[dict[str, float]]) -> None:
@@ -267,9 +274,9 @@ CLIP_COLUMNS = {
 @pytest.mark.parametrize(
     ("cb_every", "trainer_every", "steps"),
     [
-        (3, 50, [3, 6, 9, 12]),
-        (5, 50, [5, 10, 12]),  # the last, partial interval is published at the end of training
-        (None, 4, [4, 8, 12]),  # None: the trainer's log_every_n_steps
+        (3, 50, [2, 5, 8, 11]),  # Lightning's step axis: the 3rd batch's rows are at step 2
+        (5, 50, [4, 9, 11]),  # the last, partial interval is published at the end of training
+        (None, 4, [3, 7, 11]),  # None: the trainer's log_every_n_steps
     ],
 )
 def test_csv_rows_at_the_interval_with_reference_values(tmp_path, cb_every, trainer_every, steps):
@@ -335,7 +342,7 @@ def test_csv_interval_counts_optimizer_steps_under_accumulation(tmp_path):
     tr, after = fit(cb, Regressor(make_net()), tmp_path, 3, accumulate_grad_batches=2, max_epochs=4)
     assert tr.global_step == 12 and len(after.steps) == 12  # 24 batches
     _, rows = read_csv(tmp_path)
-    assert [int(r["step"]) for r in rows] == [3, 6, 9, 12]
+    assert [int(r["step"]) for r in rows] == [2, 5, 8, 11]
     assert_rows_match(rows, expected_rows(after, max_norm=30.0))
 
 
@@ -364,8 +371,8 @@ def test_csv_two_optimizers_get_suffixes(tmp_path):
     header, rows = read_csv(tmp_path)
     cols = {f"l0l1/{c}_opt{k}" for c in CLIP_COLUMNS for k in (0, 1)}
     assert set(header) == cols | {"step"}
-    # global_step counts both optimizers' steps: 2 batches = 4 steps per interval
-    assert [int(r["step"]) for r in rows] == [4, 8, 12]
+    # Lightning's step axis counts batches (global_step counts both optimizers' steps)
+    assert [int(r["step"]) for r in rows] == [1, 3, 5]
     want = expected_rows(after, max_norm=8.0, n_opts=2)
     assert_rows_match(rows, want)
     assert want[0]["l0l1/grad_norm_opt0"] != pytest.approx(want[0]["l0l1/grad_norm_opt1"], rel=1e-2)
@@ -377,7 +384,7 @@ def test_a_second_fit_publishes_to_its_own_trainers_logger(tmp_path):
         fit(cb, Regressor(make_net()), tmp_path / run, 3)
     for run in ("first", "second"):
         _, rows = read_csv(tmp_path / run)
-        assert [int(r["step"]) for r in rows] == [3, 6, 9, 12], run
+        assert [int(r["step"]) for r in rows] == [2, 5, 8, 11], run
 
 
 def test_resume_mid_interval_logs_what_an_uninterrupted_run_logs(tmp_path):
@@ -395,11 +402,11 @@ def test_resume_mid_interval_logs_what_an_uninterrupted_run_logs(tmp_path):
         return read_csv(tmp_path / name)[1]
 
     full = run("full", 2, [L0L1Clipping(**kw)])
-    assert [int(r["step"]) for r in full] == [4, 8, 12]
+    assert [int(r["step"]) for r in full] == [3, 7, 11]
     first = run("first", 1, [L0L1Clipping(**kw), ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)])
-    assert [int(r["step"]) for r in first] == [4, 6]  # 6: the partial interval at the end of that fit
+    assert [int(r["step"]) for r in first] == [3, 5]  # 5: the partial interval at the end of that fit
     resumed = run("resumed", 2, [L0L1Clipping(**kw)], ckpt_path=tmp_path / "ckpt" / "last.ckpt")
-    assert [int(r["step"]) for r in resumed] == [8, 12]
+    assert [int(r["step"]) for r in resumed] == [7, 11]
     for got_row, want_row in zip(resumed, full[1:]):
         # a column some other row of the file has is empty here ("" in the CSV)
         got = {k: float(v) for k, v in got_row.items() if v != ""}
@@ -464,7 +471,7 @@ def test_one_transfer_per_interval_and_none_per_step(tmp_path, max_steps, final)
     assert reads.pop("on_train_end") == (0, final)  # the partial interval 31-35
     assert all(r == (0, 0) for r in reads.values()), reads
     _, rows = read_csv(tmp_path)
-    assert [int(r["step"]) for r in rows] == [10, 20, 30] + ([35] if final else [])
+    assert [int(r["step"]) for r in rows] == [9, 19, 29] + ([34] if final else [])
 
 
 def test_two_optimizers_one_transfer_per_interval(tmp_path):
@@ -562,7 +569,11 @@ def test_ddp_publishes_global_norms_from_rank_zero_only(tmp_path):
     assert outs[1]["published"] == []
     published = outs[0]["published"]
     every = outs[0]["every"]
-    assert [s for s, _ in published] == [every, C.STEPS]  # one full interval, then the partial one
+    # one full interval, then the partial one, on Lightning's step axis (the batch's index)
+    assert [s for s, _ in published] == [every - 1, C.STEPS - 1]
+    # every rank reads the interval (no collective): EarlyStopping / ModelCheckpoint find the keys on each
+    assert outs[1]["callback_metrics"] == outs[0]["callback_metrics"]
+    assert outs[0]["callback_metrics"]["l0l1/grad_norm"] == pytest.approx(sum(pre0[:every]) / every, rel=1e-6)
     intervals = [pre0[:every], pre0[every:]]
     for (_, metrics), norms in zip(published, intervals):
         assert metrics["l0l1/grad_norm"] == pytest.approx(sum(norms) / len(norms), rel=1e-6)

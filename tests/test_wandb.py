@@ -311,6 +311,9 @@ def _l0l1_rows(log: WandbRunLog) -> list[dict[str, Any]]:
 EXPECTED_ENDS = [*range(INTERVAL, TOTAL_STEPS + 1, INTERVAL), TOTAL_STEPS]  # the rest is flushed at the end
 if EXPECTED_ENDS[-1] == EXPECTED_ENDS[-2]:
     EXPECTED_ENDS.pop()
+#: the steps the rows are logged at: Lightning's step axis, where the batch that completes optimizer
+#: step e logs at e - 1 (the module's own ``self.log`` rows are there too)
+EXPECTED_LABELS = [e - 1 for e in EXPECTED_ENDS]
 
 
 # ---------------------------------------------------------------------------- reader self-checks
@@ -344,7 +347,7 @@ def test_reader_reassembles_records_split_across_blocks(shared: SharedRun) -> No
 
 def test_history_rows_at_the_interval_with_every_key(shared: SharedRun) -> None:
     rows = _l0l1_rows(shared.log)
-    assert [r[STEP_KEY] for r in rows] == EXPECTED_ENDS
+    assert [r[STEP_KEY] for r in rows] == EXPECTED_LABELS
     for r in rows:
         missing = [k for k in (*STAT_KEYS, *EST_KEYS) if P + k not in r]
         assert not missing, (r[STEP_KEY], missing)
@@ -354,7 +357,7 @@ def test_history_rows_at_the_interval_with_every_key(shared: SharedRun) -> None:
 def test_history_equals_the_csv_rows_of_the_same_run(shared: SharedRun) -> None:
     rows = _l0l1_rows(shared.log)
     csv_rows = shared.csv_rows
-    assert [int(r["step"]) for r in csv_rows] == [r[STEP_KEY] for r in rows] == EXPECTED_ENDS
+    assert [int(r["step"]) for r in csv_rows] == [r[STEP_KEY] for r in rows] == EXPECTED_LABELS
     for w, c in zip(rows, csv_rows):
         csv_keys = {k for k in c if k.startswith(P)}
         wb_keys = {k for k in w if k.startswith(P)}
@@ -374,7 +377,7 @@ def test_history_equals_the_per_step_reference(shared: SharedRun) -> None:
     assert any(clipped) and not all(clipped), "the test needs clipped and unclipped steps"
     ref = _interval_reference(raw, after, EXPECTED_ENDS)
     for r in rows:
-        exp = ref[r[STEP_KEY]]
+        exp = ref[r[STEP_KEY] + 1]
         for k, v in exp.items():
             assert _close(r[P + k], v, rel=1e-5, abs_=1e-9), (r[STEP_KEY], k, r[P + k], v)
     # the interval extremes are not the mean: the test can tell them apart
@@ -441,12 +444,13 @@ def test_figure1_table_is_consistent_with_the_history(shared: SharedRun) -> None
     steps = [row[0] for row in data]
     norm_at = dict(zip(shared.raw.global_steps, shared.raw.norms))
     assert steps == sorted(steps) and len(set(steps)) == len(steps)
-    assert [int(s) for s in steps] == EXPECTED_ENDS  # every interval has a finite, positive smoothness
+    assert [int(s) for s in steps] == EXPECTED_LABELS  # every interval has a finite, positive smoothness
     for step, g, sm, lg, lsm in data:
         assert _close(lg, math.log10(g), rel=1e-12) and _close(lsm, math.log10(sm), rel=1e-12)
         # the paper's pairs: the last secant of the interval with the norm it belongs to, the
-        # logarithmic mean of the raw norms at its two ends (optimizer steps step-2 and step-1)
-        a, b = norm_at[int(step) - 2], norm_at[int(step) - 1]
+        # logarithmic mean of the raw norms at its two ends (the last two optimizer steps of the interval,
+        # whose last is logged at ``step``)
+        a, b = norm_at[int(step) - 1], norm_at[int(step)]
         ref = a if a == b else (a - b) / (math.log(a) - math.log(b))
         assert _close(g, ref, rel=1e-5), step
         assert _close(sm, by_step[int(step)][P + "smoothness"]), step
@@ -521,7 +525,7 @@ def test_wandb_log_raising_warns_once_and_training_goes_on(wandb_env: Path, monk
     assert tr.global_step == 2 * STEPS_PER_EPOCH and calls
     assert len(ours) == 1, [str(w.message) for w in ours]
     assert "W&B is down" in str(ours[0].message) and "ConnectionError" in str(ours[0].message)
-    assert _csv_steps(wandb_env / "csv") == list(range(2, 2 * STEPS_PER_EPOCH + 1, 2))
+    assert _csv_steps(wandb_env / "csv") == list(range(1, 2 * STEPS_PER_EPOCH, 2))
 
 
 def test_wandb_not_importable_without_a_wandb_logger(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -532,7 +536,7 @@ def test_wandb_not_importable_without_a_wandb_logger(tmp_path: Path, monkeypatch
     tr, ours = _fit(cb, [CSVLogger(str(tmp_path))])
     assert tr.global_step == 2 * STEPS_PER_EPOCH and not ours
     assert cb.publisher.sinks(tr.loggers)[1] is None
-    assert _csv_steps(tmp_path) == [3, 6, 9, 12]
+    assert _csv_steps(tmp_path) == [2, 5, 8, 11]
 
 
 def test_wandb_import_failing_in_the_sink_warns_once(wandb_env: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -552,11 +556,11 @@ def test_wandb_import_failing_in_the_sink_warns_once(wandb_env: Path, monkeypatc
     monkeypatch.setattr(builtins, "__import__", real_import)
     assert tr.global_step == 2 * STEPS_PER_EPOCH and refused
     assert len(ours) == 1 and "ImportError" in str(ours[0].message), [str(w.message) for w in ours]
-    assert _csv_steps(wandb_env / "csv") == [3, 6, 9, 12]
+    assert _csv_steps(wandb_env / "csv") == [2, 5, 8, 11]
     _close_wandb()
     log = read_wandb_run(find_run_dir(wandb_env))
     # the WandbLogger still carries the rows; what only the sink adds is missing
-    assert [r[STEP_KEY] for r in _l0l1_rows(log)] == [3, 6, 9, 12]
+    assert [r[STEP_KEY] for r in _l0l1_rows(log)] == [2, 5, 8, 11]
     assert not log.rows(P + "grad_norm_hist") and "l0l1" not in log.config
 
 
@@ -571,7 +575,7 @@ def test_active_wandb_run_without_a_wandb_logger(wandb_env: Path) -> None:
     log = read_wandb_run(find_run_dir(wandb_env))
     rows = _l0l1_rows(log)
     csv_rows = [r for r in read_csv_rows(wandb_env / "csv") if P + "grad_norm" in r]
-    assert [r[STEP_KEY] for r in rows] == [int(r["step"]) for r in csv_rows] == [3, 6, 9, 12]
+    assert [r[STEP_KEY] for r in rows] == [int(r["step"]) for r in csv_rows] == [2, 5, 8, 11]
     for w, c in zip(rows, csv_rows):
         assert {k for k in w if k.startswith(P)} == {k for k in c if k.startswith(P)}
         assert all(_close(w[k], c[k]) for k in c if k.startswith(P))
@@ -594,7 +598,7 @@ def test_a_wandb_logger_subclass_is_recognised(wandb_env: Path) -> None:
     assert not ours
     _close_wandb()
     log = read_wandb_run(find_run_dir(wandb_env))
-    assert [r[STEP_KEY] for r in _l0l1_rows(log)] == [3, 6]
+    assert [r[STEP_KEY] for r in _l0l1_rows(log)] == [2, 5]
     assert log.config["l0l1"]["mode"] == "clip" and log.rows(P + "grad_norm_hist")
 
 
@@ -606,7 +610,7 @@ def test_a_wandb_logger_prefix_gets_the_trainer_step_axis_too(wandb_env: Path) -
     _close_wandb()
     log = read_wandb_run(find_run_dir(wandb_env))
     outer = "train-" + P
-    assert [r[STEP_KEY] for r in log.rows(outer + "grad_norm")] == [3, 6]
+    assert [r[STEP_KEY] for r in log.rows(outer + "grad_norm")] == [2, 5]
     axes = {m.get("glob_name"): m.get("step_metric") for m in log.metrics if m.get("glob_name")}
     assert axes.get(outer + "*") == STEP_KEY, axes
     assert axes.get(P + "*") == STEP_KEY, axes  # the sink's own rows (histogram, table) keep theirs
@@ -619,8 +623,8 @@ def test_a_reused_callback_publishes_to_the_new_trainers_loggers(tmp_path: Path)
     for name in ("first", "second"):
         _, ours = _fit(cb, [CSVLogger(str(tmp_path), name=name)], epochs=1)
         assert not ours
-        assert _csv_steps(tmp_path / name) == [3, 6], name
-    assert _csv_steps(tmp_path / "first") == [3, 6]  # nothing more was appended to the first run
+        assert _csv_steps(tmp_path / name) == [2, 5], name
+    assert _csv_steps(tmp_path / "first") == [2, 5]  # nothing more was appended to the first run
 
 
 # ---------------------------------------------------------------------------- crash
@@ -671,9 +675,9 @@ def test_rows_logged_before_a_crash_are_in_the_transaction_log(tmp_path: Path) -
     except (ProcessLookupError, PermissionError):
         pass
     assert "exit" not in log.kinds, "the run must not have been finished"
-    assert [r[STEP_KEY] for r in rows] == list(range(1, crash_at + 1)), [r.get(STEP_KEY) for r in log.history]
-    for r, s in zip(rows, steps):  # one step per interval: the row is that step
-        assert r[STEP_KEY] == s["global_step"]
+    assert [r[STEP_KEY] for r in rows] == list(range(crash_at)), [r.get(STEP_KEY) for r in log.history]
+    for r, s in zip(rows, steps):  # one step per interval: the row is that step's batch
+        assert r[STEP_KEY] == s["global_step"] - 1
         for k in ("grad_norm", "grad_norm_scaled", "scale", "lr_effective", "max_norm"):
             assert _close(r[P + k], s[P + k], rel=1e-6), (s["global_step"], k)
         assert r[P + "grad_norm_max"] == r[P + "grad_norm_min"] == r[P + "grad_norm"]

@@ -81,7 +81,8 @@ def main(out_dir: str) -> None:
     trainer = C.fit_on_ranks(module, strategy, callbacks=[before, clip, after], logger=logger)
     # After the fit: the callback's on_train_end has published the last, partial interval.
     out = dict(pre=before.norms, cb_norm=[latest["l0l1/grad_norm"] for latest in after.latest],
-               rank=trainer.global_rank, seen=module.seen, published=recorder.calls, every=EVERY, max_norm=MAX_NORM)
+               rank=trainer.global_rank, seen=module.seen, published=recorder.calls, every=EVERY, max_norm=MAX_NORM,
+               callback_metrics={k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("l0l1/")})
     torch.save(out, os.path.join(out_dir, f"rank{trainer.global_rank}.pt"))
 
 

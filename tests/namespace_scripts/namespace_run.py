@@ -70,7 +70,12 @@ class Run:
     def fit_and_resume(self) -> dict[str, Any]:
         full_cb, full = self.L0L1Clipping(), self.Tiny()
         csv = self.loggers.CSVLogger(str(self.out), name="csv", version=0)
-        self.trainer(callbacks=[full_cb], logger=csv, max_epochs=4, log_every_n_steps=2).fit(full)
+        # monitors on the callback's keys (checked at each epoch's end, no validation loop)
+        stop = self.callbacks.EarlyStopping(monitor="l0l1/clip_rate", mode="max", patience=100,
+                                            check_on_train_epoch_end=True)
+        best = self.callbacks.ModelCheckpoint(dirpath=str(self.out / "best"), monitor="l0l1/grad_norm", mode="min")
+        self.trainer(callbacks=[full_cb, stop, best], logger=csv, max_epochs=4, log_every_n_steps=2,
+                     enable_checkpointing=True).fit(full)
         ckpt = self.callbacks.ModelCheckpoint(dirpath=str(self.out / "ckpt"), save_last=True)
         self.trainer(callbacks=[self.L0L1Clipping(), ckpt], max_epochs=2, enable_checkpointing=True).fit(self.Tiny())
         resumed_cb, resumed = self.L0L1Clipping(), self.Tiny()
@@ -83,6 +88,9 @@ class Run:
             "steps": full_cb.latest()["l0l1/steps"],
             "resume_bitwise": same and resumed_cb.latest() == full_cb.latest(),
             "csv_has_l0l1": "l0l1/grad_norm" in rows[0],
+            "csv": rows,
+            "stop_score": float(stop.best_score),
+            "ckpt_score": float(best.best_model_score),
         }
 
     def legacy_key_resume(self) -> dict[str, Any]:
