@@ -87,7 +87,7 @@ def test_the_floor_is_the_average_of_the_earlier_norms():
 
 
 @pytest.mark.parametrize(("make", "initial_step", "fraction"), [
-    (lambda ps: torch.optim.Adam(ps, lr=0.5), None, 1e-1),  # Adam-type: the default bound is 0.1 * ||theta||
+    (lambda ps: torch.optim.Adam(ps, lr=0.5), None, 2e-1),  # Adam-type: the default bound is 0.2 * ||theta||
     (lambda ps: torch.optim.SGD(ps, lr=50.0), None, 1e-2),  # plain SGD keeps 0.01 * ||theta||
     (lambda ps: torch.optim.Adam(ps, lr=0.5), 1e-3, 1e-3),  # a bound given is the bound used
 ])

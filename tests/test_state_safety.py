@@ -198,7 +198,7 @@ def resume_and_step(sd, saved, snapshot: str, steps: int = 2):
     for m, s in zip(models, saved):
         m.load_state_dict(copy.deepcopy(s))  # (an optimizer's load keeps the tensors it is given)
     _steps(cb, models, steps, seed=2)
-    cb.publisher.flush(9, True, [], cb.clipper.device_counters, True)
+    cb.publisher.publish(cb.publisher.collect(cb.clipper.device_counters, True), 9, [], True, True)
     return [p for m in (models[0], models[2]) for p in m.parameters()]
 
 
