@@ -28,11 +28,13 @@ COMMANDS = {
     "bench_lstm_12seeds": "python benchmarks/bench_lstm.py --seeds 12"
     " --configs clip=0.1,clip=0.25,clip=1,auto,auto+probe --out benchmarks/results/bench_lstm_12seeds.md",
     "bench_lstm_lrs": "python benchmarks/bench_lstm.py --lrs 5,20,50,100 --out benchmarks/results/bench_lstm_lrs.md",
-    "bench_lstm_lrs_momentum": "python benchmarks/bench_lstm.py --optimizer sgd-momentum --lrs 0.5,2,5,10"
+    "bench_lstm_lrs_momentum": "python benchmarks/bench_lstm.py --via loop --optimizer sgd-momentum --lrs 0.5,2,5,10"
     " --out benchmarks/results/bench_lstm_lrs_momentum.md",
-    "bench_lstm_lrs_adamw": "python benchmarks/bench_lstm.py --optimizer adamw --lrs 0.003,0.01,0.03"
+    "bench_lstm_lrs_adamw": "python benchmarks/bench_lstm.py --via loop --optimizer adamw --lrs 0.003,0.01,0.03"
     " --out benchmarks/results/bench_lstm_lrs_adamw.md",
-    "bench_gpt_adamw": "python benchmarks/bench_gpt.py --optimizer adamw",
+    "bench_gpt_adamw": "python benchmarks/bench_gpt.py --optimizer adamw --check-via",
+    "bench_gpt_early_final": "python benchmarks/bench_gpt_early.py --initial-steps 0.1,0.2,0.3 --thresholds 0.5"
+    " --steps 300 --seeds 3 --out benchmarks/results/bench_gpt_early_final.md",
     "bench_gpt_adam": "python benchmarks/bench_gpt.py --optimizer adam",
     "bench_gpt_adamw_full_snapshot": "python benchmarks/bench_gpt.py --optimizer adamw --snapshot full"
     " --configs clip=0.05,auto",
@@ -42,7 +44,7 @@ COMMANDS = {
 ORDER = [
     "bench_step", "bench_e2e", "bench_stats", "bench_layer_norms", "bench_memory", "bench_cosh", "bench_lstm",
     "bench_lstm_12seeds", "bench_lstm_lrs", "bench_lstm_lrs_momentum", "bench_lstm_lrs_adamw", "bench_gpt_adamw",
-    "bench_gpt_adam", "bench_lstm_demo", "bench_secant_accuracy", "bench_gpt_adamw_full_snapshot",
+    "bench_gpt_adam", "bench_gpt_early", "bench_gpt_early_final", "bench_lstm_demo", "bench_secant_accuracy", "bench_gpt_adamw_full_snapshot",
 ]
 
 TITLES = {
@@ -59,6 +61,8 @@ TITLES = {
     "bench_lstm_lrs_adamw": "Character LSTM, AdamW across learning rates",
     "bench_gpt_adamw": "Small GPT, AdamW across learning rates, with ZClip, AutoClip and AGC",
     "bench_gpt_adam": "Small GPT, Adam across learning rates, with ZClip, AutoClip and AGC",
+    "bench_gpt_early": "Small GPT, AdamW: the first 20 steps over 8 seeds, by auto's first-step bound",
+    "bench_gpt_early_final": "Small GPT, AdamW: the first 20 steps and the final loss, by auto's first-step bound",
     "bench_lstm_demo": "Lightning's LSTM demo model: the first 50 steps",
     "bench_secant_accuracy": "The sampled snapshot's secant against the exact one",
     "bench_gpt_adamw_full_snapshot": "Small GPT, AdamW: auto with the full snapshot",
