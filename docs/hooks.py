@@ -44,7 +44,8 @@ COMMANDS = {
 ORDER = [
     "bench_step", "bench_e2e", "bench_stats", "bench_layer_norms", "bench_memory", "bench_cosh", "bench_lstm",
     "bench_lstm_12seeds", "bench_lstm_lrs", "bench_lstm_lrs_momentum", "bench_lstm_lrs_adamw", "bench_gpt_adamw",
-    "bench_gpt_adam", "bench_gpt_early", "bench_gpt_early_final", "bench_lstm_demo", "bench_secant_accuracy", "bench_gpt_adamw_full_snapshot",
+    "bench_gpt_adam", "bench_gpt_early", "bench_gpt_early_final", "bench_lstm_demo", "bench_secant_accuracy",
+    "bench_gpt_adamw_full_snapshot",
 ]
 
 TITLES = {
