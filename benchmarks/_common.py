@@ -10,7 +10,7 @@ import platform
 import statistics
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -45,6 +45,16 @@ def make_params(n_params: float, dtype: torch.dtype, device: str, seed: int = 0)
         p.grad = torch.randn(s, generator=g).to(dtype=dtype, device=device)
         params.append(p)
     return params
+
+
+def windows(ids: torch.Tensor, seed: int, steps: int, batch: int, length: int) -> Iterator[torch.Tensor]:
+    """``steps`` batches of ``batch`` random windows of ``length`` tokens of ``ids``, from the seed's own
+    generator (the same batches whatever else draws random numbers)."""
+    g = torch.Generator().manual_seed(seed)
+    n = len(ids) - length
+    for _ in range(steps):
+        starts = torch.randint(n, (batch,), generator=g)
+        yield ids[starts[:, None] + torch.arange(length)]
 
 
 def sync(device: str) -> None:

@@ -50,7 +50,7 @@ from torch.nn import functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _via
-from _common import emit, machine, table
+from _common import emit, machine, table, windows
 from bench_lstm import corpus
 
 GRID = (0.05, 0.1, 0.2, 0.5, 1.0, 2.0)
@@ -163,12 +163,8 @@ def make_clip(config: str, model: nn.Module) -> Optional[Callable[[torch.optim.O
 
 
 def batches(ids: torch.Tensor, seed: int, args) -> Iterator[torch.Tensor]:
-    """``args.steps`` random windows of ``args.ctx + 1`` tokens per step, drawn from the seed's own generator."""
-    g = torch.Generator().manual_seed(seed)
-    n = len(ids) - args.ctx - 1
-    for _ in range(args.steps):
-        starts = torch.randint(n, (args.batch,), generator=g)
-        yield ids[starts[:, None] + torch.arange(args.ctx + 1)]
+    """``args.steps`` batches of random windows of ``args.ctx + 1`` tokens, drawn from the seed's own generator."""
+    return windows(ids, seed, args.steps, args.batch, args.ctx + 1)
 
 
 def gpt_loss(model: nn.Module, chunk: torch.Tensor) -> torch.Tensor:

@@ -33,7 +33,7 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _via
-from _common import emit, machine, table
+from _common import emit, machine, table, windows
 
 from lightning_l0l1 import GradientClipper
 
@@ -74,12 +74,8 @@ def make_optimizer(model: nn.Module, args) -> torch.optim.Optimizer:
 
 
 def batches(ids: torch.Tensor, seed: int, args) -> Iterator[torch.Tensor]:
-    """``args.steps`` random windows of ``args.seq + 1`` characters per step, from the seed's own generator."""
-    g = torch.Generator().manual_seed(seed)
-    n = len(ids) - args.seq - 1
-    for _ in range(args.steps):
-        starts = torch.randint(n, (args.batch,), generator=g)
-        yield ids[starts[:, None] + torch.arange(args.seq + 1)]
+    """``args.steps`` batches of random windows of ``args.seq + 1`` characters, from the seed's own generator."""
+    return windows(ids, seed, args.steps, args.batch, args.seq + 1)
 
 
 def lstm_loss(model: nn.Module, chunk: torch.Tensor) -> torch.Tensor:
