@@ -62,6 +62,7 @@ def main(argv=None) -> str:
         lrs, configs = [1e-2], ["unclipped", "clip=0.5", "auto initial_step=0.2"]
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
+    where = machine()  # with the thread count the runs use
     t0 = time.time()
     ids, vocab = bench_gpt.corpus()
     rows = []
@@ -83,7 +84,7 @@ def main(argv=None) -> str:
         torch.set_num_threads(threads)
     what = "highest loss of the first 20 steps" + (", (final loss)" if args.steps > 20 else "")
     report = (
-        f"Machine: {machine()}\n\nThe GPT of bench_gpt.py under AdamW, {args.steps} steps, {args.seeds} seeds per "
+        f"Machine: {where}\n\nThe GPT of bench_gpt.py under AdamW, {args.steps} steps, {args.seeds} seeds per "
         "cell, "
         f"auto via {args.via}; {what}, mean over the seeds; {time.time() - t0:.0f} s\n\n"
         + table(["configuration", *[f"lr {lr:g}" for lr in lrs]], rows) + "\n"
