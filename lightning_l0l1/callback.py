@@ -91,7 +91,8 @@ class L0L1ClippingBase:
             measured online: the effective learning rate is η_eff = min(η, 1/L_min, 2/(r·‖g‖)), with L_min
             the smallest smoothness measured so far and r the median of smoothness / gradient norm over
             the last 20 pairs (`lightning_l0l1.rules.auto_scale`). It sets a plain-SGD step, corrected
-            under SGD with momentum by the measured ratio of the step taken to the step set; under
+            under SGD with momentum by the measured ratio of the step taken to the step set (there the
+            factor may fall at once but rise by at most (1 - momentum)/2 of itself per step); under
             Adam-type optimizers it clips the gradient that enters their moments and bounds the step
             length through the learning rate (`lightning_l0l1.rules.auto_adaptive_scale`). It keeps a
             sample of the previous step's gradients and parameters (`snapshot`: under 2% of the

@@ -376,7 +376,8 @@ class AutoRule(Rule):
     within a step-length bound :math:`\delta\, 2^t` with :math:`\delta` = ``initial_step`` :math:`\cdot
     \max(\lVert\theta\rVert, 1)`. Under SGD with momentum the length limit is divided by the measured
     ratio :math:`a` of the step taken to the step set, clamped to :math:`[1, a_{\max}]` (its steady-state
-    bound), and the base step by :math:`\sqrt{a\,a_{\max}}` (at least :math:`\sqrt{a_{\max}}`). An
+    bound), and the base step by :math:`\sqrt{a\,a_{\max}}` (at least :math:`\sqrt{a_{\max}}`); there the
+    factor falls at once but rises by at most :data:`RISE` :math:`\cdot (1 - m)` of itself per step. An
     optimizer that normalizes the gradient (Adam-type) gets :func:`~lightning_l0l1.rules.auto_adaptive_scale`:
     its gradient is clipped at :math:`2\underline L/\tilde r`, or at the typical gradient norm if that is
     larger, and its learning rate scaled for the step so that the step it takes stays within the same
