@@ -79,6 +79,32 @@ def interleaved(
     return {k: statistics.median(v) for k, v in times.items()}
 
 
+def time_cases(
+    params: Sequence[torch.nn.Parameter], cases: dict[str, Callable[[], Any]], base: str, reps: int, device: str,
+    block: int,
+) -> list[list[Any]]:
+    """One row per case: ms per step (each case runs ``block`` steps; median over ``reps`` interleaved
+    repetitions, gradients reset before each), the extra ms and % over case ``base``, and the host reads
+    of one block (counted in a separate run)."""
+    saved = [p.grad.clone() for p in params]
+
+    def reset() -> None:
+        for p, g in zip(params, saved):
+            p.grad.copy_(g)
+
+    times = {k: v / block for k, v in interleaved(cases, reset, reps, device).items()}
+    rows = []
+    for name, t in times.items():
+        reset()
+        counter = HostReads()
+        with counter:
+            cases[name]()
+        sync(device)
+        extra = t - times[base]
+        rows.append([name, t * 1e3, extra * 1e3, 100 * extra / times[base], counter.n])
+    return rows
+
+
 class _Allocations(TorchDispatchMode):
     """Bytes of fresh (non-view, non-inplace) outputs."""
 

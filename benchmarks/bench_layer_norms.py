@@ -34,7 +34,7 @@ import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import HostReads, emit, fake_trainer, interleaved, machine, sync, table
+from _common import emit, fake_trainer, machine, sync, table, time_cases
 
 BLOCK = 50  # optimizer steps per timed call, and the logging interval
 CONFIGS = [
@@ -145,24 +145,7 @@ def run(sizes, devices, reps: int) -> str:
     for device in devices:
         for d, blocks in sizes:
             params = block_params(d, blocks, device)
-            saved = [p.grad.clone() for p in params]
-
-            def reset(params=params, saved=saved) -> None:
-                for p, g in zip(params, saved):
-                    p.grad.copy_(g)
-
-            cases = configs(params)
-            times = {k: v / BLOCK for k, v in interleaved(cases, reset, reps, device).items()}
-            base = times["clip"]
-            rows = []
-            for name, t in times.items():
-                reset()
-                counter = HostReads()
-                with counter:
-                    cases[name]()
-                sync(device)
-                extra = t - base
-                rows.append([name, t * 1e3, extra * 1e3, 100 * extra / base, counter.n])
+            rows = time_cases(params, configs(params), "clip", reps, device, BLOCK)
             n_real = sum(p.numel() for p in params)
             out.append(
                 f"\n### {device}, float32 gradients, {n_real / 1e6:.1f}M parameters ({len(params)} tensors, "

@@ -23,7 +23,7 @@ from typing import Any
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import HostReads, emit, fake_trainer, interleaved, machine, make_params, sync, table
+from _common import emit, fake_trainer, machine, make_params, table, time_cases
 
 BLOCK = 50  # optimizer steps per timed call
 CONFIGS = [
@@ -72,24 +72,7 @@ def run(sizes, devices, reps: int) -> str:
     for device in devices:
         for n in sizes:
             params = make_params(n, torch.float32, device)
-            saved = [p.grad.clone() for p in params]
-
-            def reset(params=params, saved=saved) -> None:
-                for p, g in zip(params, saved):
-                    p.grad.copy_(g)
-
-            cases = configs(params)
-            times = {k: v / BLOCK for k, v in interleaved(cases, reset, reps, device).items()}
-            base = times["log_stats=False"]
-            rows = []
-            for name, t in times.items():
-                reset()
-                counter = HostReads()
-                with counter:
-                    cases[name]()
-                sync(device)
-                extra = t - base
-                rows.append([name, t * 1e3, extra * 1e3, 100 * extra / base, counter.n])
+            rows = time_cases(params, configs(params), "log_stats=False", reps, device, BLOCK)
             n_real = sum(p.numel() for p in params)
             out.append(
                 f"\n### {device}, float32 gradients, {n_real / 1e6:.1f}M parameters ({len(params)} tensors), "
