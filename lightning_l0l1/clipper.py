@@ -295,7 +295,7 @@ class GradientClipper:
         grads = Gradients.collect(optimizer, process_group, is_shard)
         if grads is None:
             return None
-        lrs = handoff.begin(optimizer, self, grads.all())
+        lrs = handoff.begin(optimizer, self, grads.all)
         norms = grads.norms(self.norm_type, self.foreach, keep_per_tensor=self.keep_param_norms)
         ctx = StepContext(optimizer, grads, norms, total_norm(norms, self.norm_type), self.norm_type, lrs)
         finite = torch.isfinite(ctx.norm)
@@ -324,8 +324,8 @@ class GradientClipper:
         return outcome
 
     def _claim(self, key: int, optimizer: Optimizer) -> None:
-        """Make ``key`` ``optimizer``'s (unwrapped), or raise if it belongs to another one that is alive."""
-        inner = handoff.unwrap(optimizer)
+        """Make ``key`` ``optimizer``'s (already unwrapped), or raise if it belongs to another one that is alive."""
+        inner = optimizer
         owner = self._owners.get(key)
         held = None if owner is None else owner()
         if held is None:

@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import warnings
 import weakref
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, Optional
 
 import torch
@@ -95,18 +95,19 @@ def in_step(optimizer: Optimizer) -> bool:
     return optimizer in _IN_STEP
 
 
-def begin(optimizer: Optimizer, owner: object, grads: Sequence[Tensor]) -> list[Any]:
+def begin(optimizer: Optimizer, owner: object, grads: Callable[[], Sequence[Tensor]]) -> list[Any]:
     """Start ``owner``'s work on ``optimizer``'s coming step; the user's learning rate of each group.
 
     A plan ``owner`` itself staged belongs to a step that never ran: it is undone. Another clipper's
-    pending gradient scale is applied to ``grads`` (so this one measures what that one left).
+    pending gradient scale is applied to the gradients ``grads()`` lists (so this one measures what that
+    one left); ``grads`` is called only then.
     """
     plan = _PLANS.get(optimizer)
     if plan is not None and id(owner) in plan.owners:
         _finish(optimizer)
         plan = None
     if plan is not None and plan.handoff:
-        _materialize(optimizer, plan, grads)
+        _materialize(optimizer, plan, grads())
     if plan is not None and plan.saved_lrs is not None and plan.applied:
         return list(plan.saved_lrs)
     return [g["lr"] for g in optimizer.param_groups]
