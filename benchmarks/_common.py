@@ -106,7 +106,7 @@ def time_cases(
 
 
 class _Allocations(TorchDispatchMode):
-    """Bytes of fresh (non-view, non-inplace) outputs."""
+    """Bytes of fresh (non-view, non-inplace, not ``out=``) outputs."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -116,7 +116,8 @@ class _Allocations(TorchDispatchMode):
         out = func(*args, **(kwargs or {}))
         name = func.__name__
         is_inplace = name.split(".")[0].endswith("_") and not name.startswith("_local")
-        if not is_inplace and not func.is_view:
+        writes_out = func._overloadname.startswith("out")  # `torch.cat(..., out=)`: into a given tensor
+        if not is_inplace and not writes_out and not func.is_view:
             for t in out if isinstance(out, (list, tuple)) else [out]:
                 if isinstance(t, torch.Tensor):
                     self.bytes += t.numel() * t.element_size()

@@ -240,9 +240,18 @@ _Signature = tuple[torch.dtype, torch.dtype, torch.device]
 
 @dataclass(frozen=True)
 class _Slot:
-    """Where one tensor's sample lives (its group, its first block there) and how it is sampled
-    (``stride == 1``: kept whole, over ``ceil(numel / block)`` blocks; else up to ``kmax`` sampled
-    blocks, then one block for the ``tail`` elements after the last whole block)."""
+    """Where one tensor's sample lives and how it is sampled.
+
+    ``stride == 1``: kept whole, over ``ceil(numel / block)`` blocks. Otherwise ``kmax = ceil(nb / stride)``
+    blocks: the ``q = nb // stride`` of its *run* (every offset has them), the *extra* block (an offset below
+    ``nb - q * stride`` has one more; none when ``nb`` is a whole number of strides), then one block for the
+    ``tail`` elements after the last whole block.
+
+    ``start`` is the tensor's first block in the *canonical* order: per tensor, its blocks (whole), or its
+    ``kmax`` blocks then its tail block (sampled); the order the norms are reduced in and checkpoints keep.
+    ``at``, ``extra`` and ``tail_at`` are where its run (or its whole blocks), its extra block and its tail
+    block are in the buffers (-1: none), laid out so that the runs of all tensors come first, in one piece.
+    """
 
     group: int
     start: int
@@ -251,24 +260,48 @@ class _Slot:
     nb: int
     kmax: int
     tail: int
+    at: int = 0
+    q: int = 0
+    extra: int = -1
+    tail_at: int = -1
 
 
 class _Group:
-    """The buffer of the tensors of one dtype on one device.
+    """The buffers of the tensors of one dtype on one device.
 
-    ``buffer`` holds ``2 * blocks`` blocks, zero-initialised: the gradients' blocks, then the
-    parameters' in the same order. The blocks past a tensor's data (the end of a whole tensor, of a
-    tail) stay zero and add nothing to a norm.
+    ``buffer`` (the snapshot) and ``scratch`` (the current step's sample, then the difference) each hold
+    ``2 * blocks`` blocks, zero-initialised: the gradients' blocks, then the parameters' in the same layout.
+    Per side, the first ``runs`` blocks are the runs of the sampled tensors, one after the other, so that one
+    ``cat`` of strided views fills them; the extra, tail and whole blocks follow. ``order`` maps each block of
+    the canonical order to its place in the buffers (``None``: the same place). The blocks past a tensor's
+    data (the end of a whole tensor, of a tail) stay zero and add nothing to a norm.
     """
 
-    def __init__(self, members: list[int], blocks: int, block: int, dtype: torch.dtype, device: torch.device) -> None:
-        self.members, self.blocks = members, blocks
+    def __init__(
+        self, members: list[int], blocks: int, runs: int, order: list[int], block: int, dtype: torch.dtype,
+        device: torch.device,
+    ) -> None:
+        self.members, self.blocks, self.runs = members, blocks, runs
         self.buffer = torch.zeros(2 * blocks * block, dtype=dtype, device=device)
+        self.scratch = torch.zeros_like(self.buffer)
+        identity = order == list(range(blocks))
+        index_dtype = torch.int32 if blocks < 2**31 else torch.int64
+        self.order = None if identity else torch.tensor(order, dtype=index_dtype, device=device)
 
     @property
     def acc(self) -> torch.dtype:
         """The dtype its norms are accumulated in."""
         return torch.float64 if self.buffer.dtype == torch.float64 else torch.float32
+
+    @property
+    def nbytes(self) -> int:
+        order = 0 if self.order is None else self.order.numel() * self.order.element_size()
+        return 2 * self.buffer.numel() * self.buffer.element_size() + order
+
+    def to(self, device: torch.device) -> None:
+        self.buffer, self.scratch = self.buffer.to(device), self.scratch.to(device)
+        if self.order is not None:
+            self.order = self.order.to(device)
 
 
 class SampledSnapshot(_Snapshot):
@@ -282,8 +315,11 @@ class SampledSnapshot(_Snapshot):
     whole difference.
 
     The samples of all tensors of one dtype and device share one buffer of whole blocks (the
-    gradients', then the parameters'), so that the differences' norms are a few operations on it
-    whatever the number of tensors: one norm per block, weighted, then one norm per side.
+    gradients', then the parameters'), and the current step's sample is gathered into a second one of the
+    same layout, so that the device work of a step does not grow with the number of tensors: the strided
+    blocks of every tensor are gathered by one ``cat`` per side (torch's batched kernel on a GPU, up to 64
+    tensors per launch), the whole tensors, tails and extra blocks by one multi-tensor copy, and the
+    difference and its norms are a few operations on the buffers.
 
     Args:
         seed: the offsets' seed (kept in the checkpoint).
@@ -308,21 +344,19 @@ class SampledSnapshot(_Snapshot):
         # per tensor: (gradient dtype, parameter dtype, device), what the layout was made for
         self._signature: tuple[_Signature, ...] = ()
         self._plan: list[tuple[int, int]] = []  # per tensor: (first block, blocks kept) at the snapshot
-        self._specs: list[Optional[tuple[int, int, int, int, int]]] = []  # per tensor: how to view its sample
         self._kept: Optional[tuple[int, ...]] = None  # per tensor: the blocks kept at the current plan
-        self._views: dict[tuple[int, int, int], Tensor] = {}  # (side, tensor, blocks) -> view of the buffer
-        self._mine: list[tuple[list[Tensor], list[Tensor]]] = []  # per group, the parts in use: whole, sampled
+        self._views: dict[tuple[str, int, str, int], Tensor] = {}  # parts of the buffers, made once
         self._weights: Optional[tuple[float, list[tuple[Tensor, Tensor]]]] = None  # (p, per group)
 
     def clear(self) -> None:
         self.layout, self.norm, self.step = (), None, -1
-        self._slots, self._groups, self._signature, self._plan, self._specs = [], [], (), [], []
-        self._kept, self._views, self._mine, self._weights = None, {}, [], None
+        self._slots, self._groups, self._signature, self._plan = [], [], (), []
+        self._kept, self._views, self._weights = None, {}, None
 
     @property
     def nbytes(self) -> int:
-        """The bytes the snapshot's buffers hold."""
-        return sum(g.buffer.numel() * g.buffer.element_size() for g in self._groups)
+        """The bytes the snapshot's buffers hold (the snapshot, the current sample and the block order)."""
+        return sum(g.nbytes for g in self._groups)
 
     # -- layout ------------------------------------------------------------------------------
 
@@ -342,6 +376,7 @@ class SampledSnapshot(_Snapshot):
             by_key.setdefault((torch.promote_types(grad_dtype, param_dtype), device), []).append(i)
         slots: dict[int, _Slot] = {}
         for g, ((dtype, device), members) in enumerate(by_key.items()):
+            canonical: dict[int, tuple[int, int, int, int, int, int, int]] = {}
             start = 0
             for i in members:
                 numel = math.prod(shapes[i])
@@ -351,30 +386,67 @@ class SampledSnapshot(_Snapshot):
                 else:
                     kmax, tail = -(-nb // stride), numel - nb * block
                     count = kmax + (1 if tail else 0)
-                slots[i] = _Slot(g, start, numel, stride, nb, kmax, tail)
+                canonical[i] = (start, numel, stride, nb, kmax, tail, count)
                 start += count
-            self._groups.append(_Group(members, start, block, dtype, device))
+            # where each part goes: the runs, then the extra blocks, the tails, the whole tensors
+            sampled = [i for i in members if canonical[i][2] > 1]
+            at, pos = {}, 0
+            for i in sampled:
+                at[i] = pos
+                pos += canonical[i][3] // canonical[i][2]
+            runs = pos
+            extra = {}
+            for i in sampled:
+                if canonical[i][4] > canonical[i][3] // canonical[i][2]:
+                    extra[i], pos = pos, pos + 1
+            tail_at = {}
+            for i in sampled:
+                if canonical[i][5]:
+                    tail_at[i], pos = pos, pos + 1
+            for i in members:
+                if canonical[i][2] == 1:
+                    at[i], pos = pos, pos + canonical[i][6]
+            order = [0] * start
+            for i in members:
+                first, numel, stride, nb, kmax, tail, count = canonical[i]
+                q = nb // stride if stride > 1 else count
+                for j in range(q):
+                    order[first + j] = at[i] + j
+                if i in extra:
+                    order[first + q] = extra[i]
+                if i in tail_at:
+                    order[first + kmax] = tail_at[i]
+                slots[i] = _Slot(g, first, numel, stride, nb, kmax, tail, at[i], q if stride > 1 else 0,
+                                 extra.get(i, -1), tail_at.get(i, -1))
+            self._groups.append(_Group(members, start, runs, order, block, dtype, device))
         self._slots = [slots[i] for i in range(len(shapes))]
         self.layout = tuple(shapes)
         self._signature = tuple(signature)
 
-    def _view(self, side: int, i: int, k: int) -> Tensor:
-        """The part of the buffer holding side ``side`` (0 gradients, 1 parameters) of tensor ``i``:
-        a whole tensor's elements shaped like it (``k == 0``), ``k`` sampled blocks as ``(k, block)``, or
-        the tail (``k == -1``)."""
-        key = (side, i, k)
+    def _part(self, which: str, side: int, kind: str, i: int) -> Tensor:
+        """A part of buffer ``which`` (``"buffer"`` or ``"scratch"``), side ``side`` (0 gradients, 1 parameters):
+        ``"runs"`` (``i``: the group), all the runs as ``(runs, block)``; ``"whole"``, tensor ``i`` shaped like
+        it; ``"run"``, its run as ``(q, block)``; ``"extra"``, its extra block; ``"tail"``, its tail."""
+        key = (which, side, kind, i)
         view = self._views.get(key)
         if view is None:
-            s = self._slots[i]
-            grp = self._groups[s.group]
-            base = (side * grp.blocks + s.start) * self.block
-            if k == 0:
-                view = grp.buffer[base : base + s.numel].view(self.layout[i])
-            elif k > 0:
-                view = grp.buffer[base : base + k * self.block].view(k, self.block)
+            b = self.block
+            if kind == "runs":
+                grp = self._groups[i]
+                base = side * grp.blocks * b
+                view = getattr(grp, which)[base : base + grp.runs * b].view(grp.runs, b)
             else:
-                base += s.kmax * self.block
-                view = grp.buffer[base : base + s.tail]
+                s = self._slots[i]
+                grp = self._groups[s.group]
+                buf, base = getattr(grp, which), side * grp.blocks * b
+                if kind == "whole":
+                    view = buf[base + s.at * b : base + s.at * b + s.numel].view(self.layout[i])
+                elif kind == "run":
+                    view = buf[base + s.at * b : base + (s.at + s.q) * b].view(s.q, b)
+                elif kind == "extra":
+                    view = buf[base + s.extra * b : base + (s.extra + 1) * b]
+                else:
+                    view = buf[base + s.tail_at * b : base + s.tail_at * b + s.tail]
             self._views[key] = view
         return view
 
@@ -382,70 +454,74 @@ class SampledSnapshot(_Snapshot):
 
     def _set_plan(self, step: int) -> None:
         """Draw the sample of ``step``: per tensor, the first sampled block and the number of blocks kept
-        (``(0, 0)``: whole), and what :meth:`_pairs` needs to view them."""
+        (``(0, 0)``: whole)."""
         plan: list[tuple[int, int]] = []
-        specs: list[Optional[tuple[int, int, int, int, int]]] = []
         for i, s in enumerate(self._slots):
             if s.stride == 1:
                 plan.append((0, 0))
-                specs.append(None)
                 continue
             o = sample_offset(self.seed, step, i, s.stride)
-            k = (s.nb - o + s.stride - 1) // s.stride
-            plan.append((o, k))
-            specs.append((k, o * self.block, s.stride * self.block, s.numel - s.tail, s.tail))
-        self._plan, self._specs = plan, specs
+            plan.append((o, (s.nb - o + s.stride - 1) // s.stride))
+        self._plan = plan
         kept = tuple(k for _, k in plan)
         if kept != self._kept:
             self._kept, self._weights = kept, None
-            self._bind()
 
-    def _bind(self) -> None:
-        """The parts of the buffer in use at the current plan, in :meth:`_pairs`' order."""
-        mine: list[tuple[list[Tensor], list[Tensor]]] = [([], []) for _ in self._groups]
-        for side in (0, 1):
-            for i, (s, (_, k)) in enumerate(zip(self._slots, self._plan)):
-                whole, sampled = mine[s.group]
-                if s.stride == 1:
-                    whole.append(self._view(side, i, 0))
-                    continue
-                sampled.append(self._view(side, i, k))
-                if s.tail:
-                    sampled.append(self._view(side, i, -1))
-        self._mine = mine
-
-    def _pairs(self, grads: list[Tensor], params: list[Tensor]) -> list[tuple[list[Tensor], list[Tensor]]]:
-        """Matching lists, one ``_foreach`` call each: per buffer, its parts in use for the tensors kept
-        whole and those tensors, then its parts for the sampled tensors and their sampled blocks (strided
-        views, no copy) at the current plan. Apart, so that the whole ones, all contiguous and of one
-        dtype, can take a fused kernel on a GPU."""
-        theirs: list[tuple[list[Tensor], list[Tensor]]] = [([], []) for _ in self._groups]
-        for tensors in (grads, params):
-            for t, s, spec in zip(tensors, self._slots, self._specs):
-                whole, sampled = theirs[s.group]
-                if spec is None:
-                    whole.append(t)
-                    continue
-                sampled += self._sampled_views(t, spec)
-        return [pair for mine, yours in zip(self._mine, theirs) for pair in zip(mine, yours)]
-
-    def _sampled_views(self, t: Tensor, spec: tuple[int, int, int, int, int]) -> list[Tensor]:
-        """The sampled blocks (and the tail) of ``t`` at the current plan: strided views, no copy."""
-        k, first, jump, tail_at, tail = spec
+    def _sampled_views(self, t: Tensor, i: int) -> tuple[Tensor, Optional[Tensor], Optional[Tensor]]:
+        """Tensor ``i``'s sample at the current plan, as strided views of ``t`` (no copy): its run
+        ``(q, block)``, its extra block (``None`` when this offset has none) and its tail (``None``: none)."""
+        s, (o, k) = self._slots[i], self._plan[i]
+        b = self.block
         if not t.is_contiguous():  # a copy; gradients and parameters are contiguous as a rule
             t = t.contiguous()
         base = t.storage_offset()
-        out = [t.as_strided((k, self.block), (jump, 1), base + first)]
-        if tail:
-            out.append(t.as_strided((tail,), (1,), base + tail_at))
-        return out
+        run = t.as_strided((s.q, b), (s.stride * b, 1), base + o * b)
+        extra = t.as_strided((b,), (1,), base + (o + s.q * s.stride) * b) if k > s.q else None
+        tail = t.as_strided((s.tail,), (1,), base + s.nb * b) if s.tail else None
+        return run, extra, tail
+
+    @torch.no_grad()
+    def _gather(self, which: str, grads: list[Tensor], params: list[Tensor]) -> None:
+        """Copy the current plan's sample of ``grads`` and ``params`` into buffer ``which``: per group and
+        side one ``cat`` of the runs, and one multi-tensor copy of the rest (all of it dense)."""
+        for g, grp in enumerate(self._groups):
+            dst: list[Tensor] = []
+            src: list[Tensor] = []
+            for side, tensors in ((0, grads), (1, params)):
+                runs: list[Tensor] = []
+                for i in grp.members:
+                    t = tensors[i]
+                    if self._slots[i].stride == 1:
+                        dst.append(self._part(which, side, "whole", i))
+                        src.append(t)
+                        continue
+                    run, extra, tail = self._sampled_views(t, i)
+                    runs.append(run)
+                    if extra is not None:
+                        dst.append(self._part(which, side, "extra", i))
+                        src.append(extra)
+                    if tail is not None:
+                        dst.append(self._part(which, side, "tail", i))
+                        src.append(tail)
+                if len(runs) == 1:
+                    self._part(which, side, "runs", g).copy_(runs[0])
+                elif runs:
+                    torch.cat(runs, out=self._part(which, side, "runs", g))
+            if dst:
+                torch._foreach_copy_(dst, src)  # pyright: ignore[reportPrivateImportUsage]
+
+    @torch.no_grad()
+    def _difference(self) -> None:
+        """``scratch = buffer - scratch``: the previous sample minus the current one."""
+        for grp in self._groups:
+            torch.sub(grp.buffer, grp.scratch, out=grp.scratch)
 
     def _block_weights(self, norm_type: float) -> list[tuple[Tensor, Tensor]]:
-        """Per group, what each block's norm is multiplied by (``(nb / k) ** (1/p)`` for a sampled block,
-        1 for the others and for the max-norm, 0 for a block out of use at the current plan: a tensor's
-        last sampled block when it keeps fewer than ``kmax``) and where it is 0. Made on the device from
-        Python numbers (no host-to-device copy); rebuilt only when the numbers of blocks kept change
-        (never, when every sampled tensor is a whole number of strides)."""
+        """Per group, in the canonical order, what each block's norm is multiplied by (``(nb / k) ** (1/p)``
+        for a sampled block, 1 for the others and for the max-norm, 0 for a block out of use at the current
+        plan: a tensor's extra block when it keeps ``q``) and where it is 0. Made on the device from Python
+        numbers (no host-to-device copy); rebuilt only when the numbers of blocks kept change (never, when
+        every sampled tensor is a whole number of strides)."""
         if self._weights is not None and self._weights[0] == norm_type:
             return self._weights[1]
         out = []
@@ -469,71 +545,77 @@ class SampledSnapshot(_Snapshot):
         return out
 
     def _block_norms(self, norm_type: float) -> list[Tensor]:
-        """Per group, the weighted p-norm of every block in use (0 for the others), ``(2, blocks)``."""
+        """Per group, the weighted p-norm of every block of ``scratch`` in use (0 for the others),
+        ``(2, blocks)`` in the canonical order."""
         out = []
         for grp, (factor, unused) in zip(self._groups, self._block_weights(norm_type)):
-            buffer = grp.buffer
+            buffer = grp.scratch
             blocks = buffer.view(2 * grp.blocks, self.block)
             norms = torch.linalg.vector_norm(blocks, norm_type, dim=1,
                                              dtype=_norm_dtype(buffer.device, buffer.dtype, grp.acc))
-            norms = norms.to(grp.acc).view(2, grp.blocks).mul_(factor)
+            norms = norms.to(grp.acc).view(2, grp.blocks)
+            if grp.order is not None:
+                norms = norms.index_select(1, grp.order)
             # filled, not multiplied by 0: a block out of use may hold a stale non-finite value
-            out.append(norms.masked_fill_(unused, 0.0))
+            out.append(norms.mul_(factor).masked_fill_(unused, 0.0))
         return out
 
-    def _subtract(self, grads: list[Tensor], params: list[Tensor]) -> None:
-        """Form ``prev - cur`` in the buffer's parts in use."""
-        for mine, theirs in self._pairs(grads, params):
-            if mine:
-                torch._foreach_sub_(mine, theirs)  # pyright: ignore[reportPrivateImportUsage]
-
-    def difference_norms(self, grads: list[Tensor], params: list[Tensor], norm_type: float) -> Tensor:
-        self._subtract(grads, params)
+    def _sides(self, norm_type: float) -> Tensor:
         # (a group of empty tensors only has no block: its norms are 0)
         sides: list[Tensor] = [torch.linalg.vector_norm(n, norm_type, dim=1) if n.shape[1] else n.new_zeros(2)
                                for n in self._block_norms(norm_type)]
         return sides[0] if len(sides) == 1 else _combine(sides, norm_type)
 
+    def difference_norms(self, grads: list[Tensor], params: list[Tensor], norm_type: float) -> Tensor:
+        self._gather("scratch", grads, params)
+        self._difference()
+        return self._sides(norm_type)
+
+    @torch.no_grad()
     def partial_difference_norms(
         self, grads: list[Optional[Tensor]], params: list[Optional[Tensor]], norm_type: float
     ) -> Tensor:
-        """The tensors left out are zeroed in the buffer (a zero block adds nothing to a norm); the others'
-        differences are formed as in :meth:`difference_norms`, so the estimate is over the kept tensors'
-        samples, each weighted as before; the buffers are put back afterwards (a copy: under 2% of the
-        gradient bytes)."""
-        saved = [grp.buffer.clone() for grp in self._groups]
-        mine: list[Tensor] = []
-        theirs: list[Tensor] = []
+        """The differences of the kept tensors are formed as in :meth:`difference_norms` and those of the
+        tensors left out are zero (a zero block adds nothing to a norm), so the estimate is over the kept
+        tensors' samples, each weighted as before. The snapshot is not modified (only ``scratch`` is)."""
+        dst: list[Tensor] = []
+        src: list[Tensor] = []
         out: list[Tensor] = []
         for side, tensors in ((0, grads), (1, params)):
-            for i, (t, s, spec) in enumerate(zip(tensors, self._slots, self._specs)):
-                if spec is None:
-                    views, cur = [self._view(side, i, 0)], None if t is None else [t]
+            for i, (t, s) in enumerate(zip(tensors, self._slots)):
+                if s.stride == 1:
+                    parts = [self._part("scratch", side, "whole", i)]
+                    cur: list[Optional[Tensor]] = [t]
                 else:
-                    views = [self._view(side, i, spec[0])] + ([self._view(side, i, -1)] if s.tail else [])
-                    cur = None if t is None else self._sampled_views(t, spec)
-                if cur is None:
-                    out += views
+                    run, extra, tail = self._sampled_views(t, i) if t is not None else (None, None, None)
+                    parts = [self._part("scratch", side, "run", i)]
+                    cur = [run]
+                    if self._plan[i][1] > s.q:
+                        parts.append(self._part("scratch", side, "extra", i))
+                        cur.append(extra)
+                    if s.tail:
+                        parts.append(self._part("scratch", side, "tail", i))
+                        cur.append(tail)
+                if t is None:
+                    out += parts
                 else:
-                    mine += views
-                    theirs += cur
+                    dst += parts
+                    src += cur  # type: ignore[arg-type]
+        if dst:
+            torch._foreach_copy_(dst, src)  # pyright: ignore[reportPrivateImportUsage]
+        self._difference()
         if out:
             torch._foreach_zero_(out)  # pyright: ignore[reportPrivateImportUsage]
-        if mine:
-            torch._foreach_sub_(mine, theirs)  # pyright: ignore[reportPrivateImportUsage]
-        sides: list[Tensor] = [torch.linalg.vector_norm(n, norm_type, dim=1) if n.shape[1] else n.new_zeros(2)
-                               for n in self._block_norms(norm_type)]
-        for grp, buffer in zip(self._groups, saved):
-            grp.buffer.copy_(buffer)
-        return sides[0] if len(sides) == 1 else _combine(sides, norm_type)
+        return self._sides(norm_type)
 
     def differences(
         self, grads: list[Tensor], params: list[Tensor], norm_type: float
     ) -> tuple[list[Tensor], list[Tensor]]:
         """1-element tensors, one per gradient, whose p-norm estimates ``||g_prev - g||`` and
-        ``||p_prev - p||``: the differences are formed in the buffer and reduced to weighted norms
+        ``||p_prev - p||``: the differences are formed in ``scratch`` and reduced to weighted norms
         (``(w ||x_S||_p^p + ||x_tail||_p^p)^(1/p)``; the max-norm is not weighted)."""
-        self._subtract(grads, params)
+        self._gather("scratch", grads, params)
+        self._difference()
         out: list[list[Tensor]] = [[torch.empty(0)] * len(self._slots) for _ in range(2)]
         for grp, norms in zip(self._groups, self._block_norms(norm_type)):
             parts, where = [], []
@@ -557,31 +639,32 @@ class SampledSnapshot(_Snapshot):
         if layout != self.layout or signature != self._signature:
             self._allocate(list(layout), list(signature))
         self._set_plan(step)
-        for mine, theirs in self._pairs(grads, params):
-            if mine:
-                torch._foreach_copy_(mine, theirs)  # pyright: ignore[reportPrivateImportUsage]
+        self._gather("buffer", grads, params)
         self.norm = norm.detach().clone()
         self.step = step
 
     # -- checkpoints ----------------------------------------------------------------------------
 
+    def _sample(self, side: int, i: int, dtype: Optional[torch.dtype] = None, device: Any = None) -> Tensor:
+        """Tensor ``i``'s sample on side ``side`` in the canonical form (a copy): a whole tensor in its shape;
+        a sampled one as one 1-d tensor of ``kmax * block + tail`` elements: the ``k`` blocks kept, the tail, then
+        zeros (a block, where ``k < kmax``)."""
+        s, k = self._slots[i], self._plan[i][1]
+        if s.stride == 1:
+            return self._part("buffer", side, "whole", i).detach().to(device, dtype, copy=True)
+        b = self.block
+        run = self._part("buffer", side, "run", i).detach()
+        flat = torch.zeros(s.kmax * b + s.tail, dtype=dtype or run.dtype, device=device or run.device)
+        flat[: s.q * b] = run.reshape(-1)
+        if k > s.q:
+            flat[s.q * b : (s.q + 1) * b] = self._part("buffer", side, "extra", i).detach()
+        if s.tail:
+            flat[k * b : k * b + s.tail] = self._part("buffer", side, "tail", i).detach()
+        return flat
+
     def _saved_form(self, side: int) -> list[Tensor]:
-        """Per tensor, its sample as checkpoints hold it (CPU copies, in the tensor's own dtype): a whole
-        tensor in its shape; a sampled one as one 1-d tensor of ``kmax * block + tail`` elements, the ``k``
-        blocks kept then the tail."""
-        out = []
-        for i, (s, (_, k), sig) in enumerate(zip(self._slots, self._plan, self._signature)):
-            dtype = sig[0] if side == 0 else sig[1]
-            if s.stride == 1:
-                out.append(self._view(side, i, 0).detach().to("cpu", dtype, copy=True))
-                continue
-            t = self._view(side, i, k).detach().to("cpu", dtype).reshape(-1)
-            flat = torch.zeros(s.kmax * self.block + s.tail, dtype=t.dtype)
-            flat[: t.numel()] = t
-            if s.tail:
-                flat[t.numel() : t.numel() + s.tail] = self._view(side, i, -1).detach().to("cpu", dtype)
-            out.append(flat)
-        return out
+        """Per tensor, its sample as checkpoints hold it (CPU copies, in the tensor's own dtype)."""
+        return [self._sample(side, i, sig[0] if side == 0 else sig[1], "cpu") for i, sig in enumerate(self._signature)]
 
     def state_dict(self) -> dict[str, Any]:
         if not self.valid or self.norm is None:
@@ -592,6 +675,7 @@ class SampledSnapshot(_Snapshot):
             "block": self.block, "stride": self.stride, "min_blocks": self.min_blocks,
         }
 
+    @torch.no_grad()
     def load(self, sd: dict[str, Any], device: torch.device, step: int) -> None:
         """Restore :meth:`state_dict`; a full snapshot's, or one sampled with another seed or other
         sampling settings, is dropped: the first step after resuming then forms no pair."""
@@ -604,29 +688,30 @@ class SampledSnapshot(_Snapshot):
         shapes = [tuple(int(d) for d in s) for s in sd["layout"]]
         self._allocate(shapes, [(g.dtype, p.dtype, device) for g, p in zip(sd["grads"], sd["params"])])
         self._set_plan(step)
+        b = self.block
         for side, saved in ((0, sd["grads"]), (1, sd["params"])):
             for i, (t, s, (_, k)) in enumerate(zip(saved, self._slots, self._plan)):
                 if s.stride == 1:
-                    self._view(side, i, 0).copy_(t)
+                    self._part("buffer", side, "whole", i).copy_(t)
                     continue
                 t = t.reshape(-1)
-                self._view(side, i, k).view(-1).copy_(t[: k * self.block])
+                self._part("buffer", side, "run", i).view(-1).copy_(t[: s.q * b])
+                if k > s.q:
+                    self._part("buffer", side, "extra", i).copy_(t[s.q * b : (s.q + 1) * b])
                 if s.tail:
-                    self._view(side, i, -1).copy_(t[k * self.block : k * self.block + s.tail])
+                    self._part("buffer", side, "tail", i).copy_(t[k * b : k * b + s.tail])
         self.norm = sd["norm"].to(device)
         self.step = step
 
     def to(self, device: torch.device) -> None:
         for grp in self._groups:
-            grp.buffer = grp.buffer.to(device)
+            grp.to(device)
         # the buffers' own device (``cuda:0``, not ``cuda``): what :meth:`take` compares the tensors' with
         self._signature = tuple(
             (grad_dtype, param_dtype, self._groups[s.group].buffer.device)
             for (grad_dtype, param_dtype, _), s in zip(self._signature, self._slots)
         )
         self._views, self._weights = {}, None
-        if self._plan:
-            self._bind()
         if self.norm is not None:
             self.norm = self.norm.to(device)
 
@@ -635,38 +720,22 @@ class SampledSnapshot(_Snapshot):
     def __getstate__(self) -> dict[str, Any]:
         """Without the cached views of the buffers: pickled apart from their buffer, they would each get a
         storage of their own (``pickle``, unlike ``torch.save`` and ``deepcopy``, does not keep views
-        shared); :meth:`__setstate__` rebuilds them on the unpickled buffers."""
+        shared); they are made again on the unpickled buffers when next used."""
         state = self.__dict__.copy()
-        state.update(_views={}, _mine=[], _weights=None)
+        state.update(_views={}, _weights=None)
         return state
-
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        self.__dict__.update(state)
-        if self._plan:
-            self._bind()
 
     # -- what tests and benchmarks inspect --------------------------------------------------------
 
     @property
     def grads(self) -> list[Tensor]:
-        """Per gradient, the part of the buffer holding its sample: a whole tensor in its shape, a sampled one
-        as its ``kmax`` blocks (the last one out of use when it keeps fewer) then its tail."""
-        return self._parts(0)
+        """Per gradient, a copy of its sample as checkpoints hold it (in the buffer's dtype, on its device)."""
+        return [self._sample(0, i) for i in range(len(self._slots))]
 
     @property
     def params(self) -> list[Tensor]:
-        """Per parameter, the part of the buffer holding its sample (laid out as :attr:`grads`)."""
-        return self._parts(1)
-
-    def _parts(self, side: int) -> list[Tensor]:
-        out = []
-        for i, s in enumerate(self._slots):
-            grp = self._groups[s.group]
-            base = (side * grp.blocks + s.start) * self.block
-            size = s.numel if s.stride == 1 else s.kmax * self.block + s.tail
-            part = grp.buffer[base : base + size]
-            out.append(part.view(self.layout[i]) if s.stride == 1 else part)
-        return out
+        """Per parameter, a copy of its sample (laid out as :attr:`grads`)."""
+        return [self._sample(1, i) for i in range(len(self._slots))]
 
 
 def _combine(sides: list[Tensor], norm_type: float) -> Tensor:
