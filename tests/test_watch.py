@@ -361,3 +361,187 @@ def test_on_cuda_the_window_is_read_from_pinned_memory_without_a_sync_per_step()
         opt.step()
     assert (reads.scalar, reads.transfers, reads.kernel_syncs) == (0, 3, 0)
     assert clipper._watches[0].queued[0]._host.is_pinned()
+
+
+# ---------------------------------------------------------------------------- through the callback
+
+LIGHTNING_STEPS = 420
+
+
+def _namespace(name: str) -> tuple[Any, Any]:
+    """(Lightning's ``pytorch`` package, the callback class) of ``pytorch_lightning`` or ``lightning.pytorch``."""
+    if name == "pl":
+        import pytorch_lightning as pl
+
+        from lightning_l0l1.pytorch_lightning import L0L1Clipping
+    else:
+        pl = pytest.importorskip("lightning.pytorch")
+        from lightning_l0l1.lightning import L0L1Clipping  # type: ignore[assignment]
+    return pl, L0L1Clipping
+
+
+def _mlp_data(seed: int) -> tuple[torch.nn.Module, torch.Tensor, torch.Tensor]:
+    torch.manual_seed(seed)
+    net = torch.nn.Sequential(torch.nn.Linear(4, 16), torch.nn.Tanh(), torch.nn.Linear(16, 1))
+    x = torch.randn(64, 4)
+    return net, x, torch.sin(x.sum(1, keepdim=True))
+
+
+class _Batches(torch.utils.data.Dataset):
+    """``n`` batches: the whole data each time, or its halves in turn (two micro-batches per step)."""
+
+    def __init__(self, x: torch.Tensor, y: torch.Tensor, n: int, halves: bool) -> None:
+        self.x, self.y, self.n, self.halves = x, y, n, halves
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        if not self.halves:
+            return self.x, self.y
+        part = slice(0, 32) if i % 2 == 0 else slice(32, 64)
+        return self.x[part], self.y[part]
+
+
+def plain_adam_reference(seed: int, steps: int, accumulate: int = 1) -> list[tuple[int, str]]:
+    """The plain loop of the Lightning runs below: Adam lr 1, the loss of each micro-batch divided by
+    ``accumulate`` before backward (as Lightning does), their sum fed as the step's loss."""
+    net, x, y = _mlp_data(seed)
+    opt = torch.optim.Adam(net.parameters(), lr=1.0)
+    clipper = GradientClipper()
+    warned = []
+    with warnings.catch_warnings(record=True) as rec:
+        warnings.simplefilter("always")
+        for t in range(1, steps + 1):
+            opt.zero_grad()
+            total = None
+            for j in range(accumulate):
+                part = slice(None) if accumulate == 1 else (slice(0, 32) if j == 0 else slice(32, 64))
+                loss = torch.nn.functional.mse_loss(net(x[part]), y[part]) / accumulate
+                loss.backward()
+                total = loss.detach() if total is None else total + loss.detach()
+            clipper.step(opt, loss=total)
+            opt.step()
+            warned += [(t, text) for text in _divergence(rec)]
+            rec.clear()
+    return warned
+
+
+def lightning_adam_run(namespace: str, seed: int, steps: int, manual: bool = False, accumulate: int = 1):
+    pl, L0L1Clipping = _namespace(namespace)
+    net, x, y = _mlp_data(seed)
+
+    class Module(pl.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.net = net
+            self.automatic_optimization = not manual
+
+        def training_step(self, batch: Any, batch_idx: int) -> Any:
+            xb, yb = batch
+            loss = torch.nn.functional.mse_loss(self.net(xb), yb)
+            if not manual:
+                return loss
+            opt = self.optimizers()
+            opt.zero_grad()
+            self.manual_backward(loss)
+            opt.step()
+            return None
+
+        def configure_optimizers(self) -> Any:
+            return torch.optim.Adam(self.net.parameters(), lr=1.0)
+
+    cb = L0L1Clipping()
+    trainer = pl.Trainer(accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False, max_epochs=1,
+                         accumulate_grad_batches=accumulate, callbacks=[cb])
+    data = torch.utils.data.DataLoader(_Batches(x, y, steps * accumulate, accumulate > 1), batch_size=None)
+    with warnings.catch_warnings(record=True) as rec:
+        warnings.simplefilter("always")
+        trainer.fit(Module(), data)
+    warned = _divergence(rec)
+    return warned, trainer.global_step
+
+
+@pytest.mark.parametrize(("namespace", "manual", "accumulate"),
+                         [("pl", False, 1), ("lightning", False, 1), ("pl", True, 1), ("pl", False, 2)])
+def test_the_callback_warns_once_as_the_plain_loop_does(namespace, manual, accumulate):
+    """Adam at lr 1 on the MLP through a Trainer (automatic optimization in both namespaces, manual
+    optimization, ``accumulate_grad_batches=2``): the callback takes the losses from ``on_before_backward``
+    and gives the plain loop's warning, the same text, once."""
+    seed = 4 if accumulate > 1 else 5  # seeds whose plain run warns early (at steps 350 and 300)
+    want = plain_adam_reference(seed, LIGHTNING_STEPS, accumulate)
+    assert len(want) == 1  # the reference run itself warns (once)
+    warned, steps = lightning_adam_run(namespace, seed, LIGHTNING_STEPS, manual, accumulate)
+    assert steps == LIGHTNING_STEPS
+    assert len(warned) == 1
+    assert warned[0] == want[0][1].replace("`GradientClipper`", "`L0L1Clipping`", 1)
+
+
+@pytest.mark.parametrize("case", ["fp16", "accumulate3", "two_optimizers"])
+def test_the_callback_feeds_each_optimizer_the_mean_loss_of_its_step(case):
+    """What reaches ``GradientClipper.step(loss=...)`` against the losses ``training_step`` computed: unscaled
+    under an fp16 GradScaler (scale 2**10), the mean of the micro-batches with ``accumulate_grad_batches=3``
+    (the last accumulation of the epoch shorter: 7 batches), and with two optimizers in manual optimization,
+    each optimizer the loss backpropagated since the optimizer before it stepped."""
+    pl, L0L1Clipping = _namespace("pl")
+    from pytorch_lightning.plugins import MixedPrecision
+
+    net, x, y = _mlp_data(0)
+    head = torch.nn.Linear(1, 1)
+    computed: list[tuple[int, float]] = []  # (optimizer, loss)
+    two = case == "two_optimizers"
+
+    class Module(pl.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.net, self.head = net, head
+            self.automatic_optimization = not two
+
+        def training_step(self, batch: Any, batch_idx: int) -> Any:
+            xb, yb = batch
+            loss = torch.nn.functional.mse_loss(self.net(xb), yb)
+            if not two:
+                computed.append((0, float(loss.detach())))
+                return loss
+            opt_a, opt_b = self.optimizers()
+            for k, (opt, out) in enumerate([(opt_a, self.net(xb)), (opt_b, self.head(self.net(xb).detach()))]):
+                part = torch.nn.functional.mse_loss(out, yb) * (k + 1)
+                computed.append((k, float(part.detach())))
+                opt.zero_grad()
+                self.manual_backward(part)
+                opt.step()
+            return None
+
+        def configure_optimizers(self) -> Any:
+            if two:
+                return [torch.optim.SGD(self.net.parameters(), lr=0.01),
+                        torch.optim.SGD(self.head.parameters(), lr=0.01)]
+            return torch.optim.SGD(self.parameters(), lr=0.01)
+
+    cb = L0L1Clipping()
+    fed: list[tuple[int, float]] = []
+    inner = cb.clipper.step
+
+    def spy(optimizer: Any, key: int = 0, **kw: Any) -> Any:
+        fed.append((key, float(kw["loss"])))
+        return inner(optimizer, key, **kw)
+
+    cb.clipper.step = spy  # type: ignore[method-assign]
+    kw: dict[str, Any] = {}
+    if case == "fp16":
+        kw["plugins"] = [MixedPrecision("16-mixed", "cpu", scaler=torch.amp.GradScaler("cpu", init_scale=2.0**10))]
+    if case == "accumulate3":
+        kw["accumulate_grad_batches"] = 3
+    trainer = pl.Trainer(accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False, max_epochs=1, callbacks=[cb], **kw)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer.fit(Module(), torch.utils.data.DataLoader(_Batches(x, y, 7, True), batch_size=None))
+    if case == "accumulate3":
+        losses = [v for _, v in computed]
+        want = [(0, math.fsum(losses[i:i + 3]) / len(losses[i:i + 3])) for i in range(0, 7, 3)]
+    else:
+        want = computed
+    assert [k for k, _ in fed] == [k for k, _ in want]
+    assert [v for _, v in fed] == pytest.approx([v for _, v in want], rel=1e-6)
