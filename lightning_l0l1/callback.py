@@ -85,7 +85,8 @@ class L0L1ClippingBase:
     (DTensor grads: one all-reduce), accumulated in float32 for half-precision grads.
     Nothing in the step reads a tensor on the host, except the single boolean the
     ``skip``/``zero``/``raise`` non-finite policies need (none with ``propagate``,
-    none under an fp16 GradScaler, which skips overflow steps itself).
+    none under an fp16 GradScaler, which skips overflow steps itself), and in ``auto`` the
+    divergence watch's one read per ``divergence_window`` steps.
 
     Args:
         mode: "auto" (default): no threshold to tune. Hard clipping with a base step and a step length

@@ -257,6 +257,17 @@ def test_the_criterion_on_made_up_windows(means, warns):
 # ---------------------------------------------------------------------------- settings
 
 
+def test_the_watch_imports_only_torch():
+    import subprocess
+    import sys
+
+    names = ("pytorch_lightning", "lightning", "lightning.pytorch", "wandb")
+    code = f"import sys, lightning_l0l1.watch\nprint([m for m in {names!r} if m in sys.modules])\n"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip().splitlines()[-1] == "[]"
+
+
 @pytest.mark.parametrize("bad", [0, -1, 1.5, True, "50"])
 def test_divergence_window_is_validated(bad):
     expected = f"`divergence_window` must be None or an integer >= 1, got {bad!r}"
