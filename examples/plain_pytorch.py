@@ -51,7 +51,7 @@ def main(argv: Optional[list[str]] = None) -> dict[str, float]:
             if args.mode in ("clip", "adaptive"):
                 norm = clip_gradients_(model.parameters(), args.max_norm, mode=args.mode)
             elif clipper is not None:
-                out = clipper.step(opt)  # scales in place; out.norm is the norm before scaling
+                out = clipper.step(opt, loss=loss)  # scales in place; the loss feeds auto's divergence watch
                 assert out is not None
                 norm = out.norm
             else:

@@ -27,6 +27,7 @@ from lightning_l0l1.gradients import all_ranks_finite, average_over_ranks_
 from lightning_l0l1.modes import Mode
 from lightning_l0l1.publish import Interval, LayerBy, LayerGrouping, Publisher
 from lightning_l0l1.stats import metric_name
+from lightning_l0l1.watch import DEFAULT_WINDOW, DivergenceWarning
 
 __all__ = ["L0L1ClippingBase"]
 
@@ -84,7 +85,8 @@ class L0L1ClippingBase:
     (DTensor grads: one all-reduce), accumulated in float32 for half-precision grads.
     Nothing in the step reads a tensor on the host, except the single boolean the
     ``skip``/``zero``/``raise`` non-finite policies need (none with ``propagate``,
-    none under an fp16 GradScaler, which skips overflow steps itself).
+    none under an fp16 GradScaler, which skips overflow steps itself), and in ``auto`` the
+    divergence watch's one read per ``divergence_window`` steps.
 
     Args:
         mode: "auto" (default): no threshold to tune. Hard clipping with a base step and a step length
@@ -165,6 +167,15 @@ class L0L1ClippingBase:
             whose gradient was scaled by less than 0.1 is reported once, naming the largest layers.
             Off by default: it adds two metrics per layer to every logger's rows. Whole gradients
             (single device, DDP) and DTensors (FSDP2); FSDP1's flat shards have no per-layer norm.
+        divergence_window: "auto" only: the window, in optimizer steps, of the divergence watch
+            (`lightning_l0l1.watch`). The callback takes the training loss from `on_before_backward`
+            (automatic and manual optimization; with `accumulate_grad_batches` the mean of the step's
+            micro-batch losses as `training_step` returned them, unscaled under an fp16 GradScaler) and
+            hands it to the optimizer that steps next; where its window mean stays above twice its
+            lowest window mean for 3 windows in a row while "auto" keeps its effective learning rate,
+            one `lightning_l0l1.watch.DivergenceWarning` (on rank zero, once per optimizer) names the
+            losses, learning rates and estimates it saw, and what to change. One host read per window,
+            a window late. None: off. Not checkpointed: after a resume the watch starts afresh.
 
     Raises:
         ValueError: at construction, for any invalid argument (named, with its value).
@@ -195,6 +206,7 @@ class L0L1ClippingBase:
     snapshot_device = _Setting[Optional[Literal["cpu"]]]("clipper")
     initial_step = _Setting[Optional[float]]("clipper")
     fused_handoff = _Setting[bool]("clipper")
+    divergence_window = _Setting[Optional[int]]("clipper")
     prefix = _Setting[str]("publisher")
     log_every_n_steps = _Setting[Optional[int]]("publisher", "every")
     wandb_table_every = _Setting[int]("publisher", "table_every")
@@ -222,6 +234,7 @@ class L0L1ClippingBase:
         sync_nonfinite: Optional[bool] = None,
         snapshot: Optional[SnapshotKind] = None,
         layer_norms: Optional[LayerBy] = None,
+        divergence_window: Optional[int] = DEFAULT_WINDOW,
     ) -> None:
         given = {k: v for k, v in locals().items() if k not in ("self", "__class__")}
         super().__init__()
@@ -236,8 +249,9 @@ class L0L1ClippingBase:
             mode=mode, max_norm=max_norm, l0=l0, l1=l1, norm_type=norm_type, nonfinite=nonfinite, foreach=foreach,
             estimate=True if probe_loss is not None else estimate, estimate_every=estimate_every,
             snapshot_device=snapshot_device, initial_step=initial_step, fused_handoff=fused_handoff,
-            probe=probe_loss is not None, snapshot=snapshot,
+            probe=probe_loss is not None, snapshot=snapshot, divergence_window=divergence_window,
         )
+        self.clipper._warn_divergence = _warn_divergence
         self.log_stats: bool = validation.flag("log_stats", log_stats)  # type: ignore[assignment]
         every = validation.count("log_every_n_steps", log_every_n_steps, allow_none=True)
         prefix = validation.text("prefix", prefix)
@@ -265,6 +279,9 @@ class L0L1ClippingBase:
         self._fsdp1: Optional[tuple[Any]] = None  # (process_group,) under FSDP1, else None (checked once per fit)
         self._fsdp1_checked = False
         self._trainer_ref: Optional[weakref.ref[Any]] = None  # the trainer of the fit set up last
+        # the losses handed to backward since the last optimizer step (for the divergence watch)
+        self._loss_sum: Optional[Tensor] = None
+        self._loss_count = 0
 
     def __repr__(self) -> str:
         shown = ", ".join(f"{k}={getattr(v, '__qualname__', None) or repr(v)}" if k == "probe_loss" else f"{k}={v!r}"
@@ -353,6 +370,7 @@ class L0L1ClippingBase:
         except TypeError:  # a stand-in trainer (tests, tools) that takes no weak reference: never restoring
             self._trainer_ref = None
         self._lightning_names, self._last_metrics, self._warned_hard = set(), {}, False
+        self._loss_sum, self._loss_count = None, 0
         if self.layer_norms is not None:
             names = {id(p): n for n, p in pl_module.named_parameters()}
             self.publisher.layers = LayerGrouping(names, self.layer_norms, self.norm_type)
@@ -388,6 +406,31 @@ class L0L1ClippingBase:
             f"as one: {fix}."
         )
 
+    def on_before_backward(self, trainer: Trainer, pl_module: LightningModule, loss: Tensor) -> None:
+        """Keep the loss for the divergence watch (``auto``): summed on the device, no host read."""
+        if self.clipper._watch is None or not isinstance(loss, Tensor) or loss.numel() != 1:
+            return
+        value = loss.detach().reshape(()).float()
+        scale = getattr(getattr(trainer.precision_plugin, "scaler", None), "_scale", None)
+        if isinstance(scale, Tensor):  # an fp16 GradScaler hands the hook the scaled loss
+            value = value / scale.to(value.device)
+        self._loss_sum = value if self._loss_sum is None else self._loss_sum + value
+        self._loss_count += 1
+
+    def _step_loss(self, pl_module: LightningModule, trainer: Trainer) -> Optional[Tensor]:
+        """The mean loss of the micro-batches since the last optimizer step, as ``training_step`` returned it.
+
+        Under automatic optimization Lightning divides each loss by ``accumulate_grad_batches`` before
+        ``backward``, so the losses are multiplied back (exact for a short last accumulation too).
+        """
+        total, n = self._loss_sum, self._loss_count
+        self._loss_sum, self._loss_count = None, 0
+        if total is None:
+            return None
+        accumulate = int(getattr(trainer, "accumulate_grad_batches", 1) or 1)
+        factor = accumulate if getattr(pl_module, "automatic_optimization", True) else 1
+        return total * (factor / n) if factor != n else total
+
     def on_before_optimizer_step(
         self, trainer: Trainer, pl_module: LightningModule, optimizer: Optimizer
     ) -> None:
@@ -405,6 +448,7 @@ class L0L1ClippingBase:
             step_label=trainer.global_step,
             allow_handoff=not trainer.gradient_clip_val,
             agree=self._agreement(trainer, scaler),
+            loss=self._step_loss(pl_module, trainer),
         )
         if outcome is None or outcome.record is None:
             return
@@ -584,6 +628,10 @@ class L0L1ClippingBase:
         if self._fsdp1 is None:
             return None, None
         return self._fsdp1[0], _is_fsdp_flattened
+
+
+def _warn_divergence(text: str) -> None:
+    rank_zero_warn(f"`L0L1Clipping`: {text}", category=DivergenceWarning)
 
 
 def _check_probe_setup(trainer: Trainer, pl_module: LightningModule) -> None:

@@ -18,6 +18,8 @@ Fabric loop calls :meth:`GradientClipper.step` itself. Imports only :mod:`torch`
 from __future__ import annotations
 
 import math
+import numbers
+import warnings
 import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -34,6 +36,7 @@ from lightning_l0l1.modes import RULES, Mode, Rule, StepContext, make_rule
 from lightning_l0l1.norms import PerTensorNorms, scale_grads_, total_norm
 from lightning_l0l1.state import VERSION, Counters, OptimizerState, check_clipper_state
 from lightning_l0l1.stats import StepRecord
+from lightning_l0l1.watch import DEFAULT_WINDOW, DivergenceWarning, Watch, WatchState, message
 
 __all__ = ["GradientClipper", "Mode", "NonFinite", "NonFiniteGradientError", "SnapshotKind", "StepOutcome"]
 
@@ -150,6 +153,12 @@ class GradientClipper:
         probe: form the secant pairs with :meth:`probe` (the gradient of the step's own batch at the
             midpoint of the step) instead of between consecutive steps' gradients. Gradients must
             not be sharded.
+        divergence_window: ``auto`` only: the window, in steps given a ``loss`` (see :meth:`step`), of the
+            divergence watch (:mod:`~lightning_l0l1.watch`): where the mean training loss stays above twice its
+            lowest window mean for 3 windows in a row while ``auto`` keeps its effective learning rate, one
+            :class:`~lightning_l0l1.watch.DivergenceWarning` per optimizer names what it saw. One host read per
+            window, a window late; none without ``loss``. ``None`` turns it off. Not checkpointed: after a
+            resume it starts afresh.
 
     Raises:
         ValueError: for any invalid argument, naming it and the value received.
@@ -184,6 +193,7 @@ class GradientClipper:
         fused_handoff: bool = True,
         probe: bool = False,
         snapshot: Optional[SnapshotKind] = None,
+        divergence_window: Optional[int] = DEFAULT_WINDOW,
     ) -> None:
         rule_cls = RULES[validation.choice("mode", mode, tuple(RULES))]
         self.nonfinite: NonFinite = validation.choice("nonfinite", nonfinite, _NONFINITE)  # type: ignore[assignment]
@@ -216,6 +226,14 @@ class GradientClipper:
                             self.foreach, self.snapshot)
             if self.estimate else None
         )
+        self.divergence_window: Optional[int] = validation.count(
+            "divergence_window", divergence_window, allow_none=True)
+        self._watch: Optional[Watch] = (
+            Watch(self.divergence_window) if self.divergence_window is not None and self.rule.name == "auto" else None
+        )
+        self._watches: dict[int, WatchState] = {}
+        #: how the divergence warning is given (the callback gives it on rank zero only)
+        self._warn_divergence: Callable[[str], None] = _warn_divergence
         self._states: dict[int, OptimizerState] = {}
         # key -> the optimizer whose state it holds (a restored or released state has none: the first
         # optimizer to step it adopts it)
@@ -226,6 +244,7 @@ class GradientClipper:
         states are adopted by the first optimizer that steps each key, as after :meth:`load_state_dict`."""
         state = self.__dict__.copy()
         state["_owners"] = {}
+        state["_watches"] = {}  # the divergence watch starts afresh (it is not part of the state either)
         return state
 
     # ------------------------------------------------------------------ settings
@@ -248,7 +267,7 @@ class GradientClipper:
     def settings(self) -> dict[str, Any]:
         """Every setting, as plain values (for a run's configuration)."""
         names = ("mode", "max_norm", "l0", "l1", "norm_type", "nonfinite", "foreach", "estimate", "estimate_every",
-                 "snapshot", "snapshot_device", "initial_step", "fused_handoff")
+                 "snapshot", "snapshot_device", "initial_step", "fused_handoff", "divergence_window")
         return {**{k: getattr(self, k) for k in names}, "probe": self.probe_enabled}
 
     # ------------------------------------------------------------------ the step
@@ -264,6 +283,7 @@ class GradientClipper:
         step_label: Any = None,
         allow_handoff: bool = True,
         agree: Optional[Callable[[Tensor], Tensor]] = None,
+        loss: Union[Tensor, float, None] = None,
     ) -> Optional[StepOutcome]:
         """Scale the gradients of ``optimizer`` in place; ``None`` if it has no gradient (and no ``is_shard``).
 
@@ -286,11 +306,18 @@ class GradientClipper:
                 finite" flag to every rank's (e.g. :func:`~lightning_l0l1.gradients.all_ranks_finite`),
                 so that a gradient made non-finite on one rank only makes every rank treat the step as
                 non-finite. Sharded gradients need none: their norm's all-reduce carries a NaN to every rank.
+            loss: the training loss of this step (a one-element tensor, detached here, or a number), for
+                ``auto``'s divergence watch (see ``divergence_window``): summed on the device, read on the host
+                once per window. With gradient accumulation, the mean over the micro-batches. Other modes, and
+                ``divergence_window=None``, ignore it. It changes no number of the step.
 
         Raises:
-            ValueError: ``key`` belongs to another optimizer (still alive): the two would share one state.
+            ValueError: ``key`` belongs to another optimizer (still alive): the two would share one state;
+                ``loss`` is not a one-element tensor or a number.
         """
         optimizer = handoff.unwrap(optimizer)
+        if loss is not None and self._watch is not None:
+            _check_loss(loss)
         self._claim(key, optimizer)
         grads = Gradients.collect(optimizer, process_group, is_shard)
         if grads is None:
@@ -315,6 +342,8 @@ class GradientClipper:
         if ctx.lr_factors is not None:
             handoff.scale_lrs(optimizer, self, ctx.lr_factors)
         record = self._record(state, ctx, per_group, scaled_norm, threshold, finite)
+        if loss is not None and self._watch is not None:
+            self._watch_loss(key, state, loss, record)
 
         outcome = StepOutcome(norm=ctx.norm, finite=None, record=record, param_norms=grads.param_norms)
         if flag is not None:
@@ -417,6 +446,21 @@ class GradientClipper:
         state.counters.nonfinite.add_(~finite)
         state.counters.clipped.add_(record.clipped)
         return record
+
+    def _watch_loss(self, key: int, state: OptimizerState, loss: Union[Tensor, float], record: StepRecord) -> None:
+        """Add the step to the divergence watch of ``key``; warn once where its criterion is met."""
+        assert self._watch is not None
+        watch = self._watches.get(key)
+        if watch is None:
+            watch = self._watches[key] = self._watch.init()
+        if watch.warned:
+            return
+        env = state.estimator.envelope if state.estimator is not None else None
+        smoothness = env.last if env is not None else torch.full_like(record.grad_norm, math.nan)
+        met = self._watch.update(watch, state.counters.steps, loss, record.lr_effective[0], smoothness,
+                                 record.grad_norm)
+        if met is not None:
+            self._warn_divergence(message(met, key if len(self._states) > 1 else None))
 
     def _apply_nonfinite(self, ctx: StepContext, step_label: Any, outcome: StepOutcome) -> None:
         if self.nonfinite == "raise":
@@ -529,7 +573,21 @@ class GradientClipper:
         optimizers = check_clipper_state(state_dict)
         empty = self.estimator.new_snapshot if self.estimator is not None else None
         self._owners = {}  # the first optimizer to step a restored state adopts it
+        self._watches = {}  # not part of the state: the divergence watch starts afresh
         self._states = {k: OptimizerState.from_state_dict(dict(sd), self.rule, empty) for k, sd in optimizers.items()}
+
+
+def _warn_divergence(text: str) -> None:
+    warnings.warn(f"`GradientClipper`: {text}", DivergenceWarning, stacklevel=5)
+
+
+def _check_loss(loss: Any) -> None:
+    """A one-element tensor or a real number (read nothing)."""
+    if isinstance(loss, Tensor):
+        if loss.numel() != 1:
+            raise ValueError(f"`loss` must be the step's loss as a one-element tensor, got shape {tuple(loss.shape)}.")
+    elif isinstance(loss, bool) or not isinstance(loss, numbers.Real):
+        raise ValueError(f"`loss` must be a one-element tensor or a number, got {type(loss).__name__}.")
 
 
 def _snapshot_kind(snapshot: Any, probe: bool, snapshot_device: Optional[str]) -> SnapshotKind:
