@@ -147,6 +147,45 @@ def _through_callback(n: int, size: int, warm: int) -> tuple[OpCount, HostReads]
     return count(lambda: cb.on_before_optimizer_step(trainer, None, opt))  # type: ignore[arg-type]
 
 
+#: The optimizers of the host-read table, made as a CUDA run would use them by default (``foreach``) or asked.
+SYNC_OPTIMIZERS: dict[str, Callable[[list[torch.nn.Parameter]], torch.optim.Optimizer]] = {
+    "SGD (foreach)": lambda ps: torch.optim.SGD(ps, lr=0.1, foreach=True),
+    "SGD momentum 0.9 (foreach)": lambda ps: torch.optim.SGD(ps, lr=0.1, momentum=0.9, foreach=True),
+    "AdamW (foreach, CUDA's default)": lambda ps: torch.optim.AdamW(ps, lr=1e-3, foreach=True),
+    "AdamW (fused=True)": lambda ps: torch.optim.AdamW(ps, lr=1e-3, fused=True),
+}
+
+
+def host_reads(make: Callable[[list[torch.nn.Parameter]], torch.optim.Optimizer], nonfinite: str,
+               n: int = 8, size: int = 128, steps: int = 5) -> float:
+    """Host reads per step that ``auto`` adds to ``clipper.step(opt); opt.step()``: the reads of the pair
+    minus those of the optimizer stepping alone (torch's own reads of its CPU step counters, which are no
+    syncs on CUDA either), over ``steps`` steps after a warm-up."""
+    from lightning_l0l1 import GradientClipper
+
+    def run(clip: bool) -> int:
+        g = torch.Generator().manual_seed(0)
+        params = [torch.nn.Parameter(torch.randn(size, size, generator=g) * 0.02) for _ in range(n)]
+        opt = make(params)
+        clipper = GradientClipper(mode="auto", nonfinite=nonfinite)  # type: ignore[arg-type]
+        reads = HostReads()
+        for t in range(steps + 3):
+            for p in params:
+                p.grad = torch.randn(p.shape, generator=g) * 0.1
+            if t < 3:
+                if clip:
+                    clipper.step(opt)
+                opt.step()
+                continue
+            with reads:
+                if clip:
+                    clipper.step(opt)
+                opt.step()
+        return reads.n
+
+    return (run(True) - run(False)) / steps
+
+
 def main(argv: Optional[list[str]] = None) -> str:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--tensors", default="10,100,400")
@@ -168,10 +207,15 @@ def main(argv: Optional[list[str]] = None) -> str:
         f"Machine: {machine()}",
         f"One clipping step of {size} x {size} float32 gradients (AdamW, `nonfinite='propagate'`); `auto` at a "
         "step that forms a secant pair. `ops`: non-view aten operations, a `_foreach` call over a tensor that is "
-        "not dense counted once per tensor; `launches (est.)`: dense `_foreach` calls counted as torch's "
-        "multi-tensor kernel launches.",
+        "not dense counted once per tensor; `launches (est.)`: dense `_foreach` calls and `cat` counted as the "
+        "launches of torch's multi-tensor and batched-copy CUDA kernels (an estimate from their limits).",
         table(heads, rows),
         "Host reads per step:\n\n" + table(["configuration"] + [f"{n} tensors" for n in ns], reads),
+        "Host reads per step that `auto` adds to an optimizer step (`clipper.step(opt); opt.step()`, minus the "
+        "optimizer's own reads), by optimizer and `nonfinite` policy:\n\n"
+        + table(["optimizer", "nonfinite='propagate'", "nonfinite='skip'"],
+                [[name, host_reads(make, "propagate"), host_reads(make, "skip")]
+                 for name, make in SYNC_OPTIMIZERS.items()]),
         f"`auto`'s operations at {ns[-1]} tensors, the most frequent:\n\n" + table(["op", "count"], top),
     ])
     return emit(report, args.out, args.quick)

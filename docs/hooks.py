@@ -42,7 +42,8 @@ COMMANDS = {
 
 # The order of the sections; files not listed follow in alphabetical order.
 ORDER = [
-    "bench_step", "bench_e2e", "bench_stats", "bench_layer_norms", "bench_memory", "bench_cosh", "bench_lstm",
+    "bench_step", "bench_launches", "bench_gpu", "bench_e2e", "bench_stats", "bench_layer_norms", "bench_memory",
+    "bench_cosh", "bench_lstm",
     "bench_lstm_12seeds", "bench_lstm_lrs", "bench_lstm_lrs_momentum", "bench_lstm_lrs_adamw", "bench_gpt_adamw",
     "bench_gpt_adam", "bench_gpt_early", "bench_gpt_early_final", "bench_lstm_demo", "bench_secant_accuracy",
     "bench_gpt_adamw_full_snapshot",
@@ -50,6 +51,8 @@ ORDER = [
 
 TITLES = {
     "bench_step": "Per-step cost of the gradient work",
+    "bench_launches": "Device operations and host reads per step, by number of tensors",
+    "bench_gpu": "GPT-2-small-shaped parameters on a GPU",
     "bench_e2e": "Share of a real training step",
     "bench_stats": "What the statistics add",
     "bench_layer_norms": "What the per-layer norms add",

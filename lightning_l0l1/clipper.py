@@ -132,8 +132,8 @@ class GradientClipper:
             time cost is divided by about K.
         snapshot: what the estimator keeps of the previous step. ``"sampled"``: one block of 64
             elements in 128 (at least 64 blocks per tensor; tensors of fewer than 8192 elements whole),
-            about 1.6% of the gradient bytes for large tensors, the norms of the differences estimated
-            from them
+            kept with the current step's sample beside it, about 3.1% of the gradient bytes for large
+            tensors, the norms of the differences estimated from them
             (:class:`~lightning_l0l1.snapshots.SampledSnapshot`). ``"full"``: every gradient and
             parameter, two gradient-sized buffers and one more pass over both per step, the exact
             differences. ``None`` (default): ``"full"`` with ``probe`` or ``snapshot_device="cpu"``,

@@ -42,7 +42,7 @@ import torch
 from torch import Tensor
 
 from lightning_l0l1.gradients import Gradients
-from lightning_l0l1.norms import GradGroup, group_norms
+from lightning_l0l1.norms import GradGroup, _acc_dtype, group_norms
 from lightning_l0l1.snapshots import FullSnapshot, Snapshot, make_snapshot
 
 __all__ = [
@@ -434,6 +434,8 @@ class EstimatorState:
         other, other_step, other_ids: the snapshot before it, of another set of parameters (kept only
             while the set of parameters with a gradient changes from step to step: alternating heads),
             its step and its parameters.
+        other_void: restored from a checkpoint that left that snapshot out (taken at a non-finite step):
+            its layout, where ``other`` is ``None``. Its pair would have been invalid; it forms none.
     """
 
     envelope: EnvelopeState
@@ -445,6 +447,7 @@ class EstimatorState:
     other: Optional[Snapshot] = None
     other_step: int = -2
     other_ids: Optional[tuple[tuple[int, int], ...]] = None
+    other_void: Optional[tuple[tuple[int, ...], ...]] = None
 
     def record(self, norm: Tensor, smooth: Tensor) -> None:
         """Add a pair: ``low``, ``ratio`` and the rest at once, the hull and the fit every :data:`PENDING`."""
@@ -479,9 +482,18 @@ class EstimatorState:
             out["snap_step"] = self.snap_step
             if self.snap_ids is not None:
                 out["snap_ids"] = [list(i) for i in self.snap_ids]
-            if self.other is not None and self.other_ids is not None and _usable(self.other):
-                out["other"] = {"snapshot": self.other.state_dict(), "snap_step": self.other_step,
+            if self.other is not None and self.other_ids is not None:
+                # one taken at a non-finite step holds non-finite values: only its place is kept (its pair
+                # is invalid, and a resumed run must not form another one in its stead)
+                usable = _usable(self.other)
+                out["other"] = {"snapshot": self.other.state_dict() if usable else {}, "snap_step": self.other_step,
                                 "snap_ids": [list(i) for i in self.other_ids]}
+                if not usable:
+                    out["other"]["void"] = [list(s) for s in self.other.layout]
+            elif self.other_void is not None and self.other_ids is not None:
+                out["other"] = {"snapshot": {}, "snap_step": self.other_step,
+                                "snap_ids": [list(i) for i in self.other_ids],
+                                "void": [list(s) for s in self.other_void]}
         return out
 
     @classmethod
@@ -499,7 +511,11 @@ class EstimatorState:
                 ids = sd.get("snap_ids")
                 state.snap_ids = None if ids is None else tuple((int(g), int(j)) for g, j in ids)
             other = sd.get("other")
-            if other and state.snap_ids is not None:
+            if other and state.snap_ids is not None and other.get("void") is not None:
+                state.other_step = int(other["snap_step"])
+                state.other_ids = tuple((int(g), int(j)) for g, j in other["snap_ids"])
+                state.other_void = tuple(tuple(int(d) for d in shape) for shape in other["void"])
+            elif other and state.snap_ids is not None:
                 spare = make_snapshot(snapshot.kind, getattr(snapshot, "requested_offload", False),
                                       getattr(snapshot, "seed", 0))
                 spare.load(other["snapshot"], torch.device("cpu"), int(other["snap_step"]))
@@ -599,6 +615,13 @@ class SecantEstimator:
                 pair_norm, smooth = secant_pair(d[0], d[1], other.norm, norm)  # type: ignore[arg-type]
                 state.record(pair_norm, smooth)
                 secant = Secant(pair_norm, smooth, self._step_length(state, grads, d[1]))
+            elif (state.other_void is not None and state.other_step == t - 2 and state.other_ids == ids
+                    and state.other_void == tuple(tuple(g.shape) for g in local_grads)):
+                # that snapshot was taken at a non-finite step and left out of the checkpoint: its pair is
+                # invalid (the envelope ignores it), as in the uninterrupted run
+                void = torch.full((), math.nan, dtype=_acc_dtype(local_grads), device=norm.device)
+                state.record(void, void)
+                secant = Secant(void, void, self._step_length(state, grads, void))
             else:
                 secant = self._partial(state, grads, norm, local_grads, params)
         elif state.snap_step == t - 1 and same and snap.matches(local_grads):
@@ -619,6 +642,7 @@ class SecantEstimator:
                 state.snapshot = snap = spare
             else:
                 state.other, state.other_step, state.other_ids = None, -2, None
+            state.other_void = None
             snap.take(local_grads, params, norm, t)
             state.snap_step, state.snap_ids = t, ids
         return secant

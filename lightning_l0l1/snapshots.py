@@ -10,14 +10,16 @@ The secant of step :math:`t` needs two numbers, :math:`\lVert g_{t+1} - g_t\rVer
   elements after the last whole block. The norms of the differences are estimated from the sampled
   elements, each tensor's sampled blocks weighted by the inverse of the fraction sampled, so that the
   estimate of :math:`\lVert x\rVert_p^p` is unbiased over the offset. The samples of all tensors of
-  one dtype share one buffer of whole blocks, so the norms are a few operations whatever the number
-  of tensors. Memory: about ``2 / SAMPLE_STRIDE`` of the gradient bytes (1.6%) for large tensors.
+  one dtype share one buffer of whole blocks, and the current step's sample is gathered into a second
+  one, so that a step's device work is a few operations whatever the number of tensors. Memory: about
+  ``4 / SAMPLE_STRIDE`` of the gradient bytes (3.1%) for large tensors, the two buffers together.
   The offsets are a hash of the seed, the step and the tensor's position: every data-parallel rank
   samples the same elements, and a resumed run the same as an uninterrupted one.
 * :class:`FullSnapshot` keeps every gradient and parameter: two gradient-sized buffers, the exact
   differences (and the only one :meth:`~lightning_l0l1.estimator.SecantEstimator.probe` can use).
 
-Both form the differences in their buffers. :meth:`~_Snapshot.difference_norms` gives the two
+Both form the differences in their buffers (the sampled one in its second buffer, leaving the snapshot as
+it was). :meth:`~_Snapshot.difference_norms` gives the two
 (estimated) norms at once; :meth:`~_Snapshot.differences` gives, per gradient, a tensor whose p-norm is
 its part of them (the sampled one: one weighted 1-element norm per gradient), for gradients that are
 reduced over ranks; :attr:`flat` says they are not shaped like the gradients, so that DTensor gradients
@@ -236,6 +238,8 @@ class FullSnapshot(_Snapshot):
 
 #: A tensor's gradient dtype, parameter dtype and device.
 _Signature = tuple[torch.dtype, torch.dtype, torch.device]
+#: What a gather needs of one group and buffer whatever the plan (see ``SampledSnapshot._fixed``).
+_Fixed = tuple[list[int], list[int], list[Tensor], list[Tensor], list[Tensor]]
 
 
 @dataclass(frozen=True)
@@ -346,12 +350,13 @@ class SampledSnapshot(_Snapshot):
         self._plan: list[tuple[int, int]] = []  # per tensor: (first block, blocks kept) at the snapshot
         self._kept: Optional[tuple[int, ...]] = None  # per tensor: the blocks kept at the current plan
         self._views: dict[tuple[str, int, str, int], Tensor] = {}  # parts of the buffers, made once
+        self._fixed_parts: dict[tuple[str, int], _Fixed] = {}  # per buffer and group: see _fixed
         self._weights: Optional[tuple[float, list[tuple[Tensor, Tensor]]]] = None  # (p, per group)
 
     def clear(self) -> None:
         self.layout, self.norm, self.step = (), None, -1
         self._slots, self._groups, self._signature, self._plan = [], [], (), []
-        self._kept, self._views, self._weights = None, {}, None
+        self._kept, self._views, self._fixed_parts, self._weights = None, {}, {}, None
 
     @property
     def nbytes(self) -> int:
@@ -480,33 +485,53 @@ class SampledSnapshot(_Snapshot):
         tail = t.as_strided((s.tail,), (1,), base + s.nb * b) if s.tail else None
         return run, extra, tail
 
+    def _fixed(self, which: str, g: int) -> _Fixed:
+        """What :meth:`_gather` needs of group ``g`` and buffer ``which`` whatever the plan (made once): the
+        tensors kept whole, the sampled ones, the parts the whole tensors and the tails go to (both sides),
+        and the two sides' runs."""
+        fixed = self._fixed_parts.get((which, g))
+        if fixed is None:
+            grp = self._groups[g]
+            whole = [i for i in grp.members if self._slots[i].stride == 1]
+            sampled = [i for i in grp.members if self._slots[i].stride > 1]
+            dst = [self._part(which, side, "whole", i) for side in (0, 1) for i in whole]
+            tails = [self._part(which, side, "tail", i) for side in (0, 1) for i in sampled if self._slots[i].tail]
+            runs = [self._part(which, side, "runs", g) for side in (0, 1)]
+            fixed = self._fixed_parts[(which, g)] = (whole, sampled, dst, tails, runs)
+        return fixed
+
     @torch.no_grad()
     def _gather(self, which: str, grads: list[Tensor], params: list[Tensor]) -> None:
         """Copy the current plan's sample of ``grads`` and ``params`` into buffer ``which``: per group and
         side one ``cat`` of the runs, and one multi-tensor copy of the rest (all of it dense)."""
-        for g, grp in enumerate(self._groups):
-            dst: list[Tensor] = []
-            src: list[Tensor] = []
+        b = self.block
+        for g in range(len(self._groups)):
+            whole, sampled, dst, tails, runs_out = self._fixed(which, g)
+            dst = list(dst)
+            src = [grads[i] for i in whole] + [params[i] for i in whole]
+            extra_dst: list[Tensor] = []
+            extra_src: list[Tensor] = []
+            tail_src: list[Tensor] = []
             for side, tensors in ((0, grads), (1, params)):
                 runs: list[Tensor] = []
-                for i in grp.members:
+                for i in sampled:
                     t = tensors[i]
-                    if self._slots[i].stride == 1:
-                        dst.append(self._part(which, side, "whole", i))
-                        src.append(t)
-                        continue
-                    run, extra, tail = self._sampled_views(t, i)
-                    runs.append(run)
-                    if extra is not None:
-                        dst.append(self._part(which, side, "extra", i))
-                        src.append(extra)
-                    if tail is not None:
-                        dst.append(self._part(which, side, "tail", i))
-                        src.append(tail)
+                    if not t.is_contiguous():  # a copy; gradients and parameters are contiguous as a rule
+                        t = t.contiguous()
+                    s, (o, k) = self._slots[i], self._plan[i]
+                    base = t.storage_offset()
+                    runs.append(t.as_strided((s.q, b), (s.stride * b, 1), base + o * b))
+                    if k > s.q:
+                        extra_dst.append(self._part(which, side, "extra", i))
+                        extra_src.append(t.as_strided((b,), (1,), base + (o + s.q * s.stride) * b))
+                    if s.tail:
+                        tail_src.append(t.as_strided((s.tail,), (1,), base + s.nb * b))
                 if len(runs) == 1:
-                    self._part(which, side, "runs", g).copy_(runs[0])
+                    runs_out[side].copy_(runs[0])
                 elif runs:
-                    torch.cat(runs, out=self._part(which, side, "runs", g))
+                    torch.cat(runs, out=runs_out[side])
+            dst += tails + extra_dst
+            src += tail_src + extra_src
             if dst:
                 torch._foreach_copy_(dst, src)  # pyright: ignore[reportPrivateImportUsage]
 
@@ -711,7 +736,7 @@ class SampledSnapshot(_Snapshot):
             (grad_dtype, param_dtype, self._groups[s.group].buffer.device)
             for (grad_dtype, param_dtype, _), s in zip(self._signature, self._slots)
         )
-        self._views, self._weights = {}, None
+        self._views, self._fixed_parts, self._weights = {}, {}, None
         if self.norm is not None:
             self.norm = self.norm.to(device)
 
@@ -722,7 +747,7 @@ class SampledSnapshot(_Snapshot):
         storage of their own (``pickle``, unlike ``torch.save`` and ``deepcopy``, does not keep views
         shared); they are made again on the unpickled buffers when next used."""
         state = self.__dict__.copy()
-        state.update(_views={}, _weights=None)
+        state.update(_views={}, _fixed_parts={}, _weights=None)
         return state
 
     # -- what tests and benchmarks inspect --------------------------------------------------------

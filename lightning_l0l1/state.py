@@ -358,6 +358,14 @@ def _check_optimizer(path: str, sd: Any) -> None:
             other = _mapping(f"{path}.other", sd["other"])
             n = _check_snapshot(f"{path}.other.snapshot", other.get("snapshot"))
             check_number(f"{path}.other.snap_step", other.get("snap_step"), integer=True, low=0)
+            if other.get("void") is not None:  # left out (taken at a non-finite step): only its layout
+                if n:
+                    raise damaged(f"{path}.other.snapshot", "empty where `void` is given", other.get("snapshot"))
+                layout = _list(f"{path}.other.void", other["void"])
+                for i, shape in enumerate(layout):
+                    for j, d in enumerate(_list(f"{path}.other.void[{i}]", shape)):
+                        check_number(f"{path}.other.void[{i}][{j}]", d, integer=True, low=0)
+                n = len(layout)
             _check_ids(f"{path}.other.snap_ids", other.get("snap_ids"), n)
 
 

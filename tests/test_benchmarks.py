@@ -38,6 +38,8 @@ def _rows(report: str) -> list[list[str]]:
         ("bench_cosh", ["L0=1, L1=1"]),
         ("bench_lstm", ["unclipped", "clip=0.5", "auto"]),
         ("bench_stats", ["log_stats=False", "log_stats=True, every step", "log_stats=True, every 50 steps"]),
+        ("bench_launches", ["torch clip_grad_norm_", "auto", "auto, through L0L1Clipping", "AdamW (fused=True)"]),
+        ("bench_gpu", ["torch clip_grad_norm_", "L0L1 clip", "L0L1 auto"]),
         ("bench_layer_norms", ["clip", "clip, layer_norms='module'", "clip, layer_norms='parameter'",
                                "clip + Lightning grad_norm() every step"]),
     ],

@@ -255,3 +255,54 @@ def test_a_version_2_state_without_parameter_ids_resumes_bitwise(snapshot, tmp_p
     steps(resumed, xs[6:])
     for a, b in zip(model.parameters(), want):
         assert torch.equal(a.detach(), b)
+
+
+@pytest.mark.parametrize("snapshot", ["sampled", "full"])
+def test_resume_after_a_non_finite_step_while_heads_alternate_is_bitwise(snapshot, tmp_path):
+    """A non-finite step two steps before the checkpoint while the heads alternate: the snapshot of that
+    step is left out of the checkpoint (it holds non-finite values), and the resumed run still takes the
+    uninterrupted run's steps bit for bit (where that snapshot's pair would be invalid, it forms none)."""
+    bad = 7
+
+    def steps(clipper: GradientClipper, model: Experts, opt: torch.optim.Optimizer, start: int, stop: int) -> None:
+        gen = torch.Generator().manual_seed(1)
+        for t in range(stop):
+            x = torch.randn(8, 4, generator=gen, dtype=F64)
+            if t < start:
+                continue
+            opt.zero_grad()
+            loss = model(x, alternate(t))
+            (loss * math.nan if t == bad else loss).backward()
+            clipper.step(opt)
+            opt.step()
+
+    def fresh() -> tuple[Experts, torch.optim.Optimizer]:
+        torch.manual_seed(0)
+        model = Experts().to(F64)
+        return model, torch.optim.SGD(model.parameters(), lr=0.3, momentum=0.9)
+
+    model, opt = fresh()
+    whole = GradientClipper(snapshot=snapshot)  # type: ignore[arg-type]
+    steps(whole, model, opt, 0, 14)
+    want = [p.detach().clone() for p in model.parameters()]
+    model2, opt2 = fresh()
+    first = GradientClipper(snapshot=snapshot)  # type: ignore[arg-type]
+    steps(first, model2, opt2, 0, bad + 2)
+    sd = first.state_dict()
+    assert sd["optimizers"][0]["other"]["snapshot"] == {} and sd["optimizers"][0]["other"]["void"]
+    torch.save(sd, tmp_path / "c.pt")
+    damaged = copy.deepcopy(sd)
+    damaged["optimizers"][0]["other"]["void"][0] = [-3]
+    with pytest.raises(ValueError, match=r"other\.void\[0\]\[0\]"):
+        GradientClipper(snapshot=snapshot).load_state_dict(damaged)  # type: ignore[arg-type]
+    resumed = GradientClipper(snapshot=snapshot)  # type: ignore[arg-type]
+    resumed.load_state_dict(torch.load(tmp_path / "c.pt", weights_only=True))
+    steps(resumed, model2, opt2, bad + 2, 14)
+    assert all(torch.isfinite(p).all() for p in want)
+    for a, b in zip(model2.parameters(), want):
+        assert torch.equal(a.detach(), b)
+    assert resumed.latest() == whole.latest()  # the estimates too, not only the parameters
+    got, ref = resumed.state_dict()["optimizers"][0]["env"], whole.state_dict()["optimizers"][0]["env"]
+    assert got.keys() == ref.keys()
+    for name in ref:  # bit for bit, NaN (an empty slot) included
+        torch.testing.assert_close(torch.tensor(got[name]), torch.tensor(ref[name]), rtol=0, atol=0, equal_nan=True)

@@ -90,3 +90,20 @@ def test_through_the_callback_the_count_does_not_grow(bench):
     few = bench._through_callback(10, 128, 4)[0].ops
     many = bench._through_callback(60, 128, 4)[0].ops
     assert many <= few <= 200
+
+
+@pytest.mark.parametrize(
+    ("name", "propagate", "skip"),
+    [
+        ("SGD (foreach)", 0, 1),
+        ("SGD momentum 0.9 (foreach)", 0, 1),
+        # torch's foreach path takes the learning rate only as a Python float: auto's factor is read
+        ("AdamW (foreach, CUDA's default)", 1, 2),
+        # the scale and the skip verdict go to the fused kernel
+        ("AdamW (fused=True)", 0, 0),
+    ],
+)
+def test_host_reads_per_step_by_optimizer(bench, name, propagate, skip):
+    make = bench.SYNC_OPTIMIZERS[name]
+    assert bench.host_reads(make, "propagate", n=3, size=96, steps=3) == propagate
+    assert bench.host_reads(make, "skip", n=3, size=96, steps=3) == skip
