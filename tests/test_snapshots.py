@@ -380,3 +380,51 @@ def test_empty_tensors(p):
     again.take(prev, prev, torch.tensor(1.0), step=0)
     tg, _ = again.difference_norms(cur, cur, p)
     assert float(tg) == pytest.approx(ref, rel=1e-5)
+
+
+def canonical_difference_norms(prev, cur, seed: int, step: int, p: float) -> torch.Tensor:
+    """The estimate reduced in the canonical block order, tensor by tensor: per tensor its ``k`` sampled
+    blocks, a zero block where it keeps fewer than ``kmax``, then its tail padded to a block (a whole tensor:
+    its elements padded to whole blocks); each block's p-norm times its weight, then one p-norm over all of
+    them. Float32 throughout, as the snapshot computes it."""
+    blocks, weights = [], []
+    for i, (a, b) in enumerate(zip(prev, cur)):
+        d = (a - b).reshape(-1)
+        n = d.numel()
+        nb, r = n // SAMPLE_BLOCK, stride_of(n)
+        if r == 1:
+            padded = torch.zeros(-(-n // SAMPLE_BLOCK) * SAMPLE_BLOCK, dtype=d.dtype)
+            padded[:n] = d
+            blocks.append(padded.view(-1, SAMPLE_BLOCK))
+            weights += [1.0] * (padded.numel() // SAMPLE_BLOCK)
+            continue
+        o, kmax = sample_offset(seed, step, i, r), -(-nb // r)
+        kept = d[: nb * SAMPLE_BLOCK].view(nb, SAMPLE_BLOCK)[o::r]
+        w = 1.0 if math.isinf(p) else (nb / kept.shape[0]) ** (1.0 / p)
+        blocks += [kept, torch.zeros(kmax - kept.shape[0], SAMPLE_BLOCK, dtype=d.dtype)]
+        weights += [w] * kept.shape[0] + [0.0] * (kmax - kept.shape[0])
+        if n > nb * SAMPLE_BLOCK:
+            tail = torch.zeros(SAMPLE_BLOCK, dtype=d.dtype)
+            tail[: n - nb * SAMPLE_BLOCK] = d[nb * SAMPLE_BLOCK :]
+            blocks.append(tail.view(1, -1))
+            weights.append(1.0)
+    norms = torch.linalg.vector_norm(torch.cat(blocks), p, dim=1) * torch.tensor(weights)
+    return torch.linalg.vector_norm(norms, p)
+
+
+@pytest.mark.parametrize("p", [2.0, math.inf])
+def test_the_estimate_is_reduced_in_the_canonical_order_bit_for_bit(p):
+    """However the buffers are laid out for the gather (the runs of every tensor first), the blocks' norms are
+    reduced in the canonical order: the estimate equals, bit for bit, the one reduced tensor by tensor."""
+    g = torch.Generator().manual_seed(3)
+    shapes = [(7, 9), (300, 256), (521 * SAMPLE_BLOCK + 20,), (100, 333), (1024, 2048), (5,)]
+    seen_short = False
+    for step in range(6):
+        prev = [torch.randn(s, generator=g) for s in shapes]
+        cur = [torch.randn(s, generator=g) for s in shapes]
+        snap = SampledSnapshot(seed=4)
+        snap.take(prev, prev, torch.tensor(1.0), step=step)
+        got = snap.difference_norms(cur, cur, p)[0]
+        assert torch.equal(got, canonical_difference_norms(prev, cur, 4, step, p))
+        seen_short |= sample_offset(4, step, 2, stride_of(shapes[2][0])) > 0  # a tensor keeping one block fewer
+    assert seen_short
