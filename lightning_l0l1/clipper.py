@@ -551,8 +551,8 @@ class GradientClipper:
     def state_dict(self) -> dict[str, Any]:
         """All state, for every optimizer: counters, last statistics and the estimates as plain
         Python values; with the estimator on, also the snapshot (CPU tensors: under 2% of the gradient
-        bytes sampled, twice them full) so that a resumed run forms the same next secant pair as an
-        uninterrupted one.
+        bytes sampled, twice them full; one taken at a non-finite step without its gradients) so that a
+        resumed run forms the same next secant pair as an uninterrupted one.
         Under sharded strategies only rank zero's state is saved by Lightning, so there the snapshot
         is left out: the first step after resuming then forms no pair.
         """

@@ -42,7 +42,7 @@ import torch
 from torch import Tensor
 
 from lightning_l0l1.gradients import Gradients
-from lightning_l0l1.norms import GradGroup, _acc_dtype, group_norms
+from lightning_l0l1.norms import GradGroup, group_norms
 from lightning_l0l1.snapshots import FullSnapshot, Snapshot, make_snapshot
 
 __all__ = [
@@ -434,8 +434,6 @@ class EstimatorState:
         other, other_step, other_ids: the snapshot before it, of another set of parameters (kept only
             while the set of parameters with a gradient changes from step to step: alternating heads),
             its step and its parameters.
-        other_void: restored from a checkpoint that left that snapshot out (taken at a non-finite step):
-            its layout, where ``other`` is ``None``. Its pair would have been invalid; it forms none.
     """
 
     envelope: EnvelopeState
@@ -447,7 +445,6 @@ class EstimatorState:
     other: Optional[Snapshot] = None
     other_step: int = -2
     other_ids: Optional[tuple[tuple[int, int], ...]] = None
-    other_void: Optional[tuple[tuple[int, ...], ...]] = None
 
     def record(self, norm: Tensor, smooth: Tensor) -> None:
         """Add a pair: ``low``, ``ratio`` and the rest at once, the hull and the fit every :data:`PENDING`."""
@@ -471,29 +468,28 @@ class EstimatorState:
                 self.other.to(device)
 
     def state_dict(self, with_buffers: bool) -> dict[str, Any]:
-        """``env`` (plain lists); with ``with_buffers``, also the snapshot and its step, if there is one.
+        """``env`` (plain lists); with ``with_buffers``, also the snapshot and its step, if there is one, and
+        the one of the set before (alternating parameter sets).
 
-        A snapshot taken at a non-finite step is left out: the pair it would start is invalid and the
-        envelope ignores it, so a run resumed without it forms the same estimates.
+        A snapshot taken at a non-finite step is kept without its gradients (zeros, and ``nonfinite``): every
+        pair it starts is invalid, which the restored one's non-finite norm reproduces, while the step length
+        measured from its parameters is what the uninterrupted run reads next. One whose parameters are not
+        finite either is left out.
         """
         out: dict[str, Any] = {"env": {k: v.tolist() for k, v in self.folded().state_dict().items()}}
-        if with_buffers and _usable(self.snapshot):
-            out["snapshot"] = self.snapshot.state_dict()
+        if not with_buffers:
+            return out
+        main = _saved_snapshot(self.snapshot)
+        if main is not None:
+            out["snapshot"] = main
             out["snap_step"] = self.snap_step
             if self.snap_ids is not None:
                 out["snap_ids"] = [list(i) for i in self.snap_ids]
             if self.other is not None and self.other_ids is not None:
-                # one taken at a non-finite step holds non-finite values: only its place is kept (its pair
-                # is invalid, and a resumed run must not form another one in its stead)
-                usable = _usable(self.other)
-                out["other"] = {"snapshot": self.other.state_dict() if usable else {}, "snap_step": self.other_step,
-                                "snap_ids": [list(i) for i in self.other_ids]}
-                if not usable:
-                    out["other"]["void"] = [list(s) for s in self.other.layout]
-            elif self.other_void is not None and self.other_ids is not None:
-                out["other"] = {"snapshot": {}, "snap_step": self.other_step,
-                                "snap_ids": [list(i) for i in self.other_ids],
-                                "void": [list(s) for s in self.other_void]}
+                other = _saved_snapshot(self.other)
+                if other is not None:
+                    out["other"] = {"snapshot": other, "snap_step": self.other_step,
+                                    "snap_ids": [list(i) for i in self.other_ids]}
         return out
 
     @classmethod
@@ -505,29 +501,40 @@ class EstimatorState:
             return None
         state = cls(EnvelopeState.from_state_dict(sd["env"], torch.device("cpu")), snapshot)
         if sd.get("snapshot"):
-            snapshot.load(sd["snapshot"], torch.device("cpu"), int(sd["snap_step"]))
+            _load_snapshot(snapshot, sd["snapshot"], int(sd["snap_step"]))
             if snapshot.valid:
                 state.snap_step = int(sd["snap_step"])
                 ids = sd.get("snap_ids")
                 state.snap_ids = None if ids is None else tuple((int(g), int(j)) for g, j in ids)
             other = sd.get("other")
-            if other and state.snap_ids is not None and other.get("void") is not None:
-                state.other_step = int(other["snap_step"])
-                state.other_ids = tuple((int(g), int(j)) for g, j in other["snap_ids"])
-                state.other_void = tuple(tuple(int(d) for d in shape) for shape in other["void"])
-            elif other and state.snap_ids is not None:
+            if other and state.snap_ids is not None:
                 spare = make_snapshot(snapshot.kind, getattr(snapshot, "requested_offload", False),
                                       getattr(snapshot, "seed", 0))
-                spare.load(other["snapshot"], torch.device("cpu"), int(other["snap_step"]))
+                _load_snapshot(spare, other["snapshot"], int(other["snap_step"]))
                 if spare.valid:
                     state.other, state.other_step = spare, int(other["snap_step"])
                     state.other_ids = tuple((int(g), int(j)) for g, j in other["snap_ids"])
         return state
 
 
-def _usable(snapshot: Snapshot) -> bool:
-    """A snapshot worth checkpointing: taken, at a finite step."""
-    return snapshot.valid and snapshot.norm is not None and bool(torch.isfinite(snapshot.norm))
+def _saved_snapshot(snapshot: Snapshot) -> Optional[dict[str, Any]]:
+    """``snapshot`` as a checkpoint holds it (see :meth:`EstimatorState.state_dict`); ``None``: not kept."""
+    if not snapshot.valid or snapshot.norm is None:
+        return None
+    sd = snapshot.state_dict()
+    if not sd or bool(torch.isfinite(snapshot.norm)):
+        return sd or None
+    if not all(bool(torch.isfinite(t).all()) for t in sd["params"]):
+        return None
+    return {**sd, "grads": [torch.zeros_like(t) for t in sd["grads"]], "norm": torch.zeros_like(sd["norm"]),
+            "nonfinite": True}
+
+
+def _load_snapshot(snapshot: Snapshot, sd: dict[str, Any], step: int) -> None:
+    """Restore what :func:`_saved_snapshot` kept: one taken at a non-finite step gets a NaN norm back."""
+    snapshot.load(sd, torch.device("cpu"), step)
+    if snapshot.valid and sd.get("nonfinite") and snapshot.norm is not None:
+        snapshot.norm = torch.full_like(snapshot.norm, math.nan)
 
 
 def _at_midpoint(
@@ -615,13 +622,6 @@ class SecantEstimator:
                 pair_norm, smooth = secant_pair(d[0], d[1], other.norm, norm)  # type: ignore[arg-type]
                 state.record(pair_norm, smooth)
                 secant = Secant(pair_norm, smooth, self._step_length(state, grads, d[1]))
-            elif (state.other_void is not None and state.other_step == t - 2 and state.other_ids == ids
-                    and state.other_void == tuple(tuple(g.shape) for g in local_grads)):
-                # that snapshot was taken at a non-finite step and left out of the checkpoint: its pair is
-                # invalid (the envelope ignores it), as in the uninterrupted run
-                void = torch.full((), math.nan, dtype=_acc_dtype(local_grads), device=norm.device)
-                state.record(void, void)
-                secant = Secant(void, void, self._step_length(state, grads, void))
             else:
                 secant = self._partial(state, grads, norm, local_grads, params)
         elif state.snap_step == t - 1 and same and snap.matches(local_grads):
@@ -642,7 +642,6 @@ class SecantEstimator:
                 state.snapshot = snap = spare
             else:
                 state.other, state.other_step, state.other_ids = None, -2, None
-            state.other_void = None
             snap.take(local_grads, params, norm, t)
             state.snap_step, state.snap_ids = t, ids
         return secant

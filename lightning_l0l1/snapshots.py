@@ -109,7 +109,7 @@ class _Snapshot:
         """:meth:`difference_norms` over some of the snapshot's tensors only: ``grads[i]``/``params[i]``
         is the current tensor of the snapshot's tensor ``i``, ``None`` for one left out (a parameter that
         has no gradient now); a side with none given has norm 0. The snapshot is left as it was (the
-        differences are formed in temporaries), so that it can still serve a later pair."""
+        differences are formed elsewhere), so that it can still serve a later pair."""
         raise NotImplementedError
 
 
@@ -321,9 +321,11 @@ class SampledSnapshot(_Snapshot):
     The samples of all tensors of one dtype and device share one buffer of whole blocks (the
     gradients', then the parameters'), and the current step's sample is gathered into a second one of the
     same layout, so that the device work of a step does not grow with the number of tensors: the strided
-    blocks of every tensor are gathered by one ``cat`` per side (torch's batched kernel on a GPU, up to 64
-    tensors per launch), the whole tensors, tails and extra blocks by one multi-tensor copy, and the
-    difference and its norms are a few operations on the buffers.
+    blocks of every tensor are gathered by one ``cat`` per group and side (torch's batched kernel on a GPU,
+    up to 64 tensors per launch), the whole tensors, tails and extra blocks by one multi-tensor copy, and
+    the difference and its norms are a few operations on the buffers. Where a group's gradients or
+    parameters differ in dtype from its buffer (FSDP's low-precision gradients of float32 parameters,
+    kept in float32), torch's batched kernels do not apply and the gather takes one copy per tensor.
 
     Args:
         seed: the offsets' seed (kept in the checkpoint).

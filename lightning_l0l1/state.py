@@ -5,7 +5,8 @@ themselves: :class:`Counters`, the last finite step's record, the estimator's
 :class:`~lightning_l0l1.estimator.EstimatorState` and the rule's own state. A checkpoint stores
 each optimizer's parts side by side in one flat dict of plain Python values and CPU tensors
 (format :data:`VERSION`; version 1 kept the momentum ratio inside ``env``, and still loads; version 2
-did not say which parameters the snapshot holds: such a snapshot is matched by shape at its first use).
+did not say which parameters the snapshot holds: such a snapshot is matched by shape at its first use;
+version 3 left out a snapshot taken at a non-finite step, which version 4 keeps without its gradients).
 Restoring builds the state on the CPU; the first step moves it to the gradients' device.
 
 Every field is checked before anything is restored (:func:`check_clipper_state`): a field of the wrong
@@ -36,7 +37,7 @@ from lightning_l0l1.stats import RECORD_FIELDS
 __all__ = ["VERSION", "Counters", "OptimizerState", "check_array", "check_clipper_state", "check_number", "damaged"]
 
 #: The checkpoint format :meth:`GradientClipper.state_dict` writes.
-VERSION = 3
+VERSION = 4
 
 
 @dataclass
@@ -290,6 +291,8 @@ def _check_snapshot(path: str, sd: Any) -> int:
     if len(grads) != len(params):
         raise damaged(f"{path}.params", f"a list of {len(grads)} tensors, as many as `grads`", params)
     check_array(f"{path}.norm", sd["norm"], (), low=0.0, floating=True)
+    if not isinstance(sd.get("nonfinite", False), bool):
+        raise damaged(f"{path}.nonfinite", "True or False", sd["nonfinite"], TypeError)
     for side, tensors in (("grads", grads), ("params", params)):
         for i, t in enumerate(tensors):
             check_array(f"{path}.{side}[{i}]", t, floating=True)
@@ -358,14 +361,6 @@ def _check_optimizer(path: str, sd: Any) -> None:
             other = _mapping(f"{path}.other", sd["other"])
             n = _check_snapshot(f"{path}.other.snapshot", other.get("snapshot"))
             check_number(f"{path}.other.snap_step", other.get("snap_step"), integer=True, low=0)
-            if other.get("void") is not None:  # left out (taken at a non-finite step): only its layout
-                if n:
-                    raise damaged(f"{path}.other.snapshot", "empty where `void` is given", other.get("snapshot"))
-                layout = _list(f"{path}.other.void", other["void"])
-                for i, shape in enumerate(layout):
-                    for j, d in enumerate(_list(f"{path}.other.void[{i}]", shape)):
-                        check_number(f"{path}.other.void[{i}][{j}]", d, integer=True, low=0)
-                n = len(layout)
             _check_ids(f"{path}.other.snap_ids", other.get("snap_ids"), n)
 
 
@@ -378,6 +373,11 @@ def check_clipper_state(sd: Any) -> dict[int, Mapping[str, Any]]:
     sd = _mapping("state", sd)
     if "version" in sd:
         check_number("version", sd["version"], integer=True, low=1)
+        if int(sd["version"]) > VERSION:
+            raise ValueError(
+                f"The clipper state is of format version {sd['version']}, written by a newer lightning_l0l1; this "
+                f"one reads versions up to {VERSION}. Upgrade lightning_l0l1 to resume from it."
+            )
     optimizers = _mapping("optimizers", sd.get("optimizers", {}))
     out: dict[int, Mapping[str, Any]] = {}
     for k, opt in optimizers.items():

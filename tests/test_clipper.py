@@ -727,7 +727,7 @@ def test_auto_resumes_bitwise_from_a_version_1_state_dict():
     run(full, net, opt, data[12:])
 
     sd, opt_sd, params = saved
-    assert sd["version"] == 3 and sd["optimizers"][0]["momentum"]["amp_count"] > 0
+    assert sd["version"] == 4 and sd["optimizers"][0]["momentum"]["amp_count"] > 0
     v1 = {"version": 1, "optimizers": {}}
     for k, st in sd["optimizers"].items():
         st = dict(st)
@@ -749,8 +749,9 @@ def test_auto_resumes_bitwise_from_a_version_1_state_dict():
 @pytest.mark.usefixtures("one_thread")
 @pytest.mark.parametrize("policy", ["skip", "zero"])
 def test_a_checkpoint_after_a_nonfinite_step_holds_no_nan_and_resumes_bitwise(policy):
-    """The snapshot of a non-finite step (NaN gradients) is not saved: the pair it would start is invalid
-    anyway, so the resumed run forms the same estimates and the same steps as the uninterrupted one."""
+    """The snapshot of a non-finite step (NaN gradients) is saved without its gradients: the pair it would
+    start is invalid anyway (its norm comes back NaN), its parameters give the step length the next step
+    reads, so the resumed run forms the same estimates and the same steps as the uninterrupted one."""
     data = batches(16, F64)
 
     def run(clipper: GradientClipper, net: nn.Module, opt: torch.optim.Optimizer, part: list, bad: int = -1) -> None:
@@ -776,7 +777,8 @@ def test_a_checkpoint_after_a_nonfinite_step_holds_no_nan_and_resumes_bitwise(po
         return [float(obj)] if isinstance(obj, (int, float)) else []
 
     st = saved[0]["optimizers"][0]
-    assert st["nonfinite_steps"] == 1 and "snapshot" not in st
+    assert st["nonfinite_steps"] == 1 and st["snapshot"]["nonfinite"] is True
+    assert all(not g.any() for g in st["snapshot"]["grads"]) and float(st["snapshot"]["norm"]) == 0.0
     assert all(math.isfinite(v) for v in floats(st)), "a NaN entered the checkpoint"
     run(full, net, opt, data[6:])
 

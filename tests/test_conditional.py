@@ -258,10 +258,13 @@ def test_a_version_2_state_without_parameter_ids_resumes_bitwise(snapshot, tmp_p
 
 
 @pytest.mark.parametrize("snapshot", ["sampled", "full"])
-def test_resume_after_a_non_finite_step_while_heads_alternate_is_bitwise(snapshot, tmp_path):
-    """A non-finite step two steps before the checkpoint while the heads alternate: the snapshot of that
-    step is left out of the checkpoint (it holds non-finite values), and the resumed run still takes the
-    uninterrupted run's steps bit for bit (where that snapshot's pair would be invalid, it forms none)."""
+@pytest.mark.parametrize(("route", "after"), [(alternate, 1), (alternate, 2), (alternate, 3), (lambda t: [0, 1], 1)])
+@pytest.mark.parametrize("nonfinite", ["skip", "zero"])
+def test_resume_after_a_non_finite_step_is_bitwise(snapshot, route, after, nonfinite, tmp_path):
+    """A checkpoint 1, 2 or 3 steps after a non-finite step, while the heads alternate (and, 1 step after,
+    with both heads every step): that step's snapshot holds non-finite gradients, and is kept without
+    them; the resumed run takes the uninterrupted run's steps, and ends with its estimates, bit for bit
+    (under ``zero`` momentum moves the parameters on the non-finite step, so its step length counts)."""
     bad = 7
 
     def steps(clipper: GradientClipper, model: Experts, opt: torch.optim.Optimizer, start: int, stop: int) -> None:
@@ -271,7 +274,7 @@ def test_resume_after_a_non_finite_step_while_heads_alternate_is_bitwise(snapsho
             if t < start:
                 continue
             opt.zero_grad()
-            loss = model(x, alternate(t))
+            loss = model(x, route(t))
             (loss * math.nan if t == bad else loss).backward()
             clipper.step(opt)
             opt.step()
@@ -281,23 +284,24 @@ def test_resume_after_a_non_finite_step_while_heads_alternate_is_bitwise(snapsho
         model = Experts().to(F64)
         return model, torch.optim.SGD(model.parameters(), lr=0.3, momentum=0.9)
 
+    def clipper() -> GradientClipper:
+        return GradientClipper(snapshot=snapshot, nonfinite=nonfinite)  # type: ignore[arg-type]
+
     model, opt = fresh()
-    whole = GradientClipper(snapshot=snapshot)  # type: ignore[arg-type]
+    whole = clipper()
     steps(whole, model, opt, 0, 14)
     want = [p.detach().clone() for p in model.parameters()]
     model2, opt2 = fresh()
-    first = GradientClipper(snapshot=snapshot)  # type: ignore[arg-type]
-    steps(first, model2, opt2, 0, bad + 2)
+    first = clipper()
+    steps(first, model2, opt2, 0, bad + after)
     sd = first.state_dict()
-    assert sd["optimizers"][0]["other"]["snapshot"] == {} and sd["optimizers"][0]["other"]["void"]
+    state = sd["optimizers"][0]
+    kept = [state["snapshot"]] + ([state["other"]["snapshot"]] if route is alternate else [])
+    assert sum(bool(s.get("nonfinite")) for s in kept) == (1 if after <= 2 else 0)  # the non-finite step's
     torch.save(sd, tmp_path / "c.pt")
-    damaged = copy.deepcopy(sd)
-    damaged["optimizers"][0]["other"]["void"][0] = [-3]
-    with pytest.raises(ValueError, match=r"other\.void\[0\]\[0\]"):
-        GradientClipper(snapshot=snapshot).load_state_dict(damaged)  # type: ignore[arg-type]
-    resumed = GradientClipper(snapshot=snapshot)  # type: ignore[arg-type]
+    resumed = clipper()
     resumed.load_state_dict(torch.load(tmp_path / "c.pt", weights_only=True))
-    steps(resumed, model2, opt2, bad + 2, 14)
+    steps(resumed, model2, opt2, bad + after, 14)
     assert all(torch.isfinite(p).all() for p in want)
     for a, b in zip(model2.parameters(), want):
         assert torch.equal(a.detach(), b)
@@ -306,3 +310,20 @@ def test_resume_after_a_non_finite_step_while_heads_alternate_is_bitwise(snapsho
     assert got.keys() == ref.keys()
     for name in ref:  # bit for bit, NaN (an empty slot) included
         torch.testing.assert_close(torch.tensor(got[name]), torch.tensor(ref[name]), rtol=0, atol=0, equal_nan=True)
+
+
+def test_a_state_of_a_newer_format_or_a_damaged_flag_is_refused():
+    model = Experts().to(F64)
+    clipper = GradientClipper()
+    with pytest.raises(ValueError, match="newer lightning_l0l1"):
+        clipper.load_state_dict({"version": 99, "optimizers": {}})
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    for _ in range(3):
+        opt.zero_grad()
+        model(torch.randn(8, 4, dtype=F64), [0, 1]).backward()
+        clipper.step(opt)
+        opt.step()
+    sd = copy.deepcopy(clipper.state_dict())
+    sd["optimizers"][0]["snapshot"]["nonfinite"] = "yes"
+    with pytest.raises(TypeError, match=r"snapshot\.nonfinite"):
+        GradientClipper().load_state_dict(sd)
