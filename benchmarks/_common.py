@@ -32,13 +32,19 @@ def machine() -> str:
 
 def make_params(n_params: float, dtype: torch.dtype, device: str, seed: int = 0) -> list[torch.nn.Parameter]:
     """Transformer-like parameter shapes (4 matrices, 2 vectors per block) adding up to ~n_params."""
-    g = torch.Generator(device="cpu").manual_seed(seed)
     d = 256 if n_params < 5e6 else (768 if n_params < 5e7 else 1024)
     per_block = 12 * d * d + 13 * d
     blocks = max(1, round(n_params / per_block))
     shapes: list[tuple[int, ...]] = []
     for _ in range(blocks):
         shapes += [(3 * d, d), (d, d), (4 * d, d), (d, 4 * d), (3 * d,), (d,), (4 * d,), (d,), (d,), (d,), (d,)]
+    return params_of(shapes, dtype, device, seed)
+
+
+def params_of(shapes: Sequence[tuple[int, ...]], dtype: torch.dtype, device: str, seed: int = 0
+              ) -> list[torch.nn.Parameter]:
+    """Parameters of ``shapes`` (uninitialised) with standard-normal gradients from the seed's generator."""
+    g = torch.Generator(device="cpu").manual_seed(seed)
     params = []
     for s in shapes:
         p = torch.nn.Parameter(torch.empty(s, dtype=dtype, device=device))

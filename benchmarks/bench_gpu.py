@@ -24,7 +24,7 @@ from typing import Any, Optional
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import emit, fake_trainer, interleaved, machine, sync, table
+from _common import emit, fake_trainer, interleaved, machine, params_of, sync, table
 
 
 def gpt2_small_shapes(blocks: int = 12, vocab: int = 50257, context: int = 1024, d: int = 768) -> list[tuple[int, ...]]:
@@ -33,16 +33,6 @@ def gpt2_small_shapes(blocks: int = 12, vocab: int = 50257, context: int = 1024,
     for _ in range(blocks):
         shapes += [(d,), (d,), (d, 3 * d), (3 * d,), (d, d), (d,), (d,), (d,), (d, 4 * d), (4 * d,), (4 * d, d), (d,)]
     return [*shapes, (d,), (d,)]
-
-
-def make(shapes: list[tuple[int, ...]], dtype: torch.dtype, device: str) -> list[torch.nn.Parameter]:
-    g = torch.Generator().manual_seed(0)
-    params = []
-    for s in shapes:
-        p = torch.nn.Parameter(torch.empty(s, dtype=dtype, device=device))
-        p.grad = torch.randn(s, generator=g).to(dtype=dtype, device=device)
-        params.append(p)
-    return params
 
 
 def kernels(fn: Callable[[], Any], device: str) -> Optional[int]:
@@ -110,7 +100,7 @@ def main(argv: Optional[list[str]] = None) -> str:
     out = [f"Machine: {machine()}", f"GPT-2-small-shaped parameters: {n / 1e6:.1f}M in {len(shapes)} tensors, "
            f"AdamW; median of {reps} interleaved repetitions, median over {rounds} round(s), on {device}."]
     for dtype in (torch.float32, torch.bfloat16):
-        params = make(shapes, dtype, device)
+        params = params_of(shapes, dtype, device)
         runs = [measure(params, reps, device) for _ in range(rounds)]
         rows = [[r[0][0], statistics.median(x[1] for x in r), statistics.median(x[2] for x in r), r[0][3]]
                 for r in zip(*runs)]
