@@ -291,6 +291,7 @@ class _Group:
         identity = order == list(range(blocks))
         index_dtype = torch.int32 if blocks < 2**31 else torch.int64
         self.order = None if identity else torch.tensor(order, dtype=index_dtype, device=device)
+        self.ordered: Optional[Tensor] = None  # the block norms in the canonical order (made at first use, kept)
 
     @property
     def acc(self) -> torch.dtype:
@@ -306,6 +307,7 @@ class _Group:
         self.buffer, self.scratch = self.buffer.to(device), self.scratch.to(device)
         if self.order is not None:
             self.order = self.order.to(device)
+        self.ordered = None
 
 
 class SampledSnapshot(_Snapshot):
@@ -581,8 +583,10 @@ class SampledSnapshot(_Snapshot):
             norms = torch.linalg.vector_norm(blocks, norm_type, dim=1,
                                              dtype=_norm_dtype(buffer.device, buffer.dtype, grp.acc))
             norms = norms.to(grp.acc).view(2, grp.blocks)
-            if grp.order is not None:
-                norms = norms.index_select(1, grp.order)
+            if grp.order is not None:  # into a kept tensor: no allocation per step
+                if grp.ordered is None or grp.ordered.dtype != norms.dtype:
+                    grp.ordered = torch.empty_like(norms)
+                norms = torch.index_select(norms, 1, grp.order, out=grp.ordered)
             # filled, not multiplied by 0: a block out of use may hold a stale non-finite value
             out.append(norms.mul_(factor).masked_fill_(unused, 0.0))
         return out
